@@ -1,0 +1,34 @@
+"""Timing and size constants of a node, with their unit in the name and a LAN default.
+
+Tests shrink these by passing a modified `NodeConfig` rather than sleeping longer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+
+# Port layout above --zmq-port (the node's first ZeroMQ port).
+CONTROL_PORT_OFFSET = 0  # mesh-ctl talks to the control actor here (default 9338)
+ROUTER_PORT_OFFSET = 1  # gateways (and later peer routers) talk to the router here (9339)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """Every tunable of one node. Defaults suit a LAN of ordinary machines."""
+
+    max_frame_bytes: int = 4 * 1024 * 1024  # larger frames are dropped and counted
+    queue_depth_per_model: int = 16  # requests waiting per model before 429
+    retry_after_s: int = 2  # advertised in Retry-After when a queue is full
+    actor_start_timeout_s: float = 10.0  # setup (binding sockets) must finish in this
+    actor_stop_timeout_s: float = 5.0  # a stopping actor must have joined by then
+    poll_interval_s: float = 0.1  # upper bound of a poll loop's sleep when idle
+    engine_load_timeout_s: float = 300.0  # a child that loads longer than this is killed
+    engine_restart_backoff_s: float = 0.5  # first wait before restarting a dead engine
+    engine_max_restart_backoff_s: float = 10.0  # the wait doubles up to this
+    cancel_grace_s: float = 1.0  # an engine that has not stopped this long after a cancel is killed
+    engine_max_failed_loads: int = 3  # consecutive failed loads before a worker gives up
+    keepalive_interval_s: float = 2.0  # router tells a waiting gateway "still pending" this often
+    gateway_idle_timeout_s: float = 15.0  # a gateway that hears nothing this long fails the request
+    control_timeout_s: float = 5.0  # mesh-ctl gives up on a node after this

@@ -1,0 +1,108 @@
+"""The engine child process: loads one model and serves the shard-worker over a PAIR socket.
+
+Run as `python -m actors._engine_child --endpoint E --model SPEC ...`. It announces itself with
+`EngineReady` (or an `ErrorReply` if loading fails, then exits), serves one `Generate` at a time
+and checks for a `Cancel` between tokens. It dies with its parent (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+import zmq
+
+from actors._codec import decode, encode
+from actors._engine import Engine, load_engine
+from actors._errors import ProtocolError, RequestError
+from actors._messages import Cancel, EngineReady, ErrorReply, Finished, Generate
+from actors._sockets import make_socket
+
+log = logging.getLogger("mesh_llm.engine")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when our parent dies (and exit if it already did)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the worker still kills us on a clean stop
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def serve(sock: zmq.Socket, engine: Engine) -> None:
+    """Answer requests until the socket's peer goes away (we are killed)."""
+    while True:
+        message = _receive(sock)
+        if isinstance(message, Generate):
+            run_request(sock, engine, message)
+
+
+def run_request(sock: zmq.Socket, engine: Engine, request: Generate) -> None:
+    """Stream one request's events; a `Cancel` for it ends it with `finish_reason="cancelled"`."""
+    events = engine.generate(request)
+    rid = request.request_id
+    try:
+        for event in events:
+            sock.send(encode(event))
+            if _cancelled(sock, rid):
+                events.close()
+                sock.send(encode(Finished(request_id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)))
+                return
+    except RequestError as err:
+        sock.send(encode(ErrorReply(request_id=rid, code=err.code, message=err.message, details=err.details)))
+    except Exception as err:  # llama.cpp errors: the request fails, the engine lives on
+        log.exception("request %s failed", rid)
+        sock.send(encode(ErrorReply(request_id=rid, code="engine_failed", message=f"engine error: {err}")))
+
+
+def _receive(sock: zmq.Socket) -> object:
+    try:
+        return decode(sock.recv())
+    except ProtocolError as err:
+        log.warning("dropped a bad frame from the worker: %s", err)
+        return None
+
+
+def _cancelled(sock: zmq.Socket, request_id: str) -> bool:
+    while sock.poll(0):
+        message = _receive(sock)
+        if isinstance(message, Cancel) and message.request_id == request_id:
+            return True
+        if isinstance(message, Generate):  # the worker sends one at a time; say so, do not queue
+            sock.send(encode(ErrorReply(request_id=message.request_id, code="engine_failed", message="engine busy")))
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mesh-llm-engine")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
+    die_with_parent(args.parent_pid)
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.PAIR)
+    sock.connect(args.endpoint)
+    try:
+        engine = load_engine(args.model, n_ctx=args.ctx, n_threads=args.threads)
+    except Exception as err:
+        sock.send(encode(ErrorReply(request_id="", code="engine_failed", message=f"cannot load {args.model}: {err}")))
+        sock.close(linger=1000)
+        return 3
+    sock.send(encode(EngineReady(model_id=engine.model_id, n_ctx=engine.n_ctx, n_params=engine.n_params, pid=os.getpid())))
+    serve(sock, engine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Every message kind on the wire: one frozen dataclass per kind, tagged with `KIND`.
+
+Kinds are append-only; a breaking change bumps `PROTOCOL_VERSION` in `_config`.
+Request ids are chosen by whoever starts a request and travel with every answer to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Generate:
+    """Ask for a completion of `prompt`, or of `messages` rendered by the model's chat template."""
+
+    KIND: ClassVar[str] = "generate"
+    request_id: str
+    model: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel:
+    """Stop working on a request; nothing more is sent for it."""
+
+    KIND: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Accepted:
+    """The router admitted the request (it is queued or running)."""
+
+    KIND: ClassVar[str] = "accepted"
+    request_id: str
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pending:
+    """Keep-alive for a request that is admitted but has nothing new to say yet."""
+
+    KIND: ClassVar[str] = "pending"
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Started:
+    """The engine evaluated the prompt and begins to generate."""
+
+    KIND: ClassVar[str] = "started"
+    request_id: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk:
+    """Newly generated text, `n_tokens` tokens' worth."""
+
+    KIND: ClassVar[str] = "chunk"
+    request_id: str
+    text: str
+    n_tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Finished:
+    """The request completed; the last message for it."""
+
+    KIND: ClassVar[str] = "finished"
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorReply:
+    """The request failed; the last message for it. `code` names a `RequestError` subclass."""
+
+    KIND: ClassVar[str] = "error"
+    request_id: str
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Query:
+    """Ask an actor for a snapshot (`what`: "models", "status")."""
+
+    KIND: ClassVar[str] = "query"
+    request_id: str
+    what: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    """The reply to a `Query`."""
+
+    KIND: ClassVar[str] = "answer"
+    request_id: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineReady:
+    """An engine child loaded its model and takes requests."""
+
+    KIND: ClassVar[str] = "engine_ready"
+    model_id: str
+    n_ctx: int
+    n_params: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerState:
+    """A shard-worker's state, sent to the router whenever it changes."""
+
+    KIND: ClassVar[str] = "worker_state"
+    worker_id: str
+    model_id: str
+    state: str  # "loading" | "ready" | "failed"
+    engine_pid: int | None = None
+    restarts: int = 0
+    n_ctx: int = 0
+    detail: str = ""
+
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    Generate,
+    Cancel,
+    Accepted,
+    Pending,
+    Started,
+    Chunk,
+    Finished,
+    ErrorReply,
+    Query,
+    Answer,
+    EngineReady,
+    WorkerState,
+)
+
+# Whatever ends a request: after one of these, nothing more arrives for its request id.
+TERMINAL_TYPES: tuple[type, ...] = (Finished, ErrorReply)

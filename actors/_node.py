@@ -1,0 +1,110 @@
+"""A node: one ZeroMQ context and its actors (router, shard-workers, control), started and
+stopped in order. The HTTP gateway runs in other processes and reaches the router over TCP.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import zmq
+
+from actors._config import CONTROL_PORT_OFFSET, ROUTER_PORT_OFFSET, NodeConfig
+from actors._control import Control
+from actors._router import Router
+from actors._runtime import Actor
+from actors._worker import ShardWorker
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec:
+    """One model this node serves: where it loads from and the id clients ask for."""
+
+    source: str  # a GGUF path, or `fake:...` in tests
+    model_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeSpec:
+    node_id: str
+    mesh: str = "default"
+    host: str = "127.0.0.1"
+    http_port: int = 9337
+    zmq_port: int = 9338
+    models: list[ModelSpec] = field(default_factory=list)
+    n_ctx: int = 4096
+    n_threads: int = 2
+    role: str = "serving"
+    config: NodeConfig = field(default_factory=NodeConfig)
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.zmq_port + CONTROL_PORT_OFFSET}"
+
+    @property
+    def router_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.zmq_port + ROUTER_PORT_OFFSET}"
+
+
+class Node:
+    """Owns the context and the actors of one node. `start()` raises if any actor fails to."""
+
+    def __init__(self, spec: NodeSpec) -> None:
+        self.spec = spec
+        self.ctx = zmq.Context()
+        local = f"inproc://router-{spec.node_id}"
+        backend = f"inproc://router-backend-{spec.node_id}"
+        kw = {"config": spec.config}
+        self.router = Router(
+            self.ctx, node_id=spec.node_id, frontend_endpoints=[spec.router_endpoint, local], backend_endpoint=backend, **kw
+        )
+        self.workers = [
+            ShardWorker(
+                self.ctx,
+                f"worker-{i}",
+                model=m.source,
+                model_id=m.model_id,
+                router_endpoint=backend,
+                n_ctx=spec.n_ctx,
+                n_threads=spec.n_threads,
+                **kw,
+            )
+            for i, m in enumerate(spec.models)
+        ]
+        info = {
+            "node_id": spec.node_id,
+            "mesh": spec.mesh,
+            "role": spec.role,
+            "host": spec.host,
+            "http_port": spec.http_port,
+            "zmq_port": spec.zmq_port,
+            "version": VERSION,
+        }
+        self.control = Control(self.ctx, endpoint=spec.control_endpoint, router_endpoint=local, node_info=info, **kw)
+        self._started: list[Actor] = []
+
+    def start(self) -> Node:
+        try:
+            for actor in (self.router, *self.workers, self.control):
+                actor.start()
+                self._started.append(actor)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop actors in reverse order, then the context; idempotent."""
+        while self._started:
+            self._started.pop().stop()
+        if not self.ctx.closed:
+            self.ctx.term()
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

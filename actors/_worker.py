@@ -1,0 +1,182 @@
+"""The shard-worker actor: owns one llama.cpp engine in a supervised child process.
+
+It takes one request at a time from the router (over DEALER, identity = worker id), relays it to
+the child over a PAIR socket and relays the child's events back. When the child dies, the request
+in flight fails with `engine_failed` and the child is restarted after a back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import zmq
+
+from actors._codec import Message, encode
+from actors._messages import Cancel, EngineReady, ErrorReply, Generate, WorkerState
+from actors._messages import TERMINAL_TYPES
+from actors._runtime import Actor
+from actors._supervisor import Backoff, ChildProcess
+
+log = logging.getLogger(__name__)
+
+
+class ShardWorker(Actor):
+    """Serves `model` (a GGUF path or a `fake:` spec) with one engine child."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        worker_id: str,
+        *,
+        model: str,
+        model_id: str,
+        router_endpoint: str,
+        n_ctx: int,
+        n_threads: int,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(ctx, worker_id, **kwargs)  # type: ignore[arg-type]
+        self.worker_id = worker_id
+        self.model = model
+        self.model_id = model_id
+        self.router_endpoint = router_endpoint
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.state = "loading"
+        self.restarts = 0
+        self._failed_loads = 0
+        self._detail = ""
+        self._current: Generate | None = None
+        self._cancel_deadline: float | None = None
+        self._restart_at: float | None = None
+        self._load_deadline = 0.0
+        self._child: ChildProcess | None = None
+        self._engine: zmq.Socket | None = None
+        self._router: zmq.Socket | None = None
+        self._backoff = Backoff(self.config.engine_restart_backoff_s, self.config.engine_max_restart_backoff_s)
+
+    def setup(self) -> None:
+        self._router = self.socket(zmq.DEALER, identity=self.worker_id.encode())
+        self._router.connect(self.router_endpoint)
+        self.on_socket(self._router, self._from_router)
+        self._spawn()
+
+    def teardown(self) -> None:
+        if self._current is not None:
+            self._fail_current("the node is shutting down")
+        if self._child is not None:
+            self._child.close()
+
+    def on_tick(self, now: float) -> None:
+        if self._restart_at is not None and now >= self._restart_at:
+            self._restart_at = None
+            self._spawn()
+        elif self._child is not None and self.state == "loading" and now > self._load_deadline:
+            log.warning("%s: engine did not load in %.0fs; killing it", self.worker_id, self.config.engine_load_timeout_s)
+            self._child.kill()
+        elif self._child is not None and self._cancel_deadline is not None and now > self._cancel_deadline:
+            log.warning("%s: engine ignored a cancel; killing it", self.worker_id)
+            self._child.kill()
+
+    # -- the engine child ---------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        engine = self.socket(zmq.PAIR)
+        port = engine.bind_to_random_port("tcp://127.0.0.1")
+        argv = [
+            sys.executable, "-m", "actors._engine_child",
+            "--endpoint", f"tcp://127.0.0.1:{port}",
+            "--model", self.model,
+            "--ctx", str(self.n_ctx),
+            "--threads", str(self.n_threads),
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        self._child = ChildProcess(argv)
+        pid = self._child.start()
+        self._engine = engine
+        self.on_socket(engine, self._from_engine)
+        self.on_fd(self._child.exit_fd, self._on_child_exit)
+        self._load_deadline = self.clock() + self.config.engine_load_timeout_s
+        self._set_state("loading", f"engine pid {pid} loading {self.model}")
+
+    def _on_child_exit(self) -> None:
+        child, engine = self._child, self._engine
+        if child is None or engine is None:
+            return
+        code = child.exit_code()
+        self.forget(child.exit_fd)
+        self.forget(engine)
+        child.close()
+        self._child = self._engine = None
+        self._cancel_deadline = None
+        self.restarts += 1
+        if self._current is not None:
+            self._fail_current(f"the engine process died (exit code {code}); it is being restarted")
+        if self.state == "loading":
+            self._failed_loads += 1
+        if self._failed_loads >= self.config.engine_max_failed_loads:
+            self._set_state("failed", self._detail or f"engine exited with code {code} while loading")
+            return
+        delay = self._backoff.next_delay()
+        log.warning("%s: engine exited with code %s; restarting in %.1fs", self.worker_id, code, delay)
+        self._restart_at = self.clock() + delay
+        self._set_state("loading", f"engine exited with code {code}; restarting")
+
+    def _from_engine(self, frames: list[bytes]) -> None:
+        message = self.decode(frames[-1], "engine")
+        if isinstance(message, EngineReady):
+            self._failed_loads = 0
+            self._backoff.reset()
+            self.n_ctx = message.n_ctx
+            self._set_state("ready", f"engine pid {message.pid}, {message.n_params} parameters")
+        elif isinstance(message, ErrorReply) and not message.request_id:
+            self._detail = message.message  # a failed load; the exit follows
+            log.error("%s: %s", self.worker_id, message.message)
+        elif message is not None and self._current is not None:
+            if message.request_id != self._current.request_id:
+                return
+            self._send_router(message)
+            if isinstance(message, TERMINAL_TYPES):
+                self._current = None
+                self._cancel_deadline = None
+
+    # -- the router ---------------------------------------------------------------------------
+
+    def _from_router(self, frames: list[bytes]) -> None:
+        message = self.decode(frames[-1], "router")
+        if isinstance(message, Generate):
+            if self._current is not None or self.state != "ready" or self._engine is None:
+                self._send_router(ErrorReply(request_id=message.request_id, code="not_ready", message=f"worker {self.state}"))
+                return
+            self._current = message
+            self._engine.send(encode(message))
+        elif isinstance(message, Cancel) and self._current is not None:
+            if message.request_id == self._current.request_id and self._engine is not None:
+                self._engine.send(encode(message))
+                self._cancel_deadline = self.clock() + self.config.cancel_grace_s
+
+    def _send_router(self, message: Message) -> None:
+        assert self._router is not None  # set in setup, on this thread
+        self._router.send(encode(message))
+
+    def _fail_current(self, why: str) -> None:
+        assert self._current is not None
+        self._send_router(ErrorReply(request_id=self._current.request_id, code="engine_failed", message=why))
+        self._current = None
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self.state = state
+        self._detail = detail
+        self._send_router(
+            WorkerState(
+                worker_id=self.worker_id,
+                model_id=self.model_id,
+                state=state,
+                engine_pid=self._child.pid if self._child is not None else None,
+                restarts=self.restarts,
+                n_ctx=self.n_ctx,
+                detail=detail,
+            )
+        )
