@@ -168,18 +168,23 @@ class FakeEngine:
         if opts.get("fail_load"):
             raise RuntimeError("fake engine told to fail loading")
 
+    def _misbehave_at(self, n_tokens: int) -> None:
+        """Crash or hang when `n_tokens` tokens were produced (0: before `Started`)."""
+        if n_tokens == self.crash_after:
+            os._exit(17)
+        while n_tokens == self.hang_after:
+            time.sleep(3600)
+
     def generate(self, request: Generate) -> Iterator[EngineEvent]:
         text = request.prompt if request.prompt is not None else str(request.messages)
         n_prompt = len(text.split())
         max_tokens = check_context(self.n_ctx, n_prompt, request.max_tokens)
+        self._misbehave_at(0)
         yield Started(request_id=request.request_id, prompt_tokens=n_prompt)
         stream = TextStream(request.stop)
         finish, n_done = "length", 0
         for i in range(max_tokens):
-            if i == self.crash_after:
-                os._exit(17)
-            while i == self.hang_after:
-                time.sleep(3600)
+            self._misbehave_at(i + 1)
             time.sleep(self.delay_s)
             n_done += 1
             piece, stopped = stream.feed(f" w{i}".encode())

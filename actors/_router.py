@@ -183,6 +183,11 @@ class Router(Actor):
             worker = self._workers.get(identity)
             if worker is not None and worker.busy_with == rid:
                 worker.busy_with = None
+            if isinstance(message, ErrorReply) and message.code == "not_ready" and not flight.cancelled:
+                flight.worker = None  # the worker's state changed under us: queue it again, first
+                self._queues[flight.request.model].appendleft(rid)
+                self._dispatch(flight.request.model)
+                return
             if isinstance(message, ErrorReply):
                 self.counters.failed += 1
             else:

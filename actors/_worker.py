@@ -112,17 +112,18 @@ class ShardWorker(Actor):
         self._child = self._engine = None
         self._cancel_deadline = None
         self.restarts += 1
-        if self._current is not None:
-            self._fail_current(f"the engine process died (exit code {code}); it is being restarted")
         if self.state == "loading":
             self._failed_loads += 1
+        # The router must see the new state before the failure frees this worker for more work.
         if self._failed_loads >= self.config.engine_max_failed_loads:
             self._set_state("failed", self._detail or f"engine exited with code {code} while loading")
-            return
-        delay = self._backoff.next_delay()
-        log.warning("%s: engine exited with code %s; restarting in %.1fs", self.worker_id, code, delay)
-        self._restart_at = self.clock() + delay
-        self._set_state("loading", f"engine exited with code {code}; restarting")
+        else:
+            delay = self._backoff.next_delay()
+            log.warning("%s: engine exited with code %s; restarting in %.1fs", self.worker_id, code, delay)
+            self._restart_at = self.clock() + delay
+            self._set_state("loading", f"engine exited with code {code}; restarting")
+        if self._current is not None:
+            self._fail_current(f"the engine process died (exit code {code}); it is being restarted")
 
     def _from_engine(self, frames: list[bytes]) -> None:
         message = self.decode(frames[-1], "engine")

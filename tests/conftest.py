@@ -1,0 +1,156 @@
+"""Shared fixtures: leaked-thread check, synthesized models, real node processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from actors import shape_for, synthesize
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a thread running (actors must join their threads on stop)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 2.0
+    leaked: list[threading.Thread] = []
+    while time.monotonic() < deadline:
+        leaked = [
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and (not t.daemon or t.name.startswith("actor-"))
+        ]
+        if not leaked:
+            return
+        time.sleep(0.02)
+    pytest.fail(f"leaked threads: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir: Path) -> Path:
+    """A tiny dense llama GGUF (random weights) that loads in milliseconds."""
+    return synthesize("llama", models_dir / "tiny-llama.gguf", shape_for("llama", "tiny"), seed=1)
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p+1 are both free on 127.0.0.1 right now."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000 and all(_free(p) for p in (port, port + 1)):
+            return port
+    raise RuntimeError("no free port pair")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class NodeProcess:
+    """A real `mesh-llm serve` process on loopback."""
+
+    proc: subprocess.Popen[bytes]
+    http_port: int
+    zmq_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def control(self) -> str:
+        return f"tcp://127.0.0.1:{self.zmq_port}"
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "mesh-ctl"), "--node", self.control, *args], capture_output=True, text=True, timeout=30)
+
+    def status(self) -> dict:
+        out = self.ctl("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> dict:
+        """Wait until the worker is ready and idle; returns the status."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"node exited early:\n{self.log()}"
+            out = self.ctl("status", "--json")
+            if out.returncode == 0:
+                status = json.loads(out.stdout)
+                if status["ready"] and not any(w["busy"] for w in status["workers"]):
+                    return status
+            time.sleep(0.1)
+        raise AssertionError(f"node not ready in {timeout_s}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_node(tmp: Path, model: Path, *extra: str) -> NodeProcess:
+    """Start `mesh-llm serve` on free loopback ports and wait until it serves."""
+    zmq_port = free_port_pair()
+    http_port = free_port_pair()
+    log_path = tmp / f"node-{zmq_port}.log"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"), PYTHONUNBUFFERED="1")
+    argv = [
+        str(BIN / "mesh-llm"), "serve", "--model", str(model), "--host", "127.0.0.1",
+        "--http-port", str(http_port), "--zmq-port", str(zmq_port),
+        "--state-dir", str(tmp / f"state-{zmq_port}"), "--threads", "1", *extra,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    node = NodeProcess(proc=proc, http_port=http_port, zmq_port=zmq_port, log_path=log_path)
+    try:
+        node.wait_ready()
+        _wait_http(node)
+    except BaseException:
+        node.stop()
+        raise
+    return node
+
+
+def _wait_http(node: NodeProcess, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", node.http_port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"HTTP port never opened:\n{node.log()}")
