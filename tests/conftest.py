@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zmq
 
-from actors import shape_for, synthesize
+from actors import PeerUnavailable, ask, shape_for, synthesize
 
 BIN = Path(sys.executable).parent
 
@@ -92,21 +92,25 @@ class NodeProcess:
         return subprocess.run([str(BIN / "mesh-ctl"), "--node", self.control, *args], capture_output=True, text=True, timeout=30)
 
     def status(self) -> dict:
-        out = self.ctl("status", "--json")
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        """`mesh-ctl status --json`'s data, asked in-process (mesh-ctl itself is tested apart)."""
+        ctx = zmq.Context()
+        try:
+            return ask(ctx, self.control, "status", timeout_s=10)
+        finally:
+            ctx.term()
 
     def wait_ready(self, timeout_s: float = 60.0) -> dict:
         """Wait until the worker is ready and idle; returns the status."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"node exited early:\n{self.log()}"
-            out = self.ctl("status", "--json")
-            if out.returncode == 0:
-                status = json.loads(out.stdout)
-                if status["ready"] and not any(w["busy"] for w in status["workers"]):
-                    return status
-            time.sleep(0.1)
+            try:
+                status = self.status()
+            except PeerUnavailable:
+                continue
+            if status["ready"] and not any(w["busy"] for w in status["workers"]):
+                return status
+            time.sleep(0.02)
         raise AssertionError(f"node not ready in {timeout_s}s:\n{self.log()}")
 
     def log(self) -> str:
