@@ -58,7 +58,9 @@ class Control(Actor):
         if not isinstance(query, Query):
             return
         if query.what not in COMMANDS:
-            self._reply(client, Answer(request_id=query.request_id, data={"error": f"unknown command {query.what!r}"}))
+            self._reply(
+                client, Answer(request_id=query.request_id, data={"error": f"unknown command {query.what!r}"})
+            )
             return
         inner = f"ctl-{next(self._ids)}"
         self._waiting[inner] = (client, query)
@@ -80,7 +82,11 @@ class Control(Actor):
         if what == "models":
             return {
                 "models": [
-                    {"id": m, "nodes": [info["node_id"]], "ready_nodes": [info["node_id"]] if m in router["ready"] else []}
+                    {
+                        "id": m,
+                        "nodes": [info["node_id"]],
+                        "ready_nodes": [info["node_id"]] if m in router["ready"] else [],
+                    }
                     for m in router["models"]
                 ]
             }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +18,7 @@ from actors._messages import Chunk, Finished, Generate, Started
 from actors._textstream import TextStream
 
 EngineEvent = Started | Chunk | Finished
+EngineStream = Generator[EngineEvent, None, None]  # closing it stops generation
 
 
 class Engine(Protocol):
@@ -27,7 +28,7 @@ class Engine(Protocol):
     n_ctx: int
     n_params: int
 
-    def generate(self, request: Generate) -> Iterator[EngineEvent]:
+    def generate(self, request: Generate) -> EngineStream:
         """Yield `Started`, then `Chunk`s, then one `Finished`; raise a `RequestError` on bad input."""
         ...
 
@@ -92,7 +93,7 @@ class LlamaEngine:
             raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
         return render_chat(self._template, request.messages or [], self._bos, self._eos)
 
-    def generate(self, request: Generate) -> Iterator[EngineEvent]:
+    def generate(self, request: Generate) -> EngineStream:
         text = self.render(request)
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         max_tokens = check_context(self.n_ctx, len(tokens), request.max_tokens)
@@ -175,7 +176,7 @@ class FakeEngine:
         while n_tokens == self.hang_after:
             time.sleep(3600)
 
-    def generate(self, request: Generate) -> Iterator[EngineEvent]:
+    def generate(self, request: Generate) -> EngineStream:
         text = request.prompt if request.prompt is not None else str(request.messages)
         n_prompt = len(text.split())
         max_tokens = check_context(self.n_ctx, n_prompt, request.max_tokens)

@@ -53,7 +53,13 @@ def run_request(sock: zmq.Socket, engine: Engine, request: Generate) -> None:
             sock.send(encode(event))
             if _cancelled(sock, rid):
                 events.close()
-                sock.send(encode(Finished(request_id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)))
+                sock.send(
+                    encode(
+                        Finished(
+                            request_id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0
+                        )
+                    )
+                )
                 return
     except RequestError as err:
         sock.send(encode(ErrorReply(request_id=rid, code=err.code, message=err.message, details=err.details)))
@@ -76,7 +82,9 @@ def _cancelled(sock: zmq.Socket, request_id: str) -> bool:
         if isinstance(message, Cancel) and message.request_id == request_id:
             return True
         if isinstance(message, Generate):  # the worker sends one at a time; say so, do not queue
-            sock.send(encode(ErrorReply(request_id=message.request_id, code="engine_failed", message="engine busy")))
+            sock.send(
+                encode(ErrorReply(request_id=message.request_id, code="engine_failed", message="engine busy"))
+            )
     return False
 
 
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s"
+    )
     die_with_parent(args.parent_pid)
     ctx = zmq.Context()
     sock = make_socket(ctx, zmq.PAIR)
@@ -96,10 +106,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = load_engine(args.model, n_ctx=args.ctx, n_threads=args.threads)
     except Exception as err:
-        sock.send(encode(ErrorReply(request_id="", code="engine_failed", message=f"cannot load {args.model}: {err}")))
+        sock.send(
+            encode(
+                ErrorReply(request_id="", code="engine_failed", message=f"cannot load {args.model}: {err}")
+            )
+        )
         sock.close(linger=1000)
         return 3
-    sock.send(encode(EngineReady(model_id=engine.model_id, n_ctx=engine.n_ctx, n_params=engine.n_params, pid=os.getpid())))
+    sock.send(
+        encode(
+            EngineReady(
+                model_id=engine.model_id, n_ctx=engine.n_ctx, n_params=engine.n_params, pid=os.getpid()
+            )
+        )
+    )
     serve(sock, engine)
     return 0
 

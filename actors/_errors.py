@@ -1,17 +1,17 @@
 """The node's error tree: every failure that crosses an actor or process boundary has a name here.
 
-    MeshError
-    ├── ProtocolError        bytes from the network (or a pipe) that do not decode
-    ├── ActorStartError      an actor failed in setup (bind error, bad config)
-    ├── ActorStopped         the actor holding a request stopped before answering
-    └── RequestError         a request failed; carried across actors as an `ErrorReply`
-        ├── InvalidRequest       the request is malformed for the engine (400)
-        ├── ContextOverflow      prompt + completion do not fit the context (400)
-        ├── ModelNotFound        no worker on this node serves the model (404)
-        ├── Overloaded           the model's queue is full (429, with retry-after)
-        ├── EngineFailed         the llama.cpp child died or errored (503)
-        ├── NotReady             the model is still loading (503)
-        └── PeerUnavailable      the router could not be reached in time (503)
+MeshError
+├── ProtocolError        bytes from the network (or a pipe) that do not decode
+├── ActorStartError      an actor failed in setup (bind error, bad config)
+├── ActorStopped         the actor holding a request stopped before answering
+└── RequestError         a request failed; carried across actors as an `ErrorReply`
+    ├── InvalidRequest       the request is malformed for the engine (400)
+    ├── ContextOverflow      prompt + completion do not fit the context (400)
+    ├── ModelNotFound        no worker on this node serves the model (404)
+    ├── Overloaded           the model's queue is full (429, with retry-after)
+    ├── EngineFailed         the llama.cpp child died or errored (503)
+    ├── NotReady             the model is still loading (503)
+    └── PeerUnavailable      the router could not be reached in time (503)
 """
 
 from __future__ import annotations

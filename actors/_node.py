@@ -59,7 +59,11 @@ class Node:
         backend = f"inproc://router-backend-{spec.node_id}"
         kw = {"config": spec.config}
         self.router = Router(
-            self.ctx, node_id=spec.node_id, frontend_endpoints=[spec.router_endpoint, local], backend_endpoint=backend, **kw
+            self.ctx,
+            node_id=spec.node_id,
+            frontend_endpoints=[spec.router_endpoint, local],
+            backend_endpoint=backend,
+            **kw,
         )
         self.workers = [
             ShardWorker(
@@ -83,7 +87,9 @@ class Node:
             "zmq_port": spec.zmq_port,
             "version": VERSION,
         }
-        self.control = Control(self.ctx, endpoint=spec.control_endpoint, router_endpoint=local, node_info=info, **kw)
+        self.control = Control(
+            self.ctx, endpoint=spec.control_endpoint, router_endpoint=local, node_info=info, **kw
+        )
         self._started: list[Actor] = []
 
     def start(self) -> Node:

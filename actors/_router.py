@@ -90,7 +90,9 @@ class Router(Actor):
 
     def teardown(self) -> None:
         for rid in list(self._flights):
-            self._finish(rid, ErrorReply(request_id=rid, code="engine_failed", message="the node is shutting down"))
+            self._finish(
+                rid, ErrorReply(request_id=rid, code="engine_failed", message="the node is shutting down")
+            )
 
     def on_tick(self, now: float) -> None:
         for rid, flight in list(self._flights.items()):
@@ -127,13 +129,18 @@ class Router(Actor):
                 details={"param": "model"},
             )
         elif all(w.state.state == "failed" for w in workers):
-            error = ErrorReply(request_id=rid, code="engine_failed", message=f"model failed to load: {workers[0].state.detail}")
+            error = ErrorReply(
+                request_id=rid,
+                code="engine_failed",
+                message=f"model failed to load: {workers[0].state.detail}",
+            )
         elif len(self._queues.setdefault(request.model, deque())) >= self.config.queue_depth_per_model:
             self.counters.rejected_overload += 1
             error = ErrorReply(
                 request_id=rid,
                 code="overloaded",
-                message=f"the queue for {request.model} is full ({self.config.queue_depth_per_model} waiting)",
+                message=f"the queue for {request.model} is full "
+                f"({self.config.queue_depth_per_model} waiting)",
                 details={"retry_after": self.config.retry_after_s},
             )
         if error is not None:
@@ -201,7 +208,11 @@ class Router(Actor):
         queue = self._queues.get(model)
         while queue:
             idle = next(
-                (i for i, w in self._workers.items() if w.state.model_id == model and w.state.state == "ready" and w.busy_with is None),
+                (
+                    i
+                    for i, w in self._workers.items()
+                    if w.state.model_id == model and w.state.state == "ready" and w.busy_with is None
+                ),
                 None,
             )
             if idle is None:
@@ -215,7 +226,9 @@ class Router(Actor):
     def _fail_queue(self, model: str, why: str) -> None:
         for rid in list(self._queues.get(model, ())):
             self._queues[model].remove(rid)
-            self._finish(rid, ErrorReply(request_id=rid, code="engine_failed", message=f"model failed to load: {why}"))
+            self._finish(
+                rid, ErrorReply(request_id=rid, code="engine_failed", message=f"model failed to load: {why}")
+            )
 
     # -- sending ------------------------------------------------------------------------------
 

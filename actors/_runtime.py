@@ -205,7 +205,7 @@ class Actor:
                     self._guard(fd_handler)
             now = self.clock()
             if now >= next_tick:
-                self._guard(lambda: self.on_tick(now))
+                self._guard(lambda now=now: self.on_tick(now))  # type: ignore[misc]
                 next_tick = now + self.tick_interval_s
 
     def _drain(self, sock: zmq.Socket, handler: SocketHandler) -> None:
@@ -216,7 +216,7 @@ class Actor:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._guard(lambda: handler(frames))
+            self._guard(lambda frames=frames: handler(frames))  # type: ignore[misc]
 
     def _guard(self, call: Callable[[], None]) -> None:
         try:

@@ -201,7 +201,11 @@ def _tensor_shapes(arch: str, s: Shape) -> list[tuple[str, tuple[int, ...]]]:
             (f"{b}.ffn_norm.weight", (s.n_embd,)),
         ]
         if arch == "qwen2moe":
-            out += [(f"{b}.attn_q.bias", (s.n_embd,)), (f"{b}.attn_k.bias", (kv,)), (f"{b}.attn_v.bias", (kv,))]
+            out += [
+                (f"{b}.attn_q.bias", (s.n_embd,)),
+                (f"{b}.attn_k.bias", (kv,)),
+                (f"{b}.attn_v.bias", (kv,)),
+            ]
         if arch == "llama":
             out += [
                 (f"{b}.ffn_gate.weight", (s.n_ff, s.n_embd)),
@@ -225,7 +229,9 @@ def _tensor_shapes(arch: str, s: Shape) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _add_tensor(writer: object, name: str, dims: tuple[int, ...], rng: np.random.Generator, dtype: str) -> None:
+def _add_tensor(
+    writer: object, name: str, dims: tuple[int, ...], rng: np.random.Generator, dtype: str
+) -> None:
     import gguf
 
     if len(dims) == 1:  # norms, biases and the shared-expert gate stay f32

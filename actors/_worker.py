@@ -14,8 +14,7 @@ import sys
 import zmq
 
 from actors._codec import Message, encode
-from actors._messages import Cancel, EngineReady, ErrorReply, Generate, WorkerState
-from actors._messages import TERMINAL_TYPES
+from actors._messages import TERMINAL_TYPES, Cancel, EngineReady, ErrorReply, Generate, WorkerState
 from actors._runtime import Actor
 from actors._supervisor import Backoff, ChildProcess
 
@@ -55,7 +54,9 @@ class ShardWorker(Actor):
         self._child: ChildProcess | None = None
         self._engine: zmq.Socket | None = None
         self._router: zmq.Socket | None = None
-        self._backoff = Backoff(self.config.engine_restart_backoff_s, self.config.engine_max_restart_backoff_s)
+        self._backoff = Backoff(
+            self.config.engine_restart_backoff_s, self.config.engine_max_restart_backoff_s
+        )
 
     def setup(self) -> None:
         self._router = self.socket(zmq.DEALER, identity=self.worker_id.encode())
@@ -74,7 +75,11 @@ class ShardWorker(Actor):
             self._restart_at = None
             self._spawn()
         elif self._child is not None and self.state == "loading" and now > self._load_deadline:
-            log.warning("%s: engine did not load in %.0fs; killing it", self.worker_id, self.config.engine_load_timeout_s)
+            log.warning(
+                "%s: engine did not load in %.0fs; killing it",
+                self.worker_id,
+                self.config.engine_load_timeout_s,
+            )
             self._child.kill()
         elif self._child is not None and self._cancel_deadline is not None and now > self._cancel_deadline:
             log.warning("%s: engine ignored a cancel; killing it", self.worker_id)
@@ -149,14 +154,23 @@ class ShardWorker(Actor):
         message = self.decode(frames[-1], "router")
         if isinstance(message, Generate):
             if self._current is not None or self.state != "ready" or self._engine is None:
-                self._send_router(ErrorReply(request_id=message.request_id, code="not_ready", message=f"worker {self.state}"))
+                self._send_router(
+                    ErrorReply(
+                        request_id=message.request_id, code="not_ready", message=f"worker {self.state}"
+                    )
+                )
                 return
             self._current = message
             self._engine.send(encode(message))
-        elif isinstance(message, Cancel) and self._current is not None:
-            if message.request_id == self._current.request_id and self._engine is not None:
-                self._engine.send(encode(message))
-                self._cancel_deadline = self.clock() + self.config.cancel_grace_s
+        elif isinstance(message, Cancel) and self._holds(message.request_id):
+            assert self._engine is not None  # _holds() checked it
+            self._engine.send(encode(message))
+            self._cancel_deadline = self.clock() + self.config.cancel_grace_s
+
+    def _holds(self, request_id: str) -> bool:
+        """Whether `request_id` is the request the engine works on now."""
+        current = self._current
+        return current is not None and current.request_id == request_id and self._engine is not None
 
     def _send_router(self, message: Message) -> None:
         assert self._router is not None  # set in setup, on this thread

@@ -30,12 +30,18 @@ class _MeshHeaders:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool) -> None:
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool
+    ) -> None:
         resp.set_header("X-Mesh-Node", req.context.mesh_node)
 
 
 def create_app(
-    backend: Backend, *, node_id: str, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    backend: Backend,
+    *,
+    node_id: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> falcon.App:
     """The OpenAI-compatible API over `backend`."""
     app = falcon.App(middleware=[_MeshHeaders(node_id, api_key)])

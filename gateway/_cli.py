@@ -22,20 +22,39 @@ _GUNICORN_START_TIMEOUT_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mesh-llm", description="Pool machines into one OpenAI-compatible endpoint.")
+    parser = argparse.ArgumentParser(
+        prog="mesh-llm", description="Pool machines into one OpenAI-compatible endpoint."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a node that serves a model")
-    serve.add_argument("--model", type=Path, help="GGUF to serve (default: a built-in demo model with random weights)")
+    serve.add_argument(
+        "--model", type=Path, help="GGUF to serve (default: a built-in demo model with random weights)"
+    )
     serve.add_argument("--mesh", default="default", help="mesh name; nodes join only meshes of their name")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)"
+    )
     serve.add_argument("--http-port", type=int, default=9337)
-    serve.add_argument("--zmq-port", type=int, default=9338, help="first of two ZeroMQ ports: control, then router")
+    serve.add_argument(
+        "--zmq-port", type=int, default=9338, help="first of two ZeroMQ ports: control, then router"
+    )
     serve.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     serve.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
-    serve.add_argument("--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key")
-    serve.add_argument("--state-dir", type=Path, help="where the node keeps its id (default ~/.local/state/mesh-llm)")
-    serve.add_argument("--queue-depth", type=int, default=NodeConfig().queue_depth_per_model, help="waiting requests per model before 429")
-    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413")
+    serve.add_argument(
+        "--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key"
+    )
+    serve.add_argument(
+        "--state-dir", type=Path, help="where the node keeps its id (default ~/.local/state/mesh-llm)"
+    )
+    serve.add_argument(
+        "--queue-depth",
+        type=int,
+        default=NodeConfig().queue_depth_per_model,
+        help="waiting requests per model before 429",
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"
+    )
     serve.add_argument("--http-threads", type=int, default=32, help="gunicorn threads serving HTTP")
     serve.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -59,7 +78,9 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"mesh-llm: {err}", file=sys.stderr)
         return 2
-    state_dir = args.state_dir or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "mesh-llm"
+    state_dir = (
+        args.state_dir or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "mesh-llm"
+    )
     spec = NodeSpec(
         node_id=node_id_for(state_dir),
         mesh=args.mesh,

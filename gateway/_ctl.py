@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--node", default="tcp://127.0.0.1:9338", help="the node's control endpoint")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("status", "this node and its peers"), ("peers", "the peers this node knows"), ("models", "models the mesh serves")):
+    for name, text in (
+        ("status", "this node and its peers"),
+        ("peers", "the peers this node knows"),
+        ("models", "models the mesh serves"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--json", action="store_true", help="print JSON")
     model = sub.add_parser("model", help="model tooling").add_subparsers(dest="model_command", required=True)
@@ -57,10 +61,16 @@ def query(node: str, what: str, timeout_s: float) -> dict[str, Any]:
 
 def print_status(data: dict[str, Any]) -> None:
     print(f"node     {data['node_id']}  (mesh {data['mesh']}, role {data['role']}, v{data['version']})")
-    print(f"address  http://{data['host']}:{data['http_port']}  zmq {data['zmq_port']}  up {data['uptime_s']}s")
+    print(
+        f"address  http://{data['host']}:{data['http_port']}  zmq {data['zmq_port']}  up {data['uptime_s']}s"
+    )
     print(f"models   {', '.join(data['models']) or '-'}   ready: {'yes' if data['ready'] else 'no'}")
     for w in data["workers"]:
-        print(f"  {w['worker_id']:<10} {w['model']:<28} {w['state']:<8} pid {w['engine_pid']}  restarts {w['restarts']}  {'busy' if w['busy'] else 'idle'}")
+        busy = "busy" if w["busy"] else "idle"
+        print(
+            f"  {w['worker_id']:<10} {w['model']:<28} {w['state']:<8} pid {w['engine_pid']}"
+            f"  restarts {w['restarts']}  {busy}"
+        )
     reqs = data["requests"]
     print("requests " + "  ".join(f"{k} {v}" for k, v in reqs.items()) + f"  in-flight {data['in_flight']}")
     print_peers(data["peers"])
@@ -72,7 +82,8 @@ def print_peers(peers: list[dict[str, Any]]) -> None:
         return
     print(f"{'PEER':<24} {'HOST':<16} {'STATE':<8} {'RTT ms':>7}  {'ROLE':<8} MODELS")
     for p in peers:
-        print(f"{p['node_id']:<24} {p['host']:<16} {p['state']:<8} {p['rtt_ms']:>7}  {p['role']:<8} {', '.join(p['models'])}")
+        models = ", ".join(p["models"])
+        print(f"{p['node_id']:<24} {p['host']:<16} {p['state']:<8} {p['rtt_ms']:>7}  {p['role']:<8} {models}")
 
 
 def print_models(models: list[dict[str, Any]]) -> None:
@@ -106,7 +117,9 @@ def run_synth(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"mesh-ctl: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.arch}, RANDOM WEIGHTS: for tests and demos)")
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.arch}, RANDOM WEIGHTS: for tests and demos)"
+    )
     return 0
 
 

@@ -22,7 +22,9 @@ def default_model() -> Path:
     """The built-in default model, synthesized on first use and cached."""
     path = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}.gguf"
     if not path.exists():
-        log.warning("synthesizing the built-in default model at %s (RANDOM WEIGHTS: its text is gibberish)", path)
+        log.warning(
+            "synthesizing the built-in default model at %s (RANDOM WEIGHTS: its text is gibberish)", path
+        )
         synthesize("llama", path, shape_for("llama", "small"), dtype="f16", seed=0)
     return path
 

@@ -63,7 +63,9 @@ def _message(m: Any, i: int) -> dict[str, str]:
     if content is None and m["role"] == "assistant":
         content = ""
     if not isinstance(content, str):
-        raise ApiError(400, f"{param}.content must be a string or an array of text parts.", param=f"{param}.content")
+        raise ApiError(
+            400, f"{param}.content must be a string or an array of text parts.", param=f"{param}.content"
+        )
     role = "system" if m["role"] == "developer" else m["role"]
     return {"role": role, "content": content}
 
@@ -79,7 +81,9 @@ def _parsed(body: dict[str, Any], **what: Any) -> Parsed:
     stream = _typed(body, "stream", bool, False)
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or not stream):
-        raise ApiError(400, "'stream_options' must be an object, and only with stream=true.", param="stream_options")
+        raise ApiError(
+            400, "'stream_options' must be an object, and only with stream=true.", param="stream_options"
+        )
     generate = Generate(
         request_id=uuid.uuid4().hex,
         model=model,
@@ -90,7 +94,9 @@ def _parsed(body: dict[str, Any], **what: Any) -> Parsed:
         stop=_stops(body.get("stop")),
         **what,
     )
-    include_usage = bool(options and _typed(options, "include_usage", bool, False, "stream_options.include_usage"))
+    include_usage = bool(
+        options and _typed(options, "include_usage", bool, False, "stream_options.include_usage")
+    )
     return Parsed(generate=generate, stream=stream, include_usage=include_usage)
 
 
@@ -120,5 +126,7 @@ def _stops(stop: Any) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > _MAX_STOPS:
-        raise ApiError(400, f"'stop' must be a string or an array of up to {_MAX_STOPS} strings.", param="stop")
+        raise ApiError(
+            400, f"'stop' must be a string or an array of up to {_MAX_STOPS} strings.", param="stop"
+        )
     return stops

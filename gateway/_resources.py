@@ -72,7 +72,11 @@ class _Completions:
             raise
         assert isinstance(accepted, Accepted) and isinstance(started, Started)
         req.context.mesh_node = accepted.node_id
-        meta = {"id": f"{self.prefix}-{parsed.generate.request_id}", "created": int(time.time()), "model": parsed.generate.model}
+        meta = {
+            "id": f"{self.prefix}-{parsed.generate.request_id}",
+            "created": int(time.time()),
+            "model": parsed.generate.model,
+        }
         if parsed.stream:
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
@@ -90,7 +94,9 @@ class _Completions:
                     "usage": usage(event),
                 }
 
-    def sse(self, events: EventStream, meta: dict[str, Any], parsed: Parsed, n_prompt: int) -> Iterator[bytes]:
+    def sse(
+        self, events: EventStream, meta: dict[str, Any], parsed: Parsed, n_prompt: int
+    ) -> Iterator[bytes]:
         """The SSE body; an error after the headers went out becomes an `error` event."""
         base = {**meta, "object": self.chunk_object}
         usage_null = {"usage": None} if parsed.include_usage else {}
@@ -103,7 +109,9 @@ class _Completions:
                     yield _sse({**base, "choices": [self.delta(event.text, first, None)], **usage_null})
                     first = False
                 elif isinstance(event, Finished):
-                    yield _sse({**base, "choices": [self.delta("", first, event.finish_reason)], **usage_null})
+                    yield _sse(
+                        {**base, "choices": [self.delta("", first, event.finish_reason)], **usage_null}
+                    )
                     if parsed.include_usage:
                         yield _sse({**base, "choices": [], "usage": usage(event)})
                     yield b"data: [DONE]\n\n"
@@ -160,7 +168,11 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     from gateway._errors import ApiError
 
     if req.content_length is not None and req.content_length > limit:
-        raise ApiError(413, f"Request body of {req.content_length} bytes exceeds the limit of {limit} bytes.", code="request_too_large")
+        raise ApiError(
+            413,
+            f"Request body of {req.content_length} bytes exceeds the limit of {limit} bytes.",
+            code="request_too_large",
+        )
     raw = req.bounded_stream.read(limit + 1)
     if len(raw) > limit:
         raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")

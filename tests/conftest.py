@@ -89,7 +89,9 @@ class NodeProcess:
         return f"tcp://127.0.0.1:{self.zmq_port}"
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "mesh-ctl"), "--node", self.control, *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [str(BIN / "mesh-ctl"), "--node", self.control, *args], capture_output=True, text=True, timeout=30
+        )
 
     def status(self) -> dict:
         """`mesh-ctl status --json`'s data, asked in-process (mesh-ctl itself is tested apart)."""

@@ -40,7 +40,9 @@ def node(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node
 @pytest.fixture(scope="module")
 def guarded(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """A node with an API key and a queue of one."""
-    proc = start_node(tmp_path_factory.mktemp("guarded"), model, "--api-key", "k3y", "--queue-depth", "1", "--ctx", "32768")
+    proc = start_node(
+        tmp_path_factory.mktemp("guarded"), model, "--api-key", "k3y", "--queue-depth", "1", "--ctx", "32768"
+    )
     yield proc
     proc.stop()
 
@@ -65,7 +67,11 @@ def test_the_openai_client_gets_a_chat_completion_with_usage(oai: openai.OpenAI)
 
 def test_the_openai_client_streams_a_chat_with_usage_last(oai: openai.OpenAI) -> None:
     stream = oai.chat.completions.create(
-        model=MODEL, messages=CHAT["messages"], max_tokens=10, temperature=0, stream=True,  # type: ignore[arg-type]
+        model=MODEL,
+        messages=CHAT["messages"],
+        max_tokens=10,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -79,7 +85,9 @@ def test_the_openai_client_streams_a_chat_with_usage_last(oai: openai.OpenAI) ->
 def test_the_openai_client_gets_completions_stream_and_not(oai: openai.OpenAI) -> None:
     whole = oai.completions.create(model=MODEL, prompt="The mesh", max_tokens=8, temperature=0)
     assert whole.usage is not None and whole.usage.completion_tokens == 8
-    pieces = list(oai.completions.create(model=MODEL, prompt="The mesh", max_tokens=8, temperature=0, stream=True))
+    pieces = list(
+        oai.completions.create(model=MODEL, prompt="The mesh", max_tokens=8, temperature=0, stream=True)
+    )
     assert "".join(p.choices[0].text for p in pieces) == whole.choices[0].text
 
 
@@ -117,7 +125,13 @@ def test_models_and_health_answer_with_the_node_header(node: NodeProcess) -> Non
         ("/v1/completions", {"model": MODEL}, 400, "prompt", None),
         ("/v1/chat/completions", {**CHAT, "model": "no-such-model"}, 404, "model", "model_not_found"),
         ("/v1/completions", {"model": MODEL, "prompt": "word " * 5000}, 400, None, "context_length_exceeded"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, 400, None, "context_length_exceeded"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "max_tokens": 5000},
+            400,
+            None,
+            "context_length_exceeded",
+        ),
         ("/v1/completions", {"model": MODEL, "prompt": "x" * 200_000}, 413, None, "request_too_large"),
         ("/v1/nowhere", {}, 404, None, None),
     ],
@@ -230,17 +244,24 @@ def test_a_full_queue_answers_429_with_retry_after(guarded: NodeProcess) -> None
     auth = {"Authorization": "Bearer k3y"}
     long = {"model": MODEL, "prompt": "x", "max_tokens": 30000, "temperature": 0, "stream": True}
     queued: dict[str, httpx.Response] = {}
-    with httpx.stream("POST", f"{guarded.url}/v1/completions", json=long, headers=auth, timeout=60) as running:
+    with httpx.stream(
+        "POST", f"{guarded.url}/v1/completions", json=long, headers=auth, timeout=60
+    ) as running:
         lines = running.iter_lines()  # kept referenced: a collected iterator closes the stream
         next(lines)  # the first request holds the worker
         waiter = threading.Thread(
-            target=lambda: queued.setdefault("r", post(guarded, "/v1/completions", {**long, "stream": False, "max_tokens": 5}, headers=auth))
+            target=lambda: queued.setdefault(
+                "r",
+                post(guarded, "/v1/completions", {**long, "stream": False, "max_tokens": 5}, headers=auth),
+            )
         )
         waiter.start()
         deadline = time.monotonic() + 10
         while guarded.status()["queues"].get(MODEL, 0) < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        rejected = post(guarded, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1}, headers=auth)
+        rejected = post(
+            guarded, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1}, headers=auth
+        )
     waiter.join(120)
     assert rejected.status_code == 429
     assert rejected.json()["error"]["type"] == "rate_limit_error"

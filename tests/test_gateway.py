@@ -83,7 +83,9 @@ def sse_events(body: str) -> list[Any]:
     return out
 
 
-def test_health_is_200_ok_when_ready_and_503_while_loading(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+def test_health_is_200_ok_when_ready_and_503_while_loading(
+    client: falcon.testing.TestClient, backend: FakeBackend
+) -> None:
     assert client.simulate_get("/health").json == {"status": "ok"}
     backend.ready = False
     result = client.simulate_get("/health")
@@ -97,8 +99,12 @@ def test_models_lists_the_backends_models(client: falcon.testing.TestClient) -> 
     assert result.headers["X-Mesh-Node"] == "node-a"
 
 
-def test_a_chat_completion_has_the_openai_shape_and_names_the_generating_node(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
-    result = client.simulate_post("/v1/chat/completions", json={**CHAT, "temperature": 0, "seed": 3, "stop": "x", "max_tokens": 9})
+def test_a_chat_completion_has_the_openai_shape_and_names_the_generating_node(
+    client: falcon.testing.TestClient, backend: FakeBackend
+) -> None:
+    result = client.simulate_post(
+        "/v1/chat/completions", json={**CHAT, "temperature": 0, "seed": 3, "stop": "x", "max_tokens": 9}
+    )
     assert result.status_code == 200
     body = result.json
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
@@ -156,7 +162,9 @@ def test_a_streamed_completion_uses_text_completion_chunks(client: falcon.testin
         ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
-def test_invalid_parameters_are_400_with_param_set(client: falcon.testing.TestClient, body: dict[str, Any], param: str, backend: FakeBackend) -> None:
+def test_invalid_parameters_are_400_with_param_set(
+    client: falcon.testing.TestClient, body: dict[str, Any], param: str, backend: FakeBackend
+) -> None:
     result = client.simulate_post("/v1/chat/completions", json=body)
     assert result.status_code == 400
     assert result.json["error"]["param"] == param
@@ -186,7 +194,9 @@ def test_a_body_over_the_limit_is_413(client: falcon.testing.TestClient) -> None
         (PeerUnavailable("gone"), 503, "peer_unavailable"),
     ],
 )
-def test_node_errors_map_to_one_status_each(client: falcon.testing.TestClient, backend: FakeBackend, error: RequestError, status: int, code: str) -> None:
+def test_node_errors_map_to_one_status_each(
+    client: falcon.testing.TestClient, backend: FakeBackend, error: RequestError, status: int, code: str
+) -> None:
     backend.fail = error
     result = client.simulate_post("/v1/chat/completions", json=CHAT)
     assert result.status_code == status
@@ -200,7 +210,9 @@ def test_node_errors_map_to_one_status_each(client: falcon.testing.TestClient, b
         assert result.json["error"]["param"] == "model"
 
 
-def test_a_failure_after_streaming_began_ends_with_an_sse_error_event_and_no_done(client: falcon.testing.TestClient, backend: FakeBackend) -> None:
+def test_a_failure_after_streaming_began_ends_with_an_sse_error_event_and_no_done(
+    client: falcon.testing.TestClient, backend: FakeBackend
+) -> None:
     backend.fail_mid = EngineFailed("engine died")
     result = client.simulate_post("/v1/chat/completions", json={**CHAT, "stream": True})
     events = sse_events(result.text)

@@ -29,7 +29,9 @@ from actors import (
 )
 from tests.conftest import free_port_pair
 
-FAST = NodeConfig(queue_depth_per_model=2, engine_restart_backoff_s=0.05, cancel_grace_s=0.5, keepalive_interval_s=0.2)
+FAST = NodeConfig(
+    queue_depth_per_model=2, engine_restart_backoff_s=0.05, cancel_grace_s=0.5, keepalive_interval_s=0.2
+)
 
 
 def make_node(spec: str, **config: object) -> Node:
