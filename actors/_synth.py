@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import string
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +160,13 @@ def vocabulary(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def _filler() -> itertools.chain[str]:
+def _filler() -> Iterator[str]:
+    """Endless distinct pieces: syllables, then pairs, then triples of them (with and without ▁)."""
     syllables = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"]
-    pairs = (a + b for a in syllables for b in syllables)
-    return itertools.chain(("▁" + s for s in syllables), syllables, ("▁" + p for p in pairs), pairs)
+    for size in itertools.count(1):
+        for combo in itertools.product(syllables, repeat=size):
+            yield "▁" + "".join(combo)
+            yield "".join(combo)
 
 
 def _write_tokenizer(writer: object, n_vocab: int) -> None:

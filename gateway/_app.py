@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
 
 import falcon
 
@@ -24,6 +25,7 @@ class _MeshHeaders:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.mesh_node = self.node_id
+        _no_delay(req.env.get("gunicorn.socket"))
         if self.api_key is None or req.path in _OPEN_PATHS:
             return
         scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
@@ -34,6 +36,16 @@ class _MeshHeaders:
         self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool
     ) -> None:
         resp.set_header("X-Mesh-Node", req.context.mesh_node)
+
+
+def _no_delay(sock: socket.socket | None) -> None:
+    """Send each token as soon as it is written: Nagle's algorithm would hold small writes back
+    until the client's (delayed) ACK, adding up to 40 ms to the first token of a stream."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the client already left; the response write will notice
 
 
 def create_app(

@@ -1,0 +1,285 @@
+"""What does the mesh cost over llama.cpp itself? Three ways to serve one model, side by side:
+
+  in-process   llama-cpp-python's create_completion(stream=True) in this process
+  mesh         a `mesh-llm serve` node over HTTP, streaming (gunicorn -> router -> worker -> engine)
+  llama-server llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`), streaming
+
+Same synthesized model (about 110M parameters, random weights), same prompts, greedy decoding,
+with 1 and with 4 concurrent clients. Figures: time to first token and decode throughput.
+Writes bench/results/overhead.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors import shape_for, synthesize  # noqa: E402
+from bench._common import free_port, p50, stop, wait_http, write_result  # noqa: E402
+
+BIN = Path(sys.executable).parent
+MODEL_ID = "bench-100m"
+
+
+class Sample:
+    """One request as a client saw it."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.first: float | None = None
+        self.last = start
+        self.tokens = 0
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.tokens += 1
+
+    @property
+    def ttft_ms(self) -> float:
+        assert self.first is not None
+        return (self.first - self.start) * 1000
+
+    @property
+    def decode_tps(self) -> float:
+        assert self.first is not None
+        return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
+
+
+def prompts(n: int) -> list[str]:
+    topics = ["a lighthouse", "the mesh", "ZeroMQ sockets", "a rainy day", "old machines", "gossip", "tea"]
+    return [
+        f"Request {i}: write a short story about {topics[i % len(topics)]} and what it learns."
+        for i in range(n)
+    ]
+
+
+def in_process_client(model: Path, threads: int, ctx: int) -> Callable[[str, int], Sample]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(model), n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    lock = threading.Lock()  # one llama context: concurrent callers take turns
+
+    def run(prompt: str, max_tokens: int) -> Sample:
+        sample = Sample(time.perf_counter())  # waiting for the lock counts, as a queue would
+        with lock:
+            for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
+                if chunk["choices"][0]["text"]:
+                    sample.token()
+        return sample
+
+    return run
+
+
+def http_client(base: str, model: str) -> Callable[[str, int], Sample]:
+    import httpx
+
+    def run(prompt: str, max_tokens: int) -> Sample:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+        }
+        sample = Sample(time.perf_counter())
+        with (
+            httpx.Client(timeout=600) as client,
+            client.stream("POST", f"{base}/v1/completions", json=body) as r,
+        ):
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if json.loads(line[6:])["choices"][0]["text"]:
+                    sample.token()
+        return sample
+
+    return run
+
+
+def measure(
+    run: Callable[[str, int], Sample], clients: int, per_client: int, max_tokens: int
+) -> dict[str, Any]:
+    run("warm-up", 8)
+    texts = prompts(clients * per_client)
+    samples: list[Sample] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for j in range(per_client):
+            s = run(texts[i * per_client + j], max_tokens)
+            with lock:
+                samples.append(s)
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    tokens = sum(s.tokens for s in samples)
+    return {
+        "clients": clients,
+        "requests": len(samples),
+        "tokens": tokens,
+        "ttft_ms_p50": round(p50([s.ttft_ms for s in samples]), 2),
+        "ttft_ms_max": round(max(s.ttft_ms for s in samples), 2),
+        "decode_tps_p50": round(p50([s.decode_tps for s in samples]), 2),
+        "aggregate_tps": round(tokens / wall, 2),
+        "wall_s": round(wall, 2),
+    }
+
+
+def start_mesh(model: Path, threads: int, ctx: int, state: Path) -> tuple[subprocess.Popen[bytes], str]:
+    http, zmq_port = free_port(), free_port()
+    argv = [
+        str(BIN / "mesh-llm"), "serve", "--model", str(model), "--host", "127.0.0.1",
+        "--http-port", str(http), "--zmq-port", str(zmq_port), "--threads", str(threads),
+        "--ctx", str(ctx), "--state-dir", str(state),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{http}"
+    wait_http(f"{base}/health", proc)
+    return proc, base
+
+
+def start_llama_server(model: Path, threads: int, ctx: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+        "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        "--n_ctx", str(ctx), "--model_alias", MODEL_ID,
+        # Its default cuts a running stream off whenever another request arrives; a server with
+        # several clients must queue them instead, as the mesh does.
+        "--interrupt_requests", "False",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/v1/models", proc)
+    return proc, base
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="100m", help="synthesized model size (see mesh-ctl model synth)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--per-client", type=int, default=3, help="requests per client")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ctx", type=int, default=2048)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+    model = synthesize("llama", work / f"{MODEL_ID}.gguf", shape_for("llama", args.preset), seed=0)
+    results: dict[str, dict[str, Any]] = {"in-process": {}, "mesh": {}, "llama-server": {}}
+    for clients in (1, 4):
+        run = in_process_client(model, args.threads, args.ctx)
+        results["in-process"][str(clients)] = measure(run, clients, args.per_client, args.max_tokens)
+        del run
+    proc, base = start_mesh(model, args.threads, args.ctx, work / "state")
+    try:
+        for clients in (1, 4):
+            results["mesh"][str(clients)] = measure(
+                http_client(base, MODEL_ID), clients, args.per_client, args.max_tokens
+            )
+    finally:
+        stop(proc)
+    proc, base = start_llama_server(model, args.threads, args.ctx)
+    try:
+        for clients in (1, 4):
+            results["llama-server"][str(clients)] = measure(
+                http_client(base, MODEL_ID), clients, args.per_client, args.max_tokens
+            )
+    finally:
+        stop(proc)
+
+    ratios = compare(results)
+    path = write_result(
+        "overhead",
+        {
+            "model": {
+                "arch": "llama",
+                "preset": args.preset,
+                "parameters": _params(model),
+                "weights": "random",
+            },
+            "config": vars(args),
+            "results": results,
+            "ratios": ratios,
+        },
+    )
+    print_table(results, ratios)
+    print(f"\nwritten to {path}")
+    return 0
+
+
+def compare(r: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in ("1", "4"):
+        mesh, local, server = r["mesh"][c], r["in-process"][c], r["llama-server"][c]
+        key = "decode_tps_p50" if c == "1" else "aggregate_tps"
+        out[c] = {
+            "throughput_metric": key,
+            "mesh_vs_in_process_throughput": round(mesh[key] / local[key], 3),
+            "mesh_ttft_overhead_ms": round(mesh["ttft_ms_p50"] - local["ttft_ms_p50"], 2),
+            "mesh_vs_llama_server_throughput": round(mesh[key] / server[key], 3),
+            "mesh_vs_llama_server_ttft_p50": round(server["ttft_ms_p50"] / mesh["ttft_ms_p50"], 3),
+        }
+    out["targets"] = {
+        "mesh_vs_in_process_throughput >= 0.97": all(
+            out[c]["mesh_vs_in_process_throughput"] >= 0.97 for c in "14"
+        ),
+        "ttft_overhead_ms <= 10 (1 client)": out["1"]["mesh_ttft_overhead_ms"] <= 10,
+        "mesh_vs_llama_server >= 1.0 (throughput and p50 TTFT)": all(
+            out[c]["mesh_vs_llama_server_throughput"] >= 1.0
+            and out[c]["mesh_vs_llama_server_ttft_p50"] >= 1.0
+            for c in "14"
+        ),
+    }
+    return out
+
+
+def _params(model: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(str(model)).tensors)
+
+
+def print_table(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> None:
+    print(f"\n{'way':<14}{'clients':>8}{'TTFT p50 ms':>13}{'decode tok/s p50':>18}{'aggregate tok/s':>17}")
+    for way, by_clients in results.items():
+        for c, m in by_clients.items():
+            print(
+                f"{way:<14}{c:>8}{m['ttft_ms_p50']:>13.1f}{m['decode_tps_p50']:>18.1f}{m['aggregate_tps']:>17.1f}"
+            )
+    print()
+    for c in ("1", "4"):
+        x = ratios[c]
+        print(
+            f"{c} client(s): mesh/in-process {x['throughput_metric']} {x['mesh_vs_in_process_throughput']:.3f}, "
+            f"TTFT overhead {x['mesh_ttft_overhead_ms']:+.1f} ms, mesh/llama-server throughput "
+            f"{x['mesh_vs_llama_server_throughput']:.3f}, TTFT {x['mesh_vs_llama_server_ttft_p50']:.3f}"
+        )
+    for target, ok in ratios["targets"].items():
+        print(f"  {'PASS' if ok else 'MISS'}  {target}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
