@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import string
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

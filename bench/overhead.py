@@ -24,8 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors import shape_for, synthesize  # noqa: E402
-from bench._common import free_port, p50, stop, wait_http, write_result  # noqa: E402
+from actors import shape_for, synthesize
+from bench._common import free_port, p50, stop, wait_http, write_result
 
 BIN = Path(sys.executable).parent
 MODEL_ID = "bench-100m"
@@ -273,7 +273,8 @@ def print_table(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> N
     for c in ("1", "4"):
         x = ratios[c]
         print(
-            f"{c} client(s): mesh/in-process {x['throughput_metric']} {x['mesh_vs_in_process_throughput']:.3f}, "
+            f"{c} client(s): mesh/in-process {x['throughput_metric']} "
+            f"{x['mesh_vs_in_process_throughput']:.3f}, "
             f"TTFT overhead {x['mesh_ttft_overhead_ms']:+.1f} ms, mesh/llama-server throughput "
             f"{x['mesh_vs_llama_server_throughput']:.3f}, TTFT {x['mesh_vs_llama_server_ttft_p50']:.3f}"
         )
