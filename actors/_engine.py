@@ -1,15 +1,13 @@
-"""Engines: what a shard-worker's child process runs. `LlamaEngine` wraps llama.cpp;
-`FakeEngine` (model spec `fake:...`) has controllable delay, crash and hang for tests.
-
-Both run inside the engine child process only; `generate` blocks and yields events.
+"""Engines: what a shard-worker's child process runs. The `Engine` protocol; `LlamaEngine`
+(in `_llama_engine`) wraps llama.cpp; `FakeEngine` (model spec `fake:...`) has controllable
+delay, crash and hang for tests. Both run inside the engine child process only.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import time
-from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,18 +16,35 @@ from actors._messages import Chunk, Finished, Generate, Started
 from actors._textstream import TextStream
 
 EngineEvent = Started | Chunk | Finished
-EngineStream = Generator[EngineEvent, None, None]  # closing it stops generation
 
 
 class Engine(Protocol):
-    """A loaded model that turns one request at a time into a stream of events."""
+    """A loaded model serving up to `slots` requests at once, advanced one step at a time.
+
+    `admit` raises a `RequestError` for a request it cannot serve; every admitted request ends
+    with one `Finished` from `step()`, or with `cancel()`.
+    """
 
     model_id: str
     n_ctx: int
     n_params: int
+    slots: int
 
-    def generate(self, request: Generate) -> EngineStream:
-        """Yield `Started`, then `Chunk`s, then one `Finished`; raise a `RequestError` on bad input."""
+    @property
+    def active(self) -> int:
+        """How many admitted requests are not finished."""
+        ...
+
+    def admit(self, request: Generate) -> list[EngineEvent]:
+        """Take a request into a free slot; returns its `Started`."""
+        ...
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request; True if the engine held it."""
+        ...
+
+    def step(self) -> list[EngineEvent]:
+        """Advance every active request by (at most) one token; blocks while computing."""
         ...
 
 
@@ -56,85 +71,6 @@ def check_context(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
     return max_tokens
 
 
-class LlamaEngine:
-    """A GGUF model loaded in llama.cpp through llama-cpp-python."""
-
-    def __init__(self, path: str, *, n_ctx: int, n_threads: int) -> None:
-        import llama_cpp  # imported here: only engine children pay for loading llama.cpp
-
-        self._lib = llama_cpp
-        self.llm = llama_cpp.Llama(
-            model_path=path,
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            n_gpu_layers=0,
-            verbose=False,
-        )
-        meta: dict[str, str] = self.llm.metadata
-        self.model_id = meta.get("mesh_llm.source_model_id") or model_id_of(path)
-        self.n_ctx = self.llm.n_ctx()
-        self.n_params = int(llama_cpp.llama_model_n_params(self.llm.model))
-        self._template = meta.get("tokenizer.chat_template")
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self._bos = self._piece(self.llm.token_bos())
-        self._eos = self._piece(self.llm.token_eos())
-
-    def _piece(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
-
-    def render(self, request: Generate) -> str:
-        """The prompt text: the request's prompt, or its messages through the chat template."""
-        if request.prompt is not None:
-            return request.prompt
-        if not self._template:
-            raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
-        return render_chat(self._template, request.messages or [], self._bos, self._eos)
-
-    def generate(self, request: Generate) -> EngineStream:
-        text = self.render(request)
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        max_tokens = check_context(self.n_ctx, len(tokens), request.max_tokens)
-        self.llm.set_seed(request.seed if request.seed is not None else random.getrandbits(31))
-        yield Started(request_id=request.request_id, prompt_tokens=len(tokens))
-        stream = TextStream(request.stop)
-        finish, n_done, n_unsent = "length", 0, 0
-        for token in self.llm.generate(
-            tokens,
-            temp=request.temperature,
-            top_p=request.top_p,
-            top_k=0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            reset=True,
-        ):
-            if self._lib.llama_vocab_is_eog(self._vocab, token):
-                finish = "stop"
-                break
-            n_done += 1
-            n_unsent += 1
-            piece, stopped = stream.feed(self.llm.detokenize([token]))
-            if piece:
-                yield Chunk(request_id=request.request_id, text=piece, n_tokens=n_unsent)
-                n_unsent = 0
-            if stopped:
-                finish = "stop"
-                break
-            if n_done >= max_tokens:
-                break
-        tail = stream.flush()
-        if tail or n_unsent:
-            yield Chunk(request_id=request.request_id, text=tail, n_tokens=n_unsent)
-        yield Finished(
-            request_id=request.request_id,
-            finish_reason=finish,
-            prompt_tokens=len(tokens),
-            completion_tokens=n_done,
-        )
-
-
 def render_chat(template: str, messages: list[dict[str, Any]], bos: str, eos: str) -> str:
     """Render messages with a GGUF's Jinja chat template, as Hugging Face tokenizers do."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -150,62 +86,89 @@ def render_chat(template: str, messages: list[dict[str, Any]], bos: str, eos: st
     return text[len(bos) :] if bos and text.startswith(bos) else text
 
 
-class FakeEngine:
-    """A stand-in with the engine's contract: words `w0 w1 …`, one per token.
+@dataclass(slots=True)
+class _FakeRun:
+    request: Generate
+    max_tokens: int
+    stream: TextStream
+    n_prompt: int
+    n_done: int = 0
 
-    Spec `fake:key=value,...`: `delay_ms` per token, `crash_after` tokens (the process exits),
-    `hang_after` tokens (sleeps forever), `n_ctx`, `load_s` (time to load), `fail_load`.
+
+class FakeEngine:
+    """A stand-in with the engine's contract: words ` w0 w1 …`, one per token and step.
+
+    Spec `fake:key=value,...`: `delay_ms` per step, `slots`, `n_ctx`, `id` (the model id),
+    `crash_after` / `hang_after` tokens of a request (the process exits / sleeps forever; 0 means
+    on admission, as in a long prompt evaluation), `load_s` (time to load), `fail_load`.
     """
 
     def __init__(self, spec: str) -> None:
         opts = dict(kv.split("=", 1) for kv in spec.removeprefix("fake:").split(",") if "=" in kv)
         self.model_id = opts.get("id", "fake")
         self.n_ctx = int(opts.get("n_ctx", 512))
+        self.slots = int(opts.get("slots", 1))
         self.n_params = 0
         self.delay_s = float(opts.get("delay_ms", 0)) / 1000
         self.crash_after = int(opts.get("crash_after", -1))
         self.hang_after = int(opts.get("hang_after", -1))
+        self._runs: dict[str, _FakeRun] = {}
         time.sleep(float(opts.get("load_s", 0)))
         if opts.get("fail_load"):
             raise RuntimeError("fake engine told to fail loading")
 
+    @property
+    def active(self) -> int:
+        return len(self._runs)
+
     def _misbehave_at(self, n_tokens: int) -> None:
-        """Crash or hang when `n_tokens` tokens were produced (0: before `Started`)."""
         if n_tokens == self.crash_after:
             os._exit(17)
         while n_tokens == self.hang_after:
             time.sleep(3600)
 
-    def generate(self, request: Generate) -> EngineStream:
+    def admit(self, request: Generate) -> list[EngineEvent]:
         text = request.prompt if request.prompt is not None else str(request.messages)
         n_prompt = len(text.split())
         max_tokens = check_context(self.n_ctx, n_prompt, request.max_tokens)
+        if len(self._runs) >= self.slots:
+            raise InvalidRequest(f"all {self.slots} slots are busy")
         self._misbehave_at(0)
-        yield Started(request_id=request.request_id, prompt_tokens=n_prompt)
-        stream = TextStream(request.stop)
-        finish, n_done = "length", 0
-        for i in range(max_tokens):
-            self._misbehave_at(i + 1)
-            time.sleep(self.delay_s)
-            n_done += 1
-            piece, stopped = stream.feed(f" w{i}".encode())
-            yield Chunk(request_id=request.request_id, text=piece, n_tokens=1)
-            if stopped:
-                finish = "stop"
-                break
-        tail = stream.flush()
-        if tail:
-            yield Chunk(request_id=request.request_id, text=tail, n_tokens=0)
-        yield Finished(
-            request_id=request.request_id,
-            finish_reason=finish,
-            prompt_tokens=n_prompt,
-            completion_tokens=n_done,
-        )
+        self._runs[request.request_id] = _FakeRun(request, max_tokens, TextStream(request.stop), n_prompt)
+        return [Started(request_id=request.request_id, prompt_tokens=n_prompt)]
+
+    def cancel(self, request_id: str) -> bool:
+        return self._runs.pop(request_id, None) is not None
+
+    def step(self) -> list[EngineEvent]:
+        time.sleep(self.delay_s)
+        events: list[EngineEvent] = []
+        for rid, run in list(self._runs.items()):
+            self._misbehave_at(run.n_done + 1)
+            piece, stopped = run.stream.feed(f" w{run.n_done}".encode())
+            run.n_done += 1
+            events.append(Chunk(request_id=rid, text=piece, n_tokens=1))
+            if stopped or run.n_done >= run.max_tokens:
+                tail = run.stream.flush()
+                if tail:
+                    events.append(Chunk(request_id=rid, text=tail, n_tokens=0))
+                reason = "stop" if stopped else "length"
+                events.append(
+                    Finished(
+                        request_id=rid,
+                        finish_reason=reason,
+                        prompt_tokens=run.n_prompt,
+                        completion_tokens=run.n_done,
+                    )
+                )
+                del self._runs[rid]
+        return events
 
 
-def load_engine(model: str, *, n_ctx: int, n_threads: int) -> Engine:
+def load_engine(model: str, *, n_ctx: int, n_threads: int, slots: int) -> Engine:
     """The engine for a model spec: a GGUF path, or `fake:...` for tests."""
     if model.startswith("fake:"):
         return FakeEngine(model)
-    return LlamaEngine(model, n_ctx=n_ctx, n_threads=n_threads)
+    from actors._llama_engine import LlamaEngine
+
+    return LlamaEngine(model, n_ctx=n_ctx, n_threads=n_threads, slots=slots)

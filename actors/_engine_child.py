@@ -1,8 +1,9 @@
 """The engine child process: loads one model and serves the shard-worker over a PAIR socket.
 
 Run as `python -m actors._engine_child --endpoint E --model SPEC ...`. It announces itself with
-`EngineReady` (or an `ErrorReply` if loading fails, then exits), serves one `Generate` at a time
-and checks for a `Cancel` between tokens. It dies with its parent (PR_SET_PDEATHSIG).
+`EngineReady` (or an `ErrorReply` if loading fails, then exits), admits up to `slots` requests,
+and between decode steps takes in new requests and cancels. It dies with its parent
+(PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -37,55 +38,45 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def serve(sock: zmq.Socket, engine: Engine) -> None:
-    """Answer requests until the socket's peer goes away (we are killed)."""
+    """Answer requests until we are killed: take in what arrived, then advance one step."""
     while True:
-        message = _receive(sock)
-        if isinstance(message, Generate):
-            run_request(sock, engine, message)
+        # Block while idle; between steps only look at what is already there.
+        if sock.poll(None if engine.active == 0 else 0):
+            for message in _drain(sock):
+                _handle(sock, engine, message)
+        if engine.active:
+            for event in engine.step():
+                sock.send(encode(event))
 
 
-def run_request(sock: zmq.Socket, engine: Engine, request: Generate) -> None:
-    """Stream one request's events; a `Cancel` for it ends it with `finish_reason="cancelled"`."""
-    events = engine.generate(request)
-    rid = request.request_id
-    try:
+def _handle(sock: zmq.Socket, engine: Engine, message: object) -> None:
+    if isinstance(message, Generate):
+        try:
+            events = engine.admit(message)
+        except RequestError as err:
+            reply = ErrorReply(
+                request_id=message.request_id, code=err.code, message=err.message, details=err.details
+            )
+            sock.send(encode(reply))
+            return
         for event in events:
             sock.send(encode(event))
-            if _cancelled(sock, rid):
-                events.close()
-                sock.send(
-                    encode(
-                        Finished(
-                            request_id=rid, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0
-                        )
-                    )
-                )
-                return
-    except RequestError as err:
-        sock.send(encode(ErrorReply(request_id=rid, code=err.code, message=err.message, details=err.details)))
-    except Exception as err:  # llama.cpp errors: the request fails, the engine lives on
-        log.exception("request %s failed", rid)
-        sock.send(encode(ErrorReply(request_id=rid, code="engine_failed", message=f"engine error: {err}")))
+    elif isinstance(message, Cancel) and engine.cancel(message.request_id):
+        done = Finished(
+            request_id=message.request_id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0
+        )
+        sock.send(encode(done))
 
 
-def _receive(sock: zmq.Socket) -> object:
-    try:
-        return decode(sock.recv())
-    except ProtocolError as err:
-        log.warning("dropped a bad frame from the worker: %s", err)
-        return None
-
-
-def _cancelled(sock: zmq.Socket, request_id: str) -> bool:
+def _drain(sock: zmq.Socket) -> list[object]:
+    """Every message waiting on the socket, bad frames dropped (and logged)."""
+    messages = []
     while sock.poll(0):
-        message = _receive(sock)
-        if isinstance(message, Cancel) and message.request_id == request_id:
-            return True
-        if isinstance(message, Generate):  # the worker sends one at a time; say so, do not queue
-            sock.send(
-                encode(ErrorReply(request_id=message.request_id, code="engine_failed", message="engine busy"))
-            )
-    return False
+        try:
+            messages.append(decode(sock.recv()))
+        except ProtocolError as err:
+            log.warning("dropped a bad frame from the worker: %s", err)
+    return messages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -104,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = make_socket(ctx, zmq.PAIR)
     sock.connect(args.endpoint)
     try:
-        engine = load_engine(args.model, n_ctx=args.ctx, n_threads=args.threads)
+        engine = load_engine(args.model, n_ctx=args.ctx, n_threads=args.threads, slots=args.slots)
     except Exception as err:
         sock.send(
             encode(
@@ -116,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     sock.send(
         encode(
             EngineReady(
-                model_id=engine.model_id, n_ctx=engine.n_ctx, n_params=engine.n_params, pid=os.getpid()
+                model_id=engine.model_id,
+                n_ctx=engine.n_ctx,
+                n_params=engine.n_params,
+                pid=os.getpid(),
+                slots=engine.slots,
             )
         )
     )

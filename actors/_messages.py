@@ -120,6 +120,7 @@ class EngineReady:
     n_ctx: int
     n_params: int
     pid: int
+    slots: int = 1  # requests it serves at once
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,6 +135,7 @@ class WorkerState:
     restarts: int = 0
     n_ctx: int = 0
     detail: str = ""
+    slots: int = 1
 
 
 MESSAGE_TYPES: tuple[type, ...] = (

@@ -37,6 +37,7 @@ class NodeSpec:
     models: list[ModelSpec] = field(default_factory=list)
     n_ctx: int = 4096
     n_threads: int = 2
+    slots: int = 1  # requests each engine serves at once (continuous batching)
     role: str = "serving"
     config: NodeConfig = field(default_factory=NodeConfig)
 
@@ -74,6 +75,7 @@ class Node:
                 router_endpoint=backend,
                 n_ctx=spec.n_ctx,
                 n_threads=spec.n_threads,
+                slots=spec.slots,
                 **kw,
             )
             for i, m in enumerate(spec.models)

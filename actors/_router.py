@@ -2,14 +2,14 @@
 
 Frontend: a ROUTER socket that gateways (and the control actor) talk to with DEALER sockets.
 Backend: a ROUTER socket on inproc that shard-workers connect to. Each model has a bounded FIFO;
-a worker takes one request at a time; events flow back to whoever asked, as they come.
+a worker takes up to its `slots` requests at once; events flow back to whoever asked, as they come.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Worker:
     state: WorkerState
-    busy_with: str | None = None
+    busy_with: set[str] = field(default_factory=set)
+
+    @property
+    def room(self) -> int:
+        """How many more requests the worker takes now."""
+        return self.state.slots - len(self.busy_with) if self.state.state == "ready" else 0
 
 
 @dataclass(slots=True)
@@ -188,8 +193,8 @@ class Router(Actor):
             return
         if isinstance(message, TERMINAL_TYPES):
             worker = self._workers.get(identity)
-            if worker is not None and worker.busy_with == rid:
-                worker.busy_with = None
+            if worker is not None:
+                worker.busy_with.discard(rid)
             if isinstance(message, ErrorReply) and message.code == "not_ready" and not flight.cancelled:
                 flight.worker = None  # the worker's state changed under us: queue it again, first
                 self._queues[flight.request.model].appendleft(rid)
@@ -207,20 +212,16 @@ class Router(Actor):
     def _dispatch(self, model: str) -> None:
         queue = self._queues.get(model)
         while queue:
-            idle = next(
-                (
-                    i
-                    for i, w in self._workers.items()
-                    if w.state.model_id == model and w.state.state == "ready" and w.busy_with is None
-                ),
-                None,
+            # The worker with the most room, so that load spreads over workers.
+            room, idle = max(
+                ((w.room, i) for i, w in self._workers.items() if w.state.model_id == model), default=(0, b"")
             )
-            if idle is None:
+            if room <= 0:
                 return
             rid = queue.popleft()
             flight = self._flights[rid]
             flight.worker = idle
-            self._workers[idle].busy_with = rid
+            self._workers[idle].busy_with.add(rid)
             self._to_worker(idle, flight.request)
 
     def _fail_queue(self, model: str, why: str) -> None:
@@ -280,7 +281,9 @@ class Router(Actor):
                 "engine_pid": w.state.engine_pid,
                 "restarts": w.state.restarts,
                 "n_ctx": w.state.n_ctx,
-                "busy": w.busy_with is not None,
+                "busy": bool(w.busy_with),
+                "active": len(w.busy_with),
+                "slots": w.state.slots,
                 "detail": w.state.detail,
             }
             for i, w in sorted(self._workers.items())

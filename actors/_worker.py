@@ -1,8 +1,9 @@
 """The shard-worker actor: owns one llama.cpp engine in a supervised child process.
 
-It takes one request at a time from the router (over DEALER, identity = worker id), relays it to
-the child over a PAIR socket and relays the child's events back. When the child dies, the request
-in flight fails with `engine_failed` and the child is restarted after a back-off.
+It takes up to `slots` requests at once from the router (over DEALER, identity = worker id),
+relays them to the child over a PAIR socket and relays the child's events back. When the child
+dies, every request in flight fails with `engine_failed` and the child is restarted after a
+back-off.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ShardWorker(Actor):
         router_endpoint: str,
         n_ctx: int,
         n_threads: int,
+        slots: int = 1,
         **kwargs: object,
     ) -> None:
         super().__init__(ctx, worker_id, **kwargs)  # type: ignore[arg-type]
@@ -43,12 +45,13 @@ class ShardWorker(Actor):
         self.router_endpoint = router_endpoint
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.slots = slots
         self.state = "loading"
         self.restarts = 0
         self._failed_loads = 0
         self._detail = ""
-        self._current: Generate | None = None
-        self._cancel_deadline: float | None = None
+        self._current: dict[str, Generate] = {}
+        self._cancel_deadlines: dict[str, float] = {}
         self._restart_at: float | None = None
         self._load_deadline = 0.0
         self._child: ChildProcess | None = None
@@ -65,8 +68,7 @@ class ShardWorker(Actor):
         self._spawn()
 
     def teardown(self) -> None:
-        if self._current is not None:
-            self._fail_current("the node is shutting down")
+        self._fail_current("the node is shutting down")
         if self._child is not None:
             self._child.close()
 
@@ -81,7 +83,7 @@ class ShardWorker(Actor):
                 self.config.engine_load_timeout_s,
             )
             self._child.kill()
-        elif self._child is not None and self._cancel_deadline is not None and now > self._cancel_deadline:
+        elif self._child is not None and any(now > t for t in self._cancel_deadlines.values()):
             log.warning("%s: engine ignored a cancel; killing it", self.worker_id)
             self._child.kill()
 
@@ -96,6 +98,7 @@ class ShardWorker(Actor):
             "--model", self.model,
             "--ctx", str(self.n_ctx),
             "--threads", str(self.n_threads),
+            "--slots", str(self.slots),
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         self._child = ChildProcess(argv)
@@ -115,7 +118,7 @@ class ShardWorker(Actor):
         self.forget(engine)
         child.close()
         self._child = self._engine = None
-        self._cancel_deadline = None
+        self._cancel_deadlines.clear()
         self.restarts += 1
         if self.state == "loading":
             self._failed_loads += 1
@@ -127,8 +130,7 @@ class ShardWorker(Actor):
             log.warning("%s: engine exited with code %s; restarting in %.1fs", self.worker_id, code, delay)
             self._restart_at = self.clock() + delay
             self._set_state("loading", f"engine exited with code {code}; restarting")
-        if self._current is not None:
-            self._fail_current(f"the engine process died (exit code {code}); it is being restarted")
+        self._fail_current(f"the engine process died (exit code {code}); it is being restarted")
 
     def _from_engine(self, frames: list[bytes]) -> None:
         message = self.decode(frames[-1], "engine")
@@ -136,50 +138,47 @@ class ShardWorker(Actor):
             self._failed_loads = 0
             self._backoff.reset()
             self.n_ctx = message.n_ctx
+            self.slots = message.slots
             self._set_state("ready", f"engine pid {message.pid}, {message.n_params} parameters")
         elif isinstance(message, ErrorReply) and not message.request_id:
             self._detail = message.message  # a failed load; the exit follows
             log.error("%s: %s", self.worker_id, message.message)
-        elif message is not None and self._current is not None:
-            if message.request_id != self._current.request_id:
-                return
+        elif message is not None and getattr(message, "request_id", None) in self._current:
+            rid = message.request_id
             self._send_router(message)
             if isinstance(message, TERMINAL_TYPES):
-                self._current = None
-                self._cancel_deadline = None
+                del self._current[rid]
+                self._cancel_deadlines.pop(rid, None)
 
     # -- the router ---------------------------------------------------------------------------
 
     def _from_router(self, frames: list[bytes]) -> None:
         message = self.decode(frames[-1], "router")
         if isinstance(message, Generate):
-            if self._current is not None or self.state != "ready" or self._engine is None:
-                self._send_router(
-                    ErrorReply(
-                        request_id=message.request_id, code="not_ready", message=f"worker {self.state}"
-                    )
-                )
+            if len(self._current) >= self.slots or self.state != "ready" or self._engine is None:
+                why = f"worker {self.state}, {len(self._current)} of {self.slots} slots busy"
+                self._send_router(ErrorReply(request_id=message.request_id, code="not_ready", message=why))
                 return
-            self._current = message
+            self._current[message.request_id] = message
             self._engine.send(encode(message))
         elif isinstance(message, Cancel) and self._holds(message.request_id):
             assert self._engine is not None  # _holds() checked it
             self._engine.send(encode(message))
-            self._cancel_deadline = self.clock() + self.config.cancel_grace_s
+            self._cancel_deadlines[message.request_id] = self.clock() + self.config.cancel_grace_s
 
     def _holds(self, request_id: str) -> bool:
-        """Whether `request_id` is the request the engine works on now."""
-        current = self._current
-        return current is not None and current.request_id == request_id and self._engine is not None
+        """Whether the engine works on `request_id` now."""
+        return request_id in self._current and self._engine is not None
 
     def _send_router(self, message: Message) -> None:
         assert self._router is not None  # set in setup, on this thread
         self._router.send(encode(message))
 
     def _fail_current(self, why: str) -> None:
-        assert self._current is not None
-        self._send_router(ErrorReply(request_id=self._current.request_id, code="engine_failed", message=why))
-        self._current = None
+        """Fail every request the engine held."""
+        for rid in self._current:
+            self._send_router(ErrorReply(request_id=rid, code="engine_failed", message=why))
+        self._current.clear()
 
     def _set_state(self, state: str, detail: str) -> None:
         self.state = state
@@ -193,5 +192,6 @@ class ShardWorker(Actor):
                 restarts=self.restarts,
                 n_ctx=self.n_ctx,
                 detail=detail,
+                slots=self.slots,
             )
         )

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     serve.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
+    serve.add_argument("--slots", type=int, default=4, help="requests decoded together (continuous batching)")
     serve.add_argument(
         "--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key"
     )
@@ -90,6 +91,7 @@ def serve(args: argparse.Namespace) -> int:
         models=[ModelSpec(source=str(model), model_id=model_id)],
         n_ctx=args.ctx,
         n_threads=args.threads,
+        slots=args.slots,
         config=NodeConfig(queue_depth_per_model=args.queue_depth),
     )
     node = Node(spec)

@@ -39,10 +39,9 @@ def node(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node
 
 @pytest.fixture(scope="module")
 def guarded(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    """A node with an API key and a queue of one."""
-    proc = start_node(
-        tmp_path_factory.mktemp("guarded"), model, "--api-key", "k3y", "--queue-depth", "1", "--ctx", "32768"
-    )
+    """A node with an API key, one slot and a queue of one."""
+    args = ("--api-key", "k3y", "--queue-depth", "1", "--ctx", "32768", "--slots", "1")
+    proc = start_node(tmp_path_factory.mktemp("guarded"), model, *args)
     yield proc
     proc.stop()
 
@@ -267,6 +266,19 @@ def test_a_full_queue_answers_429_with_retry_after(guarded: NodeProcess) -> None
     assert rejected.json()["error"]["type"] == "rate_limit_error"
     assert int(rejected.headers["Retry-After"]) > 0
     assert queued["r"].status_code == 200, "the queued request is served once the worker is free"
+
+
+def test_concurrent_requests_are_decoded_together_in_one_engine(node: NodeProcess) -> None:
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 3000, "temperature": 0, "stream": True}
+    with (
+        httpx.stream("POST", f"{node.url}/v1/completions", json=body, timeout=60) as first,
+        httpx.stream("POST", f"{node.url}/v1/completions", json=body, timeout=60) as second,
+    ):
+        lines = first.iter_lines(), second.iter_lines()  # headers came: both have started
+        assert next(lines[0]).startswith("data: ") and next(lines[1]).startswith("data: ")
+        worker = node.status()["workers"][0]
+        assert worker["slots"] == 4 and worker["active"] == 2
+    node.wait_ready(timeout_s=10)  # both cancelled by the disconnects
 
 
 def test_the_node_still_serves_after_every_failure_above(node: NodeProcess, oai: openai.OpenAI) -> None:

@@ -224,3 +224,20 @@ def test_the_router_keeps_a_waiting_client_informed_with_pending(ctx: zmq.Contex
         kinds = {type(client.next()).__name__ for _ in range(4)}
         assert "Pending" in kinds
         client.close()
+
+
+def test_a_worker_with_two_slots_runs_two_requests_at_once_and_queues_the_third(ctx: zmq.Context) -> None:
+    with make_node("fake:delay_ms=10,slots=2,n_ctx=100000") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        a, b, c = (client.send(prompt="x", max_tokens=20) for _ in range(3))
+        log: list[tuple[str, str]] = []  # (request, kind) in arrival order
+        while sum(kind in ("Finished", "ErrorReply") for _, kind in log) < 3:
+            message = client.next()
+            log.append((message.request_id, type(message).__name__))  # type: ignore[attr-defined]
+        first_finish = min(log.index((r, "Finished")) for r in (a, b))
+        assert log.index((a, "Chunk")) < first_finish and log.index((b, "Chunk")) < first_finish
+        assert log.index((c, "Started")) > first_finish, "the third waits for a free slot"
+        status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        assert status["workers"][0]["slots"] == 2 and status["requests"]["completed"] == 3
+        client.close()

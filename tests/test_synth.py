@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from actors import ARCHS, Chunk, Finished, Generate, Started, shape_for, synthesize
-from actors._engine import LlamaEngine
+from actors._llama_engine import LlamaEngine
 from actors._synth import vocabulary
 from tests.conftest import BIN
+from tests.test_llama_engine import run_all
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_architecture_loads_in_llama_cpp_and_chats(tmp_path: Path, arch: str, dtype: str) -> None:
     path = synthesize(arch, tmp_path / f"{arch}.gguf", shape_for(arch, "tiny"), dtype=dtype)
-    engine = LlamaEngine(str(path), n_ctx=256, n_threads=1)
+    engine = LlamaEngine(str(path), n_ctx=256, n_threads=1, slots=2)
     assert engine.model_id == arch and engine.n_params > 0
     request = Generate(
         request_id="r",
@@ -28,7 +29,7 @@ def test_each_architecture_loads_in_llama_cpp_and_chats(tmp_path: Path, arch: st
         max_tokens=6,
         temperature=0,
     )
-    events = list(engine.generate(request))
+    events = run_all(engine, [request])
     assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
     assert events[-1].completion_tokens == 6 and events[-1].finish_reason == "length"
     assert sum(e.n_tokens for e in events if isinstance(e, Chunk)) == 6
