@@ -149,20 +149,22 @@ class FakeEngine:
             run.n_done += 1
             events.append(Chunk(request_id=rid, text=piece, n_tokens=1))
             if stopped or run.n_done >= run.max_tokens:
-                tail = run.stream.flush()
-                if tail:
-                    events.append(Chunk(request_id=rid, text=tail, n_tokens=0))
                 reason = "stop" if stopped else "length"
-                events.append(
-                    Finished(
-                        request_id=rid,
-                        finish_reason=reason,
-                        prompt_tokens=run.n_prompt,
-                        completion_tokens=run.n_done,
-                    )
-                )
+                events += closing_events(rid, run.stream, 0, reason, run.n_prompt, run.n_done)
                 del self._runs[rid]
         return events
+
+
+def closing_events(
+    rid: str, stream: TextStream, n_unsent: int, reason: str, n_prompt: int, n_done: int
+) -> list[EngineEvent]:
+    """The last events of a request: withheld text (if any), then `Finished`."""
+    events: list[EngineEvent] = []
+    tail = stream.flush()
+    if tail or n_unsent:
+        events.append(Chunk(request_id=rid, text=tail, n_tokens=n_unsent))
+    done = Finished(request_id=rid, finish_reason=reason, prompt_tokens=n_prompt, completion_tokens=n_done)
+    return [*events, done]
 
 
 def load_engine(model: str, *, n_ctx: int, n_threads: int, slots: int) -> Engine:

@@ -13,9 +13,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors._engine import EngineEvent, check_context, model_id_of, render_chat
+from actors._engine import EngineEvent, check_context, closing_events, model_id_of, render_chat
 from actors._errors import InvalidRequest
-from actors._messages import Chunk, Finished, Generate, Started
+from actors._messages import Chunk, Generate, Started
 from actors._textstream import TextStream
 
 
@@ -177,19 +177,7 @@ class LlamaEngine:
     def _finish(self, slot: _Slot, reason: str) -> list[EngineEvent]:
         request, stream = slot.request, slot.stream
         assert request is not None and stream is not None
-        rid = request.request_id
-        events: list[EngineEvent] = []
-        tail = stream.flush()
-        if tail or slot.n_unsent:
-            events.append(Chunk(request_id=rid, text=tail, n_tokens=slot.n_unsent))
-        events.append(
-            Finished(
-                request_id=rid,
-                finish_reason=reason,
-                prompt_tokens=slot.n_prompt,
-                completion_tokens=slot.n_done,
-            )
-        )
+        events = closing_events(request.request_id, stream, slot.n_unsent, reason, slot.n_prompt, slot.n_done)
         self._release(slot)
         return events
 

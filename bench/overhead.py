@@ -5,7 +5,9 @@
   llama-server llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`), streaming
 
 Same synthesized model (about 110M parameters, random weights), same prompts, greedy decoding,
-with 1 and with 4 concurrent clients. Figures: time to first token and decode throughput.
+with 1 and with 4 concurrent clients, all four ways running at once and measured in interleaved
+rounds. Figures: time to first token and decode throughput. (in-process-raw is the bare
+`Llama.generate` loop; the ratios use the better of the two in-process ways.)
 Writes bench/results/overhead.json and prints a table.
 """
 
@@ -141,8 +143,8 @@ def http_client(base: str, model: str) -> Callable[[str, int], Sample]:
 
 def measure(
     run: Callable[[str, int], Sample], clients: int, per_client: int, max_tokens: int
-) -> dict[str, Any]:
-    run("warm-up", 8)
+) -> tuple[list[Sample], float]:
+    """`clients` threads each sending `per_client` requests back to back; samples and wall time."""
     texts = prompts(clients * per_client)
     samples: list[Sample] = []
     lock = threading.Lock()
@@ -159,7 +161,10 @@ def measure(
         w.start()
     for w in workers:
         w.join()
-    wall = time.perf_counter() - start
+    return samples, time.perf_counter() - start
+
+
+def summarize(samples: list[Sample], wall_s: float, clients: int) -> dict[str, Any]:
     tokens = sum(s.tokens for s in samples)
     return {
         "clients": clients,
@@ -168,9 +173,25 @@ def measure(
         "ttft_ms_p50": round(p50([s.ttft_ms for s in samples]), 2),
         "ttft_ms_max": round(max(s.ttft_ms for s in samples), 2),
         "decode_tps_p50": round(p50([s.decode_tps for s in samples]), 2),
-        "aggregate_tps": round(tokens / wall, 2),
-        "wall_s": round(wall, 2),
+        "aggregate_tps": round(tokens / wall_s, 2),
+        "wall_s": round(wall_s, 2),
     }
+
+
+def interleaved(
+    ways: dict[str, Callable[[str, int], Sample]], clients: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Every way measured in each of `rounds` rounds, in a rotating order, so that drift in the
+    machine's speed (this is a shared VM) falls on all of them alike."""
+    names = list(ways)
+    samples: dict[str, list[Sample]] = {n: [] for n in names}
+    walls = dict.fromkeys(names, 0.0)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            got, wall = measure(ways[name], clients, args.per_client, args.max_tokens)
+            samples[name] += got
+            walls[name] += wall
+    return {n: summarize(samples[n], walls[n], clients) for n in names}
 
 
 def start_mesh(model: Path, threads: int, ctx: int, state: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -208,40 +229,30 @@ def main() -> int:
     )
     parser.add_argument("--preset", default="100m", help="synthesized model size (see mesh-ctl model synth)")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--per-client", type=int, default=4, help="requests per client")
+    parser.add_argument("--per-client", type=int, default=2, help="requests per client and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each measures every way once")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=2048)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
     model = synthesize("llama", work / f"{MODEL_ID}.gguf", shape_for("llama", args.preset), seed=0)
-    results: dict[str, dict[str, Any]] = {
-        "in-process": {},
-        "in-process-raw": {},
-        "mesh": {},
-        "llama-server": {},
-    }
-    for way, raw in (("in-process", False), ("in-process-raw", True)):
-        run = in_process_client(model, args.threads, args.ctx, raw=raw)
-        for clients in (1, 4):
-            results[way][str(clients)] = measure(run, clients, args.per_client, args.max_tokens)
-        del run
-    proc, base = start_mesh(model, args.threads, args.ctx, work / "state")
+    mesh, mesh_base = start_mesh(model, args.threads, args.ctx, work / "state")
+    server, server_base = start_llama_server(model, args.threads, args.ctx)
     try:
-        for clients in (1, 4):
-            results["mesh"][str(clients)] = measure(
-                http_client(base, MODEL_ID), clients, args.per_client, args.max_tokens
-            )
+        ways = {
+            "in-process": in_process_client(model, args.threads, args.ctx, raw=False),
+            "in-process-raw": in_process_client(model, args.threads, args.ctx, raw=True),
+            "mesh": http_client(mesh_base, MODEL_ID),
+            "llama-server": http_client(server_base, MODEL_ID),
+        }
+        for run in ways.values():
+            run("warm-up", 8)
+        by_clients = {str(c): interleaved(ways, c, args) for c in (1, 4)}
     finally:
-        stop(proc)
-    proc, base = start_llama_server(model, args.threads, args.ctx)
-    try:
-        for clients in (1, 4):
-            results["llama-server"][str(clients)] = measure(
-                http_client(base, MODEL_ID), clients, args.per_client, args.max_tokens
-            )
-    finally:
-        stop(proc)
+        stop(mesh)
+        stop(server)
+    results = {way: {c: by_clients[c][way] for c in by_clients} for way in ways}
 
     ratios = compare(results)
     path = write_result(
