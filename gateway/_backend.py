@@ -73,6 +73,14 @@ class RouterClient:
             self._local.sock = sock
         return sock
 
+    def close(self) -> None:
+        """Close every socket and the context; call once no request is running any more."""
+        with self._lock:
+            if self._ctx is not None and self._pid == os.getpid():
+                self._ctx.destroy(linger=0)
+            self._ctx = None
+            self._pid = -1
+
     def _receive(self, sock: zmq.Socket, rid: str) -> Message:
         """The next message for `rid`, skipping leftovers of earlier requests on this socket."""
         while True:

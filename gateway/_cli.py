@@ -178,4 +178,5 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
     return serve(args)

@@ -66,10 +66,9 @@ def print_status(data: dict[str, Any]) -> None:
     )
     print(f"models   {', '.join(data['models']) or '-'}   ready: {'yes' if data['ready'] else 'no'}")
     for w in data["workers"]:
-        busy = "busy" if w["busy"] else "idle"
         print(
             f"  {w['worker_id']:<10} {w['model']:<28} {w['state']:<8} pid {w['engine_pid']}"
-            f"  restarts {w['restarts']}  {busy}"
+            f"  restarts {w['restarts']}  active {w['active']}/{w['slots']}"
         )
     reqs = data["requests"]
     print("requests " + "  ".join(f"{k} {v}" for k, v in reqs.items()) + f"  in-flight {data['in_flight']}")
