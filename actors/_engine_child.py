@@ -9,10 +9,8 @@ and between decode steps takes in new requests and cancels. It dies with its par
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
-import signal
 import sys
 
 import zmq
@@ -22,19 +20,9 @@ from actors._engine import Engine, load_engine
 from actors._errors import ProtocolError, RequestError
 from actors._messages import Cancel, EngineReady, ErrorReply, Finished, Generate
 from actors._sockets import make_socket
+from actors._supervisor import die_with_parent
 
 log = logging.getLogger("mesh_llm.engine")
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL us when our parent dies (and exit if it already did)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: the worker still kills us on a clean stop
-    if os.getppid() != parent_pid:
-        os._exit(0)
 
 
 def serve(sock: zmq.Socket, engine: Engine) -> None:

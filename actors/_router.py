@@ -101,7 +101,7 @@ class Router(Actor):
 
     def on_tick(self, now: float) -> None:
         for rid, flight in list(self._flights.items()):
-            if now - flight.last_sent >= self.config.keepalive_interval_s:
+            if not flight.cancelled and now - flight.last_sent >= self.config.keepalive_interval_s:
                 self._to_client(rid, Pending(request_id=rid))
 
     # -- clients ------------------------------------------------------------------------------
@@ -115,7 +115,9 @@ class Router(Actor):
         if isinstance(message, Generate):
             self._admit(client, message)
         elif isinstance(message, Cancel):
-            self._cancel(message.request_id)
+            flight = self._flights.get(message.request_id)
+            if flight is not None and flight.client == client:  # only whoever asked may cancel
+                self._cancel(message.request_id)
         elif isinstance(message, Query):
             self._reply(client, Answer(request_id=message.request_id, data=self.snapshot(message.what)))
 

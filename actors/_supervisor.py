@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
 
 
 class ChildProcess:
@@ -76,3 +78,13 @@ class Backoff:
 
     def reset(self) -> None:
         self._next_s = self.first_s
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when our parent dies (and exit if it already did)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the worker still kills us on a clean stop
+    if os.getppid() != parent_pid:
+        os._exit(0)

@@ -145,6 +145,7 @@ def _gunicorn_argv(args: argparse.Namespace) -> list[str]:
         "--graceful-timeout", "5",
         "--keep-alive", "5",
         "--log-level", "debug" if args.verbose else "warning",
+        "--config", "python:gateway._gunicorn_conf",
         "gateway:get_app()",
     ]  # fmt: skip
 
@@ -157,6 +158,7 @@ def _gunicorn_env(args: argparse.Namespace, spec: NodeSpec) -> dict[str, str]:
         MESH_LLM_MAX_BODY_BYTES=str(args.max_body_bytes),
         MESH_LLM_IDLE_TIMEOUT_S=str(spec.config.gateway_idle_timeout_s),
         MESH_LLM_API_KEY=args.api_key or "",
+        MESH_LLM_PARENT_PID=str(os.getpid()),
     )
     return env
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import falcon
 
-from actors import Accepted, Chunk, Finished, Generate, RequestError, Started
+from actors import Accepted, Chunk, EngineFailed, Finished, Generate, RequestError, Started
 from gateway._backend import Backend, EventStream
 from gateway._errors import to_api_error
 from gateway._requests import Parsed, parse_chat, parse_completion, read_json
@@ -65,12 +65,12 @@ class _Completions:
         parsed = self.parse(read_json(read_body(req, self.max_body_bytes)))
         events = self.backend.stream(parsed.generate)
         try:
-            accepted = next(events)
-            started = next(events)
+            accepted, started = next(events), next(events)
+            if not isinstance(accepted, Accepted) or not isinstance(started, Started):
+                raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
         except BaseException:
             events.close()
             raise
-        assert isinstance(accepted, Accepted) and isinstance(started, Started)
         req.context.mesh_node = accepted.node_id
         meta = {
             "id": f"{self.prefix}-{parsed.generate.request_id}",
@@ -80,7 +80,7 @@ class _Completions:
         if parsed.stream:
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
-            resp.stream = self.sse(events, meta, parsed, started.prompt_tokens)
+            resp.stream = self.sse(events, meta, parsed)
             return
         text: list[str] = []
         for event in events:
@@ -93,10 +93,10 @@ class _Completions:
                     "choices": [self.choice("".join(text), event.finish_reason)],
                     "usage": usage(event),
                 }
+                return
+        raise EngineFailed("the node ended the response without finishing it")
 
-    def sse(
-        self, events: EventStream, meta: dict[str, Any], parsed: Parsed, n_prompt: int
-    ) -> Iterator[bytes]:
+    def sse(self, events: EventStream, meta: dict[str, Any], parsed: Parsed) -> Iterator[bytes]:
         """The SSE body; an error after the headers went out becomes an `error` event."""
         base = {**meta, "object": self.chunk_object}
         usage_null = {"usage": None} if parsed.include_usage else {}

@@ -284,3 +284,46 @@ def test_concurrent_requests_are_decoded_together_in_one_engine(node: NodeProces
 def test_the_node_still_serves_after_every_failure_above(node: NodeProcess, oai: openai.OpenAI) -> None:
     assert httpx.get(f"{node.url}/health").status_code == 200
     assert oai.completions.create(model=MODEL, prompt="x", max_tokens=3).usage is not None
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return ") Z" not in Path(f"/proc/{pid}/stat").read_text()  # a zombie has already died
+    except OSError:
+        return False
+
+
+def test_a_node_killed_with_sigkill_leaves_no_process_behind(model: Path, tmp_path: Path) -> None:
+    doomed = start_node(tmp_path, model)
+    children = descendants(doomed.proc.pid)
+    try:
+        assert len(children) >= 3, "gunicorn master, its worker, and the engine child"
+        doomed.proc.kill()
+        doomed.proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(alive(pid) for pid in children):
+            time.sleep(0.05)
+        assert not [pid for pid in children if alive(pid)], "processes outlived their node"
+    finally:
+        for pid in children:  # ours, started by the node: clean up even when the test fails
+            if alive(pid) and str(tmp_path).encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        doomed.stop()
