@@ -32,41 +32,19 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_zmq_port_in_use_is_a_clear_start_error(tmp_path: Path, tiny_model: Path) -> None:
-    port = free_port_pair()
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", port))
-        taken.listen()
-        out = serve(
-            tmp_path,
-            "--model",
-            str(tiny_model),
-            "--zmq-port",
-            str(port),
-            "--http-port",
-            str(free_port_pair()),
-        )
-    assert out.returncode == 1 and "cannot start the node" in out.stderr
-
-
-@pytest.mark.slow
-def test_an_http_port_in_use_is_a_clear_error_and_leaves_nothing_running(
-    tmp_path: Path, tiny_model: Path
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("--zmq-port", "cannot start the node"), ("--http-port", "cannot listen on 127.0.0.1")],
+)
+def test_a_port_in_use_is_a_clear_start_error(
+    tmp_path: Path, tiny_model: Path, flag: str, message: str
 ) -> None:
-    port = free_port_pair()
+    ports = {"--zmq-port": free_port_pair(), "--http-port": free_port_pair()}
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", port))
+        taken.bind(("127.0.0.1", ports[flag]))
         taken.listen()
-        out = serve(
-            tmp_path,
-            "--model",
-            str(tiny_model),
-            "--http-port",
-            str(port),
-            "--zmq-port",
-            str(free_port_pair()),
-        )
-    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
+        out = serve(tmp_path, "--model", str(tiny_model), *(str(x) for kv in ports.items() for x in kv))
+    assert out.returncode == 1 and message in out.stderr
 
 
 def test_the_gateway_answers_503_quickly_when_its_router_is_gone() -> None:
