@@ -1,4 +1,13 @@
-"""Discovery, gossip, membership and demand (mDNS via zeroconf, gossip over ZeroMQ PUB/SUB).
+"""Discovery, gossip, membership and demand.
 
-Empty until the zero-config mesh lands: a node today serves alone, and `mesh-ctl peers` is empty.
+Map of this room:
+- `_mdns`   zeroconf advertising and browsing of `_mesh-llm._tcp.local.` on one interface;
+            `Advert` is what a node's TXT record says.
+
+Gossip membership (SWIM-style), RTT and demand come next; until then a node serves alone and
+`mesh-ctl peers` is empty.
 """
+
+from discovery._mdns import SERVICE_TYPE, Advert, MdnsDiscovery, mesh_hash
+
+__all__ = ["SERVICE_TYPE", "Advert", "MdnsDiscovery", "mesh_hash"]
