@@ -14,7 +14,13 @@ Map of this room:
 
 from actors._client import ask
 from actors._codec import Message, decode, encode
-from actors._config import CONTROL_PORT_OFFSET, PROTOCOL_VERSION, ROUTER_PORT_OFFSET, NodeConfig
+from actors._config import (
+    CONTROL_PORT_OFFSET,
+    GOSSIP_PORT_OFFSET,
+    PROTOCOL_VERSION,
+    ROUTER_PORT_OFFSET,
+    NodeConfig,
+)
 from actors._engine import check_context, model_id_of
 from actors._errors import (
     ActorStartError,
@@ -52,6 +58,7 @@ from actors._synth import ARCHS, PRESETS, Shape, shape_for, synthesize
 __all__ = [
     "ARCHS",
     "CONTROL_PORT_OFFSET",
+    "GOSSIP_PORT_OFFSET",
     "PRESETS",
     "PROTOCOL_VERSION",
     "ROUTER_PORT_OFFSET",

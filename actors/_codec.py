@@ -47,6 +47,15 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
     return _build(cls, fields)
 
 
+def peek_version(frame: bytes) -> int | None:
+    """The protocol version a frame claims, or None if it does not even say (for counting)."""
+    try:
+        head = msgpack.unpackb(frame, raw=False)
+    except Exception:
+        return None
+    return head[0] if isinstance(head, list) and head and isinstance(head[0], int) else None
+
+
 def _build(cls: type, fields: dict[str, Any]) -> Message:
     hints = _hints(cls)
     unknown = fields.keys() - hints.keys()

@@ -12,6 +12,7 @@ PROTOCOL_VERSION = 1
 # Port layout above --zmq-port (the node's first ZeroMQ port).
 CONTROL_PORT_OFFSET = 0  # mesh-ctl talks to the control actor here (default 9338)
 ROUTER_PORT_OFFSET = 1  # gateways (and later peer routers) talk to the router here (9339)
+GOSSIP_PORT_OFFSET = 2  # the node publishes its heartbeats here (9340)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,15 +8,39 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from actors._codec import encode
-from actors._messages import Answer, Query
+from actors._messages import Answer, PeerSeen, Query
 from actors._runtime import Actor
 
 COMMANDS = ("status", "peers", "models")
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A mesh-ctl query waiting for the router's and the gossip actor's answers."""
+
+    client: bytes
+    query: Query
+    router: dict[str, Any] | None = None
+    peers: list[dict[str, Any]] | None = None
+
+
+def mesh_models(me: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every model served in the mesh, with the nodes serving it (alive peers and this node)."""
+    nodes: dict[str, list[str]] = {m: [me] for m in router["models"]}
+    ready: dict[str, list[str]] = {m: [me] if m in router["ready"] else [] for m in router["models"]}
+    for peer in peers:
+        if peer["state"] != "alive":
+            continue
+        for m in peer["models"]:
+            nodes.setdefault(m, []).append(peer["node_id"])
+            ready.setdefault(m, []).append(peer["node_id"])
+    return [{"id": m, "nodes": sorted(nodes[m]), "ready_nodes": sorted(ready[m])} for m in sorted(nodes)]
 
 
 class Control(Actor):
@@ -29,25 +53,38 @@ class Control(Actor):
         endpoint: str,
         router_endpoint: str,
         node_info: dict[str, Any],
+        peers_endpoint: str | None = None,
+        inbox_endpoint: str | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(ctx, "control", **kwargs)  # type: ignore[arg-type]
         self.endpoint = endpoint
         self.router_endpoint = router_endpoint
+        self.peers_endpoint = peers_endpoint
+        self.inbox_endpoint = inbox_endpoint
+        self._inbox: zmq.Socket | None = None
         self.node_info = node_info
         self._started = time.time()
         self._ids = itertools.count()
-        self._waiting: dict[str, tuple[bytes, Query]] = {}
+        self._waiting: dict[str, _Pending] = {}
         self._front: zmq.Socket | None = None
         self._router: zmq.Socket | None = None
+        self._gossip: zmq.Socket | None = None
 
     def setup(self) -> None:
         self._front = self.socket(zmq.ROUTER)
         self._front.bind(self.endpoint)
+        self.on_socket(self._front, self._from_ctl)
         self._router = self.socket(zmq.DEALER)
         self._router.connect(self.router_endpoint)
-        self.on_socket(self._front, self._from_ctl)
-        self.on_socket(self._router, self._from_router)
+        self.on_socket(self._router, self._from_inside)
+        if self.inbox_endpoint is not None:
+            self._inbox = self.socket(zmq.PUSH)
+            self._inbox.connect(self.inbox_endpoint)
+        if self.peers_endpoint is not None:
+            self._gossip = self.socket(zmq.DEALER)
+            self._gossip.connect(self.peers_endpoint)
+            self.on_socket(self._gossip, self._from_inside)
 
     def _from_ctl(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
@@ -55,47 +92,51 @@ class Control(Actor):
             return
         client, frame = frames
         query = self.decode(frame, "mesh-ctl")
+        if isinstance(query, PeerSeen) and self._inbox is not None:
+            self._inbox.send(frame, zmq.NOBLOCK)  # a joining node says hello: gossip subscribes to it
+            return
         if not isinstance(query, Query):
             return
         if query.what not in COMMANDS:
-            self._reply(
-                client, Answer(request_id=query.request_id, data={"error": f"unknown command {query.what!r}"})
-            )
+            error = {"error": f"unknown command {query.what!r}"}
+            self._reply(client, Answer(request_id=query.request_id, data=error))
             return
         inner = f"ctl-{next(self._ids)}"
-        self._waiting[inner] = (client, query)
+        pending = _Pending(client=client, query=query, peers=None if self._gossip else [])
+        self._waiting[inner] = pending
         assert self._router is not None
         self._router.send(encode(Query(request_id=inner, what="status")))
+        if self._gossip is not None:
+            self._gossip.send(encode(Query(request_id=inner, what="peers")))
 
-    def _from_router(self, frames: list[bytes]) -> None:
-        answer = self.decode(frames[-1], "router")
+    def _from_inside(self, frames: list[bytes]) -> None:
+        """An answer from the router (status) or the gossip actor (peers)."""
+        answer = self.decode(frames[-1], "node")
         if not isinstance(answer, Answer) or answer.request_id not in self._waiting:
             return
-        client, query = self._waiting.pop(answer.request_id)
-        self._reply(client, Answer(request_id=query.request_id, data=self.compose(query.what, answer.data)))
+        pending = self._waiting[answer.request_id]
+        if "peers" in answer.data:
+            pending.peers = answer.data["peers"]
+        else:
+            pending.router = answer.data
+        if pending.router is not None and pending.peers is not None:
+            del self._waiting[answer.request_id]
+            data = self.compose(pending.query.what, pending.router, pending.peers)
+            self._reply(pending.client, Answer(request_id=pending.query.request_id, data=data))
 
-    def compose(self, what: str, router: dict[str, Any]) -> dict[str, Any]:
-        """The reply to a mesh-ctl command, from the router's status snapshot."""
+    def compose(self, what: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, Any]:
+        """The reply to a mesh-ctl command, from the router's snapshot and the gossip's peers."""
         info = self.node_info
         if what == "peers":
-            return {"peers": []}
+            return {"peers": peers}
         if what == "models":
-            return {
-                "models": [
-                    {
-                        "id": m,
-                        "nodes": [info["node_id"]],
-                        "ready_nodes": [info["node_id"]] if m in router["ready"] else [],
-                    }
-                    for m in router["models"]
-                ]
-            }
+            return {"models": mesh_models(info["node_id"], router, peers)}
         return {
             "node_id": info["node_id"],
             "mesh": info["mesh"],
             "role": info["role"],
             "models": router["models"],
-            "peers": [],
+            "peers": peers,
             "host": info["host"],
             "http_port": info["http_port"],
             "zmq_port": info["zmq_port"],

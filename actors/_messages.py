@@ -138,6 +138,40 @@ class WorkerState:
     slots: int = 1
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """What a node publishes on its gossip socket several times a second.
+
+    `view` rows are `[node_id, state, incarnation, host, zmq_port]`: membership gossip that also
+    tells peers where to reach nodes they have not discovered themselves. `echoes` maps a peer's
+    id to `[that peer's sent_at, seconds we held it]`, so the peer can measure its RTT to us.
+    """
+
+    KIND: ClassVar[str] = "heartbeat"
+    node_id: str
+    mesh: str  # a hash of the mesh name
+    incarnation: int
+    host: str
+    zmq_port: int
+    http_port: int
+    role: str
+    models: list[str]
+    load: dict[str, Any]
+    sent_at: float
+    echoes: dict[str, list[float]]
+    view: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerSeen:
+    """Discovery (mDNS or a --peer seed) found a node's address."""
+
+    KIND: ClassVar[str] = "peer_seen"
+    host: str
+    zmq_port: int
+    node_id: str = ""
+
+
 MESSAGE_TYPES: tuple[type, ...] = (
     Generate,
     Cancel,
@@ -151,6 +185,8 @@ MESSAGE_TYPES: tuple[type, ...] = (
     Answer,
     EngineReady,
     WorkerState,
+    Heartbeat,
+    PeerSeen,
 )
 
 # Whatever ends a request: after one of these, nothing more arrives for its request id.

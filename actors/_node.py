@@ -5,6 +5,7 @@ stopped in order. The HTTP gateway runs in other processes and reaches the route
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import zmq
@@ -16,6 +17,7 @@ from actors._runtime import Actor
 from actors._worker import ShardWorker
 
 log = logging.getLogger(__name__)
+ActorFactory = Callable[["Node"], Actor]
 VERSION = "0.1.0"
 
 
@@ -53,10 +55,20 @@ class NodeSpec:
 class Node:
     """Owns the context and the actors of one node. `start()` raises if any actor fails to."""
 
-    def __init__(self, spec: NodeSpec) -> None:
+    def __init__(
+        self,
+        spec: NodeSpec,
+        *,
+        more: Sequence[ActorFactory] = (),
+        peers_endpoint: str | None = None,
+        inbox_endpoint: str | None = None,
+    ) -> None:
+        """`more` makes actors of other rooms (gossip) on this node's context; they start after the
+        workers. The control actor asks `peers_endpoint` for the mesh's peers and passes the
+        hellos of joining nodes to `inbox_endpoint`."""
         self.spec = spec
         self.ctx = zmq.Context()
-        local = f"inproc://router-{spec.node_id}"
+        local = self.router_local_endpoint
         backend = f"inproc://router-backend-{spec.node_id}"
         kw = {"config": spec.config}
         self.router = Router(
@@ -89,14 +101,26 @@ class Node:
             "zmq_port": spec.zmq_port,
             "version": VERSION,
         }
+        self.more = [make(self) for make in more]
         self.control = Control(
-            self.ctx, endpoint=spec.control_endpoint, router_endpoint=local, node_info=info, **kw
+            self.ctx,
+            endpoint=spec.control_endpoint,
+            router_endpoint=local,
+            node_info=info,
+            peers_endpoint=peers_endpoint,
+            inbox_endpoint=inbox_endpoint,
+            config=spec.config,
         )
         self._started: list[Actor] = []
 
+    @property
+    def router_local_endpoint(self) -> str:
+        """The router's in-process endpoint, for the node's own actors."""
+        return f"inproc://router-{self.spec.node_id}"
+
     def start(self) -> Node:
         try:
-            for actor in (self.router, *self.workers, self.control):
+            for actor in (self.router, *self.workers, *self.more, self.control):
                 actor.start()
                 self._started.append(actor)
         except BaseException:

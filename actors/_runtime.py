@@ -227,6 +227,6 @@ class Actor:
 
     def _close_all(self) -> None:
         for sock in self._owned:
-            sock.close(linger=0)
+            sock.close()  # LINGER is 0 unless the actor set one to flush a last message
         self._owned.clear()
         self._sockets.clear()

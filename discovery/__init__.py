@@ -5,22 +5,29 @@ Map of this room:
                  `Advert` is what a node's TXT record says.
 - `_membership`  the SWIM-style state machine (alive, suspect, dead, left; incarnations,
                  refutation, tombstones), pure and clock-driven.
+- `_gossip`      the gossip actor: heartbeats over PUB/SUB (zmq_port + 2), membership, RTT.
+- `_mesh`        `MeshMembership`: the gossip actor, mDNS and `--peer` seeds for one node.
 
-Still to come: the gossip actor that runs `Membership` over ZeroMQ PUB/SUB heartbeats, RTT and
-demand. Until then a node serves alone and `mesh-ctl peers` is empty.
+Still to come: demand signals, routing across nodes and failover.
 """
 
+from discovery._gossip import Gossip, GossipConfig, Identity
 from discovery._mdns import SERVICE_TYPE, Advert, MdnsDiscovery, mesh_hash
 from discovery._membership import Change, Member, Membership, MembershipConfig, State
+from discovery._mesh import MeshMembership
 
 __all__ = [
     "SERVICE_TYPE",
     "Advert",
     "Change",
+    "Gossip",
+    "GossipConfig",
+    "Identity",
     "MdnsDiscovery",
     "Member",
     "Membership",
     "MembershipConfig",
+    "MeshMembership",
     "State",
     "mesh_hash",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from actors import ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
 from actors._supervisor import ChildProcess
+from discovery import MeshMembership
 from gateway._models import check_model, default_model
 
 log = logging.getLogger("mesh_llm")
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)"
     )
     serve.add_argument("--http-port", type=int, default=9337)
+    serve.add_argument(
+        "--peer", action="append", default=[], type=_host_port, metavar="HOST:ZMQPORT",
+        help="a node to join without mDNS (repeatable)",
+    )  # fmt: skip
+    serve.add_argument("--no-mdns", action="store_true", help="do not advertise or browse mDNS")
     serve.add_argument(
         "--zmq-port", type=int, default=9338, help="first of two ZeroMQ ports: control, then router"
     )
@@ -59,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-threads", type=int, default=32, help="gunicorn threads serving HTTP")
     serve.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:ZMQPORT, got {text!r}")
+    return host, int(port)
 
 
 def node_id_for(state_dir: Path) -> str:
@@ -94,7 +107,10 @@ def serve(args: argparse.Namespace) -> int:
         slots=args.slots,
         config=NodeConfig(queue_depth_per_model=args.queue_depth),
     )
-    node = Node(spec)
+    mesh = MeshMembership(spec, mdns=not args.no_mdns, seeds=args.peer)
+    node = Node(
+        spec, more=[mesh.actor], peers_endpoint=mesh.query_endpoint, inbox_endpoint=mesh.inbox_endpoint
+    )
     try:
         node.start()
     except ActorStartError as err:
@@ -102,13 +118,14 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     gateway = ChildProcess(_gunicorn_argv(args), env=_gunicorn_env(args, spec))
     try:
-        return _run(node, gateway, args)
+        return _run(node, gateway, mesh, args)
     finally:
+        mesh.close()
         gateway.close()
         node.stop()
 
 
-def _run(node: Node, gateway: ChildProcess, args: argparse.Namespace) -> int:
+def _run(node: Node, gateway: ChildProcess, mesh: MeshMembership, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -121,6 +138,7 @@ def _run(node: Node, gateway: ChildProcess, args: argparse.Namespace) -> int:
     if not _wait_listening(args.host, args.http_port, gateway):
         print(f"mesh-llm: the HTTP gateway could not listen on {args.host}:{args.http_port}", file=sys.stderr)
         return 1
+    mesh.start_discovery(node)
     spec = node.spec
     print(
         f"mesh-llm node {spec.node_id} serving {spec.models[0].model_id} on http://{args.host}:{args.http_port}/v1"

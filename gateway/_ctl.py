@@ -82,7 +82,8 @@ def print_peers(peers: list[dict[str, Any]]) -> None:
     print(f"{'PEER':<24} {'HOST':<16} {'STATE':<8} {'RTT ms':>7}  {'ROLE':<8} MODELS")
     for p in peers:
         models = ", ".join(p["models"])
-        print(f"{p['node_id']:<24} {p['host']:<16} {p['state']:<8} {p['rtt_ms']:>7}  {p['role']:<8} {models}")
+        rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}"
+        print(f"{p['node_id']:<24} {p['host']:<16} {p['state']:<8} {rtt:>7}  {p['role']:<8} {models}")
 
 
 def print_models(models: list[dict[str, Any]]) -> None:

@@ -51,15 +51,21 @@ def tiny_model(models_dir: Path) -> Path:
     return synthesize("llama", models_dir / "tiny-llama.gguf", shape_for("llama", "tiny"), seed=1)
 
 
-def free_port_pair() -> int:
-    """A port p such that p and p+1 are both free on 127.0.0.1 right now."""
-    for _ in range(100):
+_handed_out: set[int] = set()
+
+
+def free_port_pair(span: int = 3) -> int:
+    """A port p such that p .. p+span-1 are free on 127.0.0.1 now and not handed out before
+    (a node uses three: control, router, gossip)."""
+    for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port < 65000 and all(_free(p) for p in (port, port + 1)):
+        ports = set(range(port, port + span))
+        if port < 65000 and not ports & _handed_out and all(_free(p) for p in ports):
+            _handed_out.update(ports)
             return port
-    raise RuntimeError("no free port pair")
+    raise RuntimeError("no free ports")
 
 
 def _free(port: int) -> bool:
@@ -130,6 +136,26 @@ class NodeProcess:
 
 def start_node(tmp: Path, model: Path, *extra: str) -> NodeProcess:
     """Start `mesh-llm serve` on free loopback ports and wait until it serves."""
+    return start_nodes(tmp, model, [list(extra)])[0]
+
+
+def start_nodes(tmp: Path, model: Path, extras: list[list[str]]) -> list[NodeProcess]:
+    """Start several nodes at once (their start-ups overlap), then wait until all serve."""
+    nodes: list[NodeProcess] = []
+    try:
+        for extra in extras:
+            nodes.append(_launch(tmp, model, *extra))
+        for node in nodes:
+            node.wait_ready()
+            _wait_http(node)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
+def _launch(tmp: Path, model: Path, *extra: str) -> NodeProcess:
     zmq_port = free_port_pair()
     http_port = free_port_pair()
     log_path = tmp / f"node-{zmq_port}.log"
@@ -141,14 +167,7 @@ def start_node(tmp: Path, model: Path, *extra: str) -> NodeProcess:
     ]  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    node = NodeProcess(proc=proc, http_port=http_port, zmq_port=zmq_port, log_path=log_path)
-    try:
-        node.wait_ready()
-        _wait_http(node)
-    except BaseException:
-        node.stop()
-        raise
-    return node
+    return NodeProcess(proc=proc, http_port=http_port, zmq_port=zmq_port, log_path=log_path)
 
 
 def _wait_http(node: NodeProcess, timeout_s: float = 30.0) -> None:

@@ -1,0 +1,301 @@
+"""The gossip actor: heartbeats over ZeroMQ PUB/SUB, SWIM-style membership, RTT.
+
+Every `heartbeat_interval_s` the node publishes a `Heartbeat` on its gossip port (zmq_port + 2):
+who it is, its models and load, its view of the mesh, and echoes of the peers' last heartbeats so
+that each peer can measure its round-trip time to us. It subscribes to every peer it learns of —
+from mDNS, from `--peer` seeds, or from another node's view. Heartbeats of another mesh or
+protocol version are ignored and counted. On stop it publishes `left` and flushes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, Actor, Answer, Query, encode
+from actors._codec import peek_version
+from actors._messages import Heartbeat, PeerSeen
+from discovery._membership import Change, Membership, MembershipConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GossipConfig:
+    """Gossip timing, with LAN defaults."""
+
+    heartbeat_interval_s: float = 0.25  # how often a node publishes itself
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    rtt_smoothing: float = 0.3  # weight of a new RTT sample in the moving average
+    leave_flush_s: float = 0.5  # how long stopping waits for the `left` heartbeat to go out
+    hello_interval_s: float = 2.0  # a seed we have not heard from is greeted again this often
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    node_id: str
+    mesh: str  # mesh_hash(name)
+    host: str
+    zmq_port: int
+    http_port: int
+    role: str
+
+
+@dataclass(slots=True)
+class _Peer:
+    host: str
+    zmq_port: int
+    http_port: int = 0
+    role: str = "unknown"
+    models: tuple[str, ...] = ()
+    load: dict[str, Any] | None = None
+    rtt_ms: float | None = None
+    their_sent_at: float = 0.0  # their clock, last heartbeat we heard
+    heard_at: float = 0.0  # our clock, when we heard it
+
+
+def gossip_endpoint(host: str, zmq_port: int) -> str:
+    return f"tcp://{host}:{zmq_port + GOSSIP_PORT_OFFSET}"
+
+
+class Gossip(Actor):
+    """Owns the node's membership picture; answers `Query("peers")` on `query_endpoint`."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        *,
+        me: Identity,
+        router_endpoint: str,
+        query_endpoint: str,
+        inbox_endpoint: str,
+        seeds: Sequence[tuple[str, int]] = (),
+        gossip: GossipConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(ctx, "gossip", **kwargs)
+        self.me = me
+        self.gossip = gossip or GossipConfig()
+        self.tick_interval_s = self.gossip.heartbeat_interval_s
+        self.router_endpoint = router_endpoint
+        self.query_endpoint = query_endpoint
+        self.inbox_endpoint = inbox_endpoint
+        self.seeds = list(seeds)
+        # A higher incarnation after every restart: a restarted node is never taken for its ghost.
+        self.membership = Membership(
+            me.node_id,
+            incarnation=time.time_ns() // 1_000_000,
+            now=self.clock(),
+            config=self.gossip.membership,
+        )
+        self._peers: dict[str, _Peer] = {}
+        self._connected: set[str] = set()
+        self._models: list[str] = []
+        self._load: dict[str, Any] = {}
+        self._pub: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
+        self._router: zmq.Socket | None = None
+        self._hellos: dict[tuple[str, int], zmq.Socket] = {}
+        self._next_hello = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self._pub = self.socket(zmq.PUB)
+        self._pub.bind(gossip_endpoint(self.me.host, self.me.zmq_port))
+        self._sub = self.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.on_socket(self._sub, self._on_heartbeat)
+        self._router = self.socket(zmq.DEALER)
+        self._router.connect(self.router_endpoint)
+        self.on_socket(self._router, self._on_router)
+        queries = self.socket(zmq.ROUTER)
+        queries.bind(self.query_endpoint)
+        self.on_socket(queries, lambda frames: self._on_query(queries, frames))
+        inbox = self.socket(zmq.PULL)
+        inbox.bind(self.inbox_endpoint)
+        self.on_socket(inbox, self._on_inbox)
+        for host, port in self.seeds:
+            self._subscribe(host, port)
+            hello = self.socket(zmq.DEALER)  # to the seed's control port: "subscribe to me"
+            hello.connect(f"tcp://{host}:{port}")
+            self._hellos[(host, port)] = hello
+
+    def teardown(self) -> None:
+        self.membership.leave()
+        if self._pub is not None:
+            self._pub.setsockopt(zmq.LINGER, int(self.gossip.leave_flush_s * 1000))
+            self._publish()
+
+    def on_tick(self, now: float) -> None:
+        for change in self.membership.tick(now):
+            self._log_change(change)
+        self._publish()
+        assert self._router is not None
+        self._router.send(encode(Query(request_id="gossip", what="status")))
+        if now >= self._next_hello:
+            self._greet_seeds()
+            self._next_hello = now + self.gossip.hello_interval_s
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def _on_inbox(self, frames: list[bytes]) -> None:
+        seen = self.decode(frames[-1], "discovery")
+        if isinstance(seen, PeerSeen):
+            self._subscribe(seen.host, seen.zmq_port)
+
+    def _on_router(self, frames: list[bytes]) -> None:
+        answer = self.decode(frames[-1], "router")
+        if isinstance(answer, Answer):
+            self._models = list(answer.data.get("ready", []))
+            self._load = {
+                "in_flight": answer.data.get("in_flight", 0),
+                "queued": sum(answer.data.get("queues", {}).values()),
+                "slots": sum(w.get("slots", 0) for w in answer.data.get("workers", [])),
+            }
+
+    def _on_heartbeat(self, frames: list[bytes]) -> None:
+        frame = frames[-1]
+        version = peek_version(frame)
+        if version is not None and version != PROTOCOL_VERSION:
+            self.stats["other_version"] += 1
+            self.warn_once("version", "gossip: ignoring heartbeats of protocol version %s", version)
+            return
+        beat = self.decode(frame, "gossip")
+        if not isinstance(beat, Heartbeat) or beat.node_id == self.me.node_id:
+            return
+        if beat.mesh != self.me.mesh:
+            self.stats["other_mesh"] += 1
+            return
+        now = self.clock()
+        self._remember(beat, now)
+        for change in self.membership.heard(beat.node_id, beat.incarnation, now):
+            self._log_change(change)
+        for row in beat.view:
+            self._hear_rumor(row, now)
+
+    def _remember(self, beat: Heartbeat, now: float) -> None:
+        peer = self._peers.setdefault(beat.node_id, _Peer(host=beat.host, zmq_port=beat.zmq_port))
+        peer.host, peer.zmq_port, peer.http_port = beat.host, beat.zmq_port, beat.http_port
+        peer.role, peer.models, peer.load = beat.role, tuple(beat.models), beat.load
+        peer.their_sent_at, peer.heard_at = beat.sent_at, now
+        echo = beat.echoes.get(self.me.node_id)
+        if echo is not None and len(echo) == 2:
+            sample_ms = max(0.0, (now - echo[0] - echo[1]) * 1000)
+            a = self.gossip.rtt_smoothing
+            peer.rtt_ms = sample_ms if peer.rtt_ms is None else (1 - a) * peer.rtt_ms + a * sample_ms
+        self._subscribe(beat.host, beat.zmq_port)
+
+    def _hear_rumor(self, row: list[Any], now: float) -> None:
+        try:
+            node_id, state, incarnation, host, zmq_port = row
+            if state not in ("alive", "suspect", "dead", "left") or not isinstance(incarnation, int):
+                raise ValueError(state)
+        except (TypeError, ValueError):
+            self.stats["bad_view_rows"] += 1
+            return
+        for change in self.membership.rumor(str(node_id), state, incarnation, now):
+            self._log_change(change)
+        if (
+            state == "alive"
+            and node_id != self.me.node_id
+            and isinstance(host, str)
+            and isinstance(zmq_port, int)
+        ):
+            self._peers.setdefault(str(node_id), _Peer(host=host, zmq_port=zmq_port))
+            self._subscribe(host, zmq_port)
+
+    def _on_query(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        query = self.decode(frames[-1], "control")
+        if isinstance(query, Query):
+            sock.send_multipart(
+                [frames[0], encode(Answer(request_id=query.request_id, data={"peers": self.peers()}))]
+            )
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Every node we know but ourselves, as `mesh-ctl peers --json` shows them."""
+        rows = []
+        for node_id, member in sorted(self.membership.members().items()):
+            peer = self._peers.get(node_id)
+            rows.append(
+                {
+                    "node_id": node_id,
+                    "host": peer.host if peer else "",
+                    "state": member.state,
+                    "rtt_ms": round(peer.rtt_ms, 2) if peer and peer.rtt_ms is not None else None,
+                    "role": peer.role if peer else "unknown",
+                    "models": list(peer.models) if peer else [],
+                    "incarnation": member.incarnation,
+                    "zmq_port": peer.zmq_port if peer else None,
+                    "http_port": peer.http_port if peer else None,
+                    "load": peer.load if peer else None,
+                }
+            )
+        return rows
+
+    def _publish(self) -> None:
+        assert self._pub is not None
+        now = self.clock()
+        view = []
+        for node_id, state, incarnation in self.membership.view():
+            peer = self._peers.get(node_id)
+            host, port = (
+                (self.me.host, self.me.zmq_port)
+                if node_id == self.me.node_id
+                else ((peer.host, peer.zmq_port) if peer else ("", 0))
+            )
+            view.append([node_id, state, incarnation, host, port])
+        beat = Heartbeat(
+            node_id=self.me.node_id,
+            mesh=self.me.mesh,
+            incarnation=self.membership.incarnation,
+            host=self.me.host,
+            zmq_port=self.me.zmq_port,
+            http_port=self.me.http_port,
+            role="left" if self.membership.left else self.me.role,
+            models=self._models,
+            load=self._load,
+            sent_at=now,
+            echoes={n: [p.their_sent_at, now - p.heard_at] for n, p in self._peers.items() if p.heard_at},
+            view=view,
+        )
+        self._pub.send(encode(beat))
+
+    def _greet_seeds(self) -> None:
+        """Tell seeds we have not heard from where we are: PUB/SUB only flows one way."""
+        heard = {(p.host, p.zmq_port) for p in self._peers.values() if p.heard_at}
+        hello = encode(PeerSeen(host=self.me.host, zmq_port=self.me.zmq_port, node_id=self.me.node_id))
+        for address, sock in self._hellos.items():
+            if address not in heard:
+                try:
+                    sock.send(hello, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the seed is not up yet; the next greeting will try again
+
+    def _subscribe(self, host: str, zmq_port: int) -> None:
+        if (host, zmq_port) == (self.me.host, self.me.zmq_port) or not host:
+            return
+        endpoint = gossip_endpoint(host, zmq_port)
+        if endpoint in self._connected:
+            return
+        assert self._sub is not None
+        self._sub.connect(endpoint)
+        self._connected.add(endpoint)
+
+    def _log_change(self, change: Change) -> None:
+        level = logging.WARNING if change.new in ("suspect", "dead") else logging.INFO
+        log.log(
+            level,
+            "peer %s: %s -> %s (incarnation %d)",
+            change.node_id,
+            change.old,
+            change.new,
+            change.incarnation,
+        )

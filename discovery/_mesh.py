@@ -1,0 +1,94 @@
+"""What makes a node part of a mesh: its gossip actor, mDNS discovery and `--peer` seeds."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import zmq
+
+from actors import Node, NodeSpec, encode, make_socket
+from actors._messages import PeerSeen
+from discovery._gossip import Gossip, GossipConfig, Identity
+from discovery._mdns import Advert, MdnsDiscovery, mesh_hash
+
+log = logging.getLogger(__name__)
+
+
+class MeshMembership:
+    """Builds the gossip actor for a `Node` and runs mDNS next to it.
+
+    Use: `Node(spec, more=[m.actor], peers_endpoint=m.query_endpoint, inbox_endpoint=m.inbox_endpoint)`,
+    start the node, then
+    `m.start_discovery(node)`; `close()` before stopping the node.
+    """
+
+    def __init__(
+        self,
+        spec: NodeSpec,
+        *,
+        mdns: bool,
+        seeds: Sequence[tuple[str, int]] = (),
+        gossip: GossipConfig | None = None,
+    ) -> None:
+        self.identity = Identity(
+            node_id=spec.node_id,
+            mesh=mesh_hash(spec.mesh),
+            host=spec.host,
+            zmq_port=spec.zmq_port,
+            http_port=spec.http_port,
+            role=spec.role,
+        )
+        self.mdns = mdns
+        self.seeds = list(seeds)
+        self.gossip = gossip
+        self.query_endpoint = f"inproc://gossip-{spec.node_id}"
+        self.inbox_endpoint = f"inproc://gossip-inbox-{spec.node_id}"
+        self._discovery: MdnsDiscovery | None = None
+        self._push: zmq.Socket | None = None
+
+    def actor(self, node: Node) -> Gossip:
+        return Gossip(
+            node.ctx,
+            me=self.identity,
+            router_endpoint=node.router_local_endpoint,
+            query_endpoint=self.query_endpoint,
+            inbox_endpoint=self.inbox_endpoint,
+            seeds=self.seeds,
+            gossip=self.gossip,
+            config=node.spec.config,
+        )
+
+    def start_discovery(self, node: Node) -> None:
+        """Advertise and browse mDNS on the node's interface (blocks ~2 s for zeroconf's probes)."""
+        if not self.mdns:
+            return
+        # Used only by zeroconf's browser thread, closed here once that thread has stopped.
+        self._push = make_socket(node.ctx, zmq.PUSH)
+        self._push.connect(self.inbox_endpoint)
+        me = self.identity
+        advert = Advert(
+            node_id=me.node_id,
+            mesh=me.mesh,
+            host=me.host,
+            zmq_port=me.zmq_port,
+            http_port=me.http_port,
+            role=me.role,
+        )
+        self._discovery = MdnsDiscovery(advert, on_seen=self._seen, on_gone=lambda node_id: None).start()
+
+    def _seen(self, advert: Advert) -> None:
+        """zeroconf's browser thread: hand the address to the gossip actor."""
+        if self._push is not None:
+            self._push.send(
+                encode(PeerSeen(host=advert.host, zmq_port=advert.zmq_port, node_id=advert.node_id))
+            )
+
+    def close(self) -> None:
+        """Stop mDNS (sending goodbyes); idempotent."""
+        if self._discovery is not None:
+            self._discovery.close()
+            self._discovery = None
+        if self._push is not None:
+            self._push.close(linger=0)
+            self._push = None
