@@ -33,3 +33,5 @@ class NodeConfig:
     keepalive_interval_s: float = 2.0  # router tells a waiting gateway "still pending" this often
     gateway_idle_timeout_s: float = 15.0  # a gateway that hears nothing this long fails the request
     control_timeout_s: float = 5.0  # mesh-ctl gives up on a node after this
+    max_rtt_ms: float = 80.0  # peers farther than this take no inference work from this node
+    remote_silence_s: float = 6.0  # a peer silent this long about a forwarded request has failed

@@ -32,8 +32,10 @@ class _Pending:
 
 def mesh_models(me: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every model served in the mesh, with the nodes serving it (alive peers and this node)."""
-    nodes: dict[str, list[str]] = {m: [me] for m in router["models"]}
-    ready: dict[str, list[str]] = {m: [me] if m in router["ready"] else [] for m in router["models"]}
+    nodes: dict[str, list[str]] = {m: [me] for m in router["local_models"]}
+    ready: dict[str, list[str]] = {
+        m: [me] if m in router["local_ready"] else [] for m in router["local_models"]
+    }
     for peer in peers:
         if peer["state"] != "alive":
             continue
@@ -135,14 +137,15 @@ class Control(Actor):
             "node_id": info["node_id"],
             "mesh": info["mesh"],
             "role": info["role"],
-            "models": router["models"],
+            "models": router["local_models"],
             "peers": peers,
             "host": info["host"],
             "http_port": info["http_port"],
             "zmq_port": info["zmq_port"],
             "version": info["version"],
             "uptime_s": round(time.time() - self._started, 1),
-            "ready": bool(router["ready"]),
+            "ready": bool(router["local_ready"]),
+            "mesh_models": router["models"],
             "workers": router["workers"],
             "queues": router["queues"],
             "in_flight": router["in_flight"],

@@ -24,6 +24,8 @@ class Generate:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    session: str = ""  # requests of one session go to the same node (rendezvous hashing)
+    forwarded: bool = False  # already placed by another node's router: serve it here
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +60,7 @@ class Started:
     KIND: ClassVar[str] = "started"
     request_id: str
     prompt_tokens: int
+    node_id: str = ""  # the node generating it, stamped by that node's router
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,6 +175,14 @@ class PeerSeen:
     node_id: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeshView:
+    """The gossip actor's picture of the other nodes, for the router (rows as `mesh-ctl peers`)."""
+
+    KIND: ClassVar[str] = "mesh_view"
+    peers: list[dict[str, Any]]
+
+
 MESSAGE_TYPES: tuple[type, ...] = (
     Generate,
     Cancel,
@@ -187,6 +198,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     WorkerState,
     Heartbeat,
     PeerSeen,
+    MeshView,
 )
 
 # Whatever ends a request: after one of these, nothing more arrives for its request id.

@@ -9,25 +9,33 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import zmq
 
 from actors._codec import Message, encode
+from actors._config import ROUTER_PORT_OFFSET
 from actors._messages import (
     TERMINAL_TYPES,
     Accepted,
     Answer,
     Cancel,
     ErrorReply,
+    Finished,
     Generate,
+    MeshView,
     Pending,
     Query,
+    Started,
     WorkerState,
 )
+from actors._placement import choose
 from actors._runtime import Actor
 
 log = logging.getLogger(__name__)
+# A peer's refusals that another node may not share: try the next node before telling the client.
+_RETRYABLE = ("overloaded", "not_ready", "engine_failed", "peer_unavailable", "model_not_found")
 
 
 @dataclass(slots=True)
@@ -50,6 +58,10 @@ class _Flight:
     worker: bytes | None = None
     last_sent: float = 0.0
     cancelled: bool = False
+    remote: str | None = None  # the peer it was forwarded to
+    remote_heard: float = 0.0  # when that peer last said anything about it
+    tried: set[str] = field(default_factory=set)  # nodes it was placed on
+    started: bool = False  # the client has seen `Started`: no silent retry any more
 
 
 @dataclass(slots=True)
@@ -83,6 +95,8 @@ class Router(Actor):
         self._flights: dict[str, _Flight] = {}
         self._front: zmq.Socket | None = None
         self._back: zmq.Socket | None = None
+        self._peers: dict[str, dict[str, Any]] = {}  # alive peers near enough to take work
+        self._links: dict[str, zmq.Socket] = {}  # DEALER to each such peer's router
 
     def setup(self) -> None:
         self._front = self.socket(zmq.ROUTER)
@@ -101,7 +115,9 @@ class Router(Actor):
 
     def on_tick(self, now: float) -> None:
         for rid, flight in list(self._flights.items()):
-            if not flight.cancelled and now - flight.last_sent >= self.config.keepalive_interval_s:
+            if flight.remote is not None and now - flight.remote_heard > self.config.remote_silence_s:
+                self._remote_failed(rid, f"node {flight.remote} went silent")
+            elif not flight.cancelled and now - flight.last_sent >= self.config.keepalive_interval_s:
                 self._to_client(rid, Pending(request_id=rid))
 
     # -- clients ------------------------------------------------------------------------------
@@ -120,14 +136,17 @@ class Router(Actor):
                 self._cancel(message.request_id)
         elif isinstance(message, Query):
             self._reply(client, Answer(request_id=message.request_id, data=self.snapshot(message.what)))
+        elif isinstance(message, MeshView):
+            self._on_mesh_view(message)
 
     def _admit(self, client: bytes, request: Generate) -> None:
         rid = request.request_id
-        workers = [w for w in self._workers.values() if w.state.model_id == request.model]
+        local = [w for w in self._workers.values() if w.state.model_id == request.model]
+        remote = self._remote_nodes(request)
         error = None
         if rid in self._flights:
             error = ErrorReply(request_id=rid, code="invalid_request", message=f"duplicate request id {rid}")
-        elif not workers:
+        elif not local and not remote:
             served = ", ".join(sorted(self.models())) or "none"
             error = ErrorReply(
                 request_id=rid,
@@ -135,20 +154,11 @@ class Router(Actor):
                 message=f"The model '{request.model}' does not exist on this mesh (served: {served})",
                 details={"param": "model"},
             )
-        elif all(w.state.state == "failed" for w in workers):
+        elif not remote and all(w.state.state == "failed" for w in local):
             error = ErrorReply(
                 request_id=rid,
                 code="engine_failed",
-                message=f"model failed to load: {workers[0].state.detail}",
-            )
-        elif len(self._queues.setdefault(request.model, deque())) >= self.config.queue_depth_per_model:
-            self.counters.rejected_overload += 1
-            error = ErrorReply(
-                request_id=rid,
-                code="overloaded",
-                message=f"the queue for {request.model} is full "
-                f"({self.config.queue_depth_per_model} waiting)",
-                details={"retry_after": self.config.retry_after_s},
+                message=f"model failed to load: {local[0].state.detail}",
             )
         if error is not None:
             self._reply(client, error)
@@ -156,14 +166,57 @@ class Router(Actor):
         self.counters.admitted += 1
         self._flights[rid] = _Flight(client=client, request=request, last_sent=self.clock())
         self._reply(client, Accepted(request_id=rid, node_id=self.node_id))
-        self._queues[request.model].append(rid)
-        self._dispatch(request.model)
+        self._place(rid)
+
+    def _place(self, rid: str) -> None:
+        """Send an admitted request to its session's node: this one (queue) or a peer (forward)."""
+        flight = self._flights[rid]
+        request = flight.request
+        serves_here = any(
+            w.state.model_id == request.model and w.state.state != "failed" for w in self._workers.values()
+        )
+        nodes = [n for n in self._remote_nodes(request) if n not in flight.tried]
+        if serves_here and self.node_id not in flight.tried:
+            nodes.append(self.node_id)
+        choice = choose(request.session or rid, nodes, lambda n: self._has_room(n, request.model))
+        if choice is None:
+            self._finish(
+                rid, ErrorReply(request_id=rid, code="peer_unavailable", message="no node can serve it now")
+            )
+        elif choice != self.node_id:
+            self._forward(rid, choice)
+        elif len(self._queues.setdefault(request.model, deque())) >= self.config.queue_depth_per_model:
+            self.counters.rejected_overload += 1
+            depth = self.config.queue_depth_per_model
+            self._finish(
+                rid,
+                ErrorReply(
+                    request_id=rid,
+                    code="overloaded",
+                    message=f"the queue for {request.model} is full ({depth} waiting)",
+                    details={"retry_after": self.config.retry_after_s},
+                ),
+            )
+        else:
+            flight.tried.add(self.node_id)
+            self._queues[request.model].append(rid)
+            self._dispatch(request.model)
+
+    def _has_room(self, node: str, model: str) -> bool:
+        if node == self.node_id:
+            return len(self._queues.get(model, ())) < self.config.queue_depth_per_model
+        load = self._peers.get(node, {}).get("load") or {}
+        return int(load.get("queued", 0)) < self.config.queue_depth_per_model
 
     def _cancel(self, rid: str) -> None:
         flight = self._flights.get(rid)
         if flight is None or flight.cancelled:
             return
         self.counters.cancelled += 1
+        if flight.remote is not None:
+            self._to_peer(flight.remote, Cancel(request_id=rid))
+            del self._flights[rid]
+            return
         if flight.worker is None:
             self._queues[flight.request.model].remove(rid)
             del self._flights[rid]
@@ -209,6 +262,9 @@ class Router(Actor):
             self._finish(rid, message)
             self._dispatch(flight.request.model)
         elif not flight.cancelled:
+            if isinstance(message, Started):
+                flight.started = True
+                message = replace(message, node_id=self.node_id)
             self._to_client(rid, message)
 
     def _dispatch(self, model: str) -> None:
@@ -232,6 +288,84 @@ class Router(Actor):
             self._finish(
                 rid, ErrorReply(request_id=rid, code="engine_failed", message=f"model failed to load: {why}")
             )
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def _remote_nodes(self, request: Generate) -> list[str]:
+        """Peers that may take `request`: none for a request another router already placed."""
+        if request.forwarded:
+            return []
+        return [n for n, p in self._peers.items() if request.model in p.get("models", [])]
+
+    def _on_mesh_view(self, view: MeshView) -> None:
+        """The gossip actor's latest picture: keep alive peers within `max_rtt_ms`."""
+        near = {}
+        for peer in view.peers:
+            rtt = peer.get("rtt_ms")
+            if peer.get("state") == "alive" and (rtt is None or rtt <= self.config.max_rtt_ms):
+                near[peer["node_id"]] = peer
+        self._peers = near
+        for node in list(self._links):
+            if node not in near:
+                self.forget(self._links.pop(node))
+        for rid, flight in list(self._flights.items()):
+            if flight.remote is not None and flight.remote not in near:
+                self._remote_failed(rid, f"node {flight.remote} left the mesh or is no longer reachable")
+
+    def _forward(self, rid: str, node: str) -> None:
+        flight = self._flights[rid]
+        flight.remote, flight.remote_heard = node, self.clock()
+        flight.tried.add(node)
+        self._to_peer(node, replace(flight.request, forwarded=True))
+
+    def _from_peer(self, node: str, frames: list[bytes]) -> None:
+        message = self.decode(frames[-1], f"peer {node}")
+        rid = getattr(message, "request_id", None)
+        if not isinstance(rid, str):
+            return
+        flight = self._flights.get(rid)
+        if flight is None or flight.remote != node:
+            return  # late news of a request cancelled or moved elsewhere
+        flight.remote_heard = self.clock()
+        if isinstance(message, Accepted | Pending):
+            return  # the client heard ours already
+        if isinstance(message, ErrorReply) and not flight.started and message.code in _RETRYABLE:
+            self._remote_failed(rid, message.message)
+            return
+        if isinstance(message, Started):
+            flight.started = True
+        if isinstance(message, TERMINAL_TYPES):
+            self.counters.failed += isinstance(message, ErrorReply)
+            self.counters.completed += isinstance(message, Finished)
+            self._finish(rid, message)
+        else:
+            self._to_client(rid, message)
+
+    def _remote_failed(self, rid: str, why: str) -> None:
+        """A peer failed a forwarded request: place it again if the client saw nothing yet."""
+        flight = self._flights[rid]
+        log.warning("request %s on %s failed: %s", rid, flight.remote, why)
+        flight.remote = None
+        if flight.started:
+            self.counters.failed += 1
+            self._finish(
+                rid, ErrorReply(request_id=rid, code="peer_unavailable", message=f"{why} mid-stream")
+            )
+        else:
+            self._place(rid)
+
+    def _to_peer(self, node: str, message: Message) -> None:
+        link = self._links.get(node)
+        if link is None:
+            peer = self._peers[node]
+            link = self.socket(zmq.DEALER)
+            link.connect(f"tcp://{peer['host']}:{peer['zmq_port'] + ROUTER_PORT_OFFSET}")
+            self.on_socket(link, lambda frames, node=node: self._from_peer(node, frames))  # type: ignore[misc]
+            self._links[node] = link
+        try:
+            link.send(encode(message), zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            self.warn_once(f"peer-send:{node}", "router: cannot send to %s: %s", node, err)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -266,11 +400,14 @@ class Router(Actor):
     # -- snapshots ----------------------------------------------------------------------------
 
     def models(self) -> set[str]:
-        return {w.state.model_id for w in self._workers.values()}
+        """Models this node or a peer near enough serves."""
+        remote = {m for p in self._peers.values() for m in p.get("models", [])}
+        return {w.state.model_id for w in self._workers.values()} | remote
 
     def snapshot(self, what: str) -> dict[str, object]:
         """Plain data for `Query(what)`: "models", "health" or "status"."""
-        ready = sorted({w.state.model_id for w in self._workers.values() if w.state.state == "ready"})
+        local_ready = {w.state.model_id for w in self._workers.values() if w.state.state == "ready"}
+        ready = sorted(local_ready | {m for p in self._peers.values() for m in p.get("models", [])})
         if what == "models":
             return {"models": sorted(self.models()), "ready": ready}
         if what == "health":
@@ -293,6 +430,8 @@ class Router(Actor):
         return {
             "models": sorted(self.models()),
             "ready": ready,
+            "local_models": sorted({w.state.model_id for w in self._workers.values()}),
+            "local_ready": sorted(local_ready),
             "workers": workers,
             "queues": {m: len(q) for m, q in self._queues.items()},
             "in_flight": sum(1 for f in self._flights.values() if f.worker is not None),

@@ -10,7 +10,9 @@ protocol version are ignored and counted. On stop it publishes `left` and flushe
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +21,7 @@ import zmq
 
 from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, Actor, Answer, Query, encode
 from actors._codec import peek_version
-from actors._messages import Heartbeat, PeerSeen
+from actors._messages import Heartbeat, MeshView, PeerSeen
 from discovery._membership import Change, Membership, MembershipConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ class GossipConfig:
 
     heartbeat_interval_s: float = 0.25  # how often a node publishes itself
     membership: MembershipConfig = field(default_factory=MembershipConfig)
-    rtt_smoothing: float = 0.3  # weight of a new RTT sample in the moving average
+    rtt_window: int = 9  # RTT is the median of this many samples: one scheduling hiccup moves nothing
     leave_flush_s: float = 0.5  # how long stopping waits for the `left` heartbeat to go out
     hello_interval_s: float = 2.0  # a seed we have not heard from is greeted again this often
 
@@ -54,7 +56,12 @@ class _Peer:
     role: str = "unknown"
     models: tuple[str, ...] = ()
     load: dict[str, Any] | None = None
-    rtt_ms: float | None = None
+    rtt_samples: deque[float] = field(default_factory=deque)
+
+    @property
+    def rtt_ms(self) -> float | None:
+        return statistics.median(self.rtt_samples) if self.rtt_samples else None
+
     their_sent_at: float = 0.0  # their clock, last heartbeat we heard
     heard_at: float = 0.0  # our clock, when we heard it
 
@@ -138,6 +145,7 @@ class Gossip(Actor):
         self._publish()
         assert self._router is not None
         self._router.send(encode(Query(request_id="gossip", what="status")))
+        self._router.send(encode(MeshView(peers=self.peers())))
         if now >= self._next_hello:
             self._greet_seeds()
             self._next_hello = now + self.gossip.hello_interval_s
@@ -152,7 +160,7 @@ class Gossip(Actor):
     def _on_router(self, frames: list[bytes]) -> None:
         answer = self.decode(frames[-1], "router")
         if isinstance(answer, Answer):
-            self._models = list(answer.data.get("ready", []))
+            self._models = list(answer.data.get("local_ready", []))
             self._load = {
                 "in_flight": answer.data.get("in_flight", 0),
                 "queued": sum(answer.data.get("queues", {}).values()),
@@ -187,8 +195,9 @@ class Gossip(Actor):
         echo = beat.echoes.get(self.me.node_id)
         if echo is not None and len(echo) == 2:
             sample_ms = max(0.0, (now - echo[0] - echo[1]) * 1000)
-            a = self.gossip.rtt_smoothing
-            peer.rtt_ms = sample_ms if peer.rtt_ms is None else (1 - a) * peer.rtt_ms + a * sample_ms
+            peer.rtt_samples.append(sample_ms)
+            if len(peer.rtt_samples) > self.gossip.rtt_window:
+                peer.rtt_samples.popleft()
         self._subscribe(beat.host, beat.zmq_port)
 
     def _hear_rumor(self, row: list[Any], now: float) -> None:
@@ -229,7 +238,7 @@ class Gossip(Actor):
                     "node_id": node_id,
                     "host": peer.host if peer else "",
                     "state": member.state,
-                    "rtt_ms": round(peer.rtt_ms, 2) if peer and peer.rtt_ms is not None else None,
+                    "rtt_ms": _rounded(peer.rtt_ms) if peer else None,
                     "role": peer.role if peer else "unknown",
                     "models": list(peer.models) if peer else [],
                     "incarnation": member.incarnation,
@@ -299,3 +308,7 @@ class Gossip(Actor):
             change.new,
             change.incarnation,
         )
+
+
+def _rounded(ms: float | None) -> float | None:
+    return round(ms, 2) if ms is not None else None

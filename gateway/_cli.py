@@ -31,40 +31,46 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model", type=Path, help="GGUF to serve (default: a built-in demo model with random weights)"
     )
-    serve.add_argument("--mesh", default="default", help="mesh name; nodes join only meshes of their name")
-    serve.add_argument(
-        "--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)"
-    )
-    serve.add_argument("--http-port", type=int, default=9337)
-    serve.add_argument(
-        "--peer", action="append", default=[], type=_host_port, metavar="HOST:ZMQPORT",
-        help="a node to join without mDNS (repeatable)",
-    )  # fmt: skip
-    serve.add_argument("--no-mdns", action="store_true", help="do not advertise or browse mDNS")
-    serve.add_argument(
-        "--zmq-port", type=int, default=9338, help="first of two ZeroMQ ports: control, then router"
-    )
     serve.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     serve.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     serve.add_argument("--slots", type=int, default=4, help="requests decoded together (continuous batching)")
-    serve.add_argument(
-        "--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key"
-    )
-    serve.add_argument(
-        "--state-dir", type=Path, help="where the node keeps its id (default ~/.local/state/mesh-llm)"
-    )
     serve.add_argument(
         "--queue-depth",
         type=int,
         default=NodeConfig().queue_depth_per_model,
         help="waiting requests per model before 429",
     )
-    serve.add_argument(
+    client = sub.add_parser("client", help="run a node without a model: the API, served by the mesh")
+    for cmd in (serve, client):
+        _node_options(cmd)
+    return parser
+
+
+def _node_options(cmd: argparse.ArgumentParser) -> None:
+    """Options of every node, serving or not."""
+    cmd.add_argument("--mesh", default="default", help="mesh name; nodes join only meshes of their name")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
+    cmd.add_argument("--http-port", type=int, default=9337)
+    cmd.add_argument(
+        "--zmq-port", type=int, default=9338, help="first of three ZeroMQ ports: control, router, gossip"
+    )
+    cmd.add_argument(
+        "--peer", action="append", default=[], type=_host_port, metavar="HOST:ZMQPORT",
+        help="a node to join without mDNS (repeatable)",
+    )  # fmt: skip
+    cmd.add_argument("--no-mdns", action="store_true", help="do not advertise or browse mDNS")
+    cmd.add_argument(
+        "--max-rtt-ms", type=float, default=NodeConfig().max_rtt_ms, help="farther peers take no work from us"
+    )
+    cmd.add_argument("--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key")
+    cmd.add_argument(
+        "--state-dir", type=Path, help="where the node keeps its id (default ~/.local/state/mesh-llm)"
+    )
+    cmd.add_argument(
         "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"
     )
-    serve.add_argument("--http-threads", type=int, default=32, help="gunicorn threads serving HTTP")
-    serve.add_argument("-v", "--verbose", action="store_true")
-    return parser
+    cmd.add_argument("--http-threads", type=int, default=32, help="gunicorn threads serving HTTP")
+    cmd.add_argument("-v", "--verbose", action="store_true")
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -86,12 +92,14 @@ def node_id_for(state_dir: Path) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    try:
-        model = args.model or default_model()
-        model_id = check_model(model)
-    except ValueError as err:
-        print(f"mesh-llm: {err}", file=sys.stderr)
-        return 2
+    models: list[ModelSpec] = []
+    if args.command == "serve":
+        try:
+            model = args.model or default_model()
+            models.append(ModelSpec(source=str(model), model_id=check_model(model)))
+        except ValueError as err:
+            print(f"mesh-llm: {err}", file=sys.stderr)
+            return 2
     state_dir = (
         args.state_dir or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "mesh-llm"
     )
@@ -101,11 +109,15 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         http_port=args.http_port,
         zmq_port=args.zmq_port,
-        models=[ModelSpec(source=str(model), model_id=model_id)],
-        n_ctx=args.ctx,
-        n_threads=args.threads,
-        slots=args.slots,
-        config=NodeConfig(queue_depth_per_model=args.queue_depth),
+        models=models,
+        role="serving" if models else "client",
+        n_ctx=getattr(args, "ctx", 4096),
+        n_threads=getattr(args, "threads", 1),
+        slots=getattr(args, "slots", 1),
+        config=NodeConfig(
+            queue_depth_per_model=getattr(args, "queue_depth", NodeConfig().queue_depth_per_model),
+            max_rtt_ms=args.max_rtt_ms,
+        ),
     )
     mesh = MeshMembership(spec, mdns=not args.no_mdns, seeds=args.peer)
     node = Node(
@@ -140,8 +152,9 @@ def _run(node: Node, gateway: ChildProcess, mesh: MeshMembership, args: argparse
         return 1
     mesh.start_discovery(node)
     spec = node.spec
+    what = f"serving {spec.models[0].model_id}" if spec.models else "client of the mesh"
     print(
-        f"mesh-llm node {spec.node_id} serving {spec.models[0].model_id} on http://{args.host}:{args.http_port}/v1"
+        f"mesh-llm node {spec.node_id} ({what}, mesh {spec.mesh}) on http://{args.host}:{args.http_port}/v1"
         f"  (mesh-ctl --node {spec.control_endpoint} status)",
         flush=True,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -32,20 +33,36 @@ def read_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def parse_chat(body: dict[str, Any]) -> Parsed:
+def session_key(body: dict[str, Any], header: str | None, what: dict[str, Any]) -> str:
+    """Which session a request belongs to: `user`, else `X-Session-Id`, else a hash of how the
+    conversation began (system and first user message, or the start of the prompt)."""
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return f"user:{user}"
+    if header:
+        return f"session:{header}"
+    messages = what.get("messages") or []
+    opening = [m for m in messages if m["role"] == "system"][:1] + [
+        m for m in messages if m["role"] == "user"
+    ][:1]
+    text = json.dumps(opening) if messages else str(what.get("prompt", ""))[:256]
+    return "opening:" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def parse_chat(body: dict[str, Any], session_header: str | None = None) -> Parsed:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
-    return _parsed(body, messages=[_message(m, i) for i, m in enumerate(messages)])
+    return _parsed(body, session_header, messages=[_message(m, i) for i, m in enumerate(messages)])
 
 
-def parse_completion(body: dict[str, Any]) -> Parsed:
+def parse_completion(body: dict[str, Any], session_header: str | None = None) -> Parsed:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (or an array of one string).", param="prompt")
-    return _parsed(body, prompt=prompt)
+    return _parsed(body, session_header, prompt=prompt)
 
 
 def _message(m: Any, i: int) -> dict[str, str]:
@@ -70,7 +87,7 @@ def _message(m: Any, i: int) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def _parsed(body: dict[str, Any], **what: Any) -> Parsed:
+def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Parsed:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' must be a non-empty string.", param="model")
@@ -92,6 +109,7 @@ def _parsed(body: dict[str, Any], **what: Any) -> Parsed:
         top_p=_number(body.get("top_p", 1.0), "top_p", float, 0.0, 1.0),
         seed=_number(body["seed"], "seed", int, None, None) if body.get("seed") is not None else None,
         stop=_stops(body.get("stop")),
+        session=session_key(body, session_header, what),
         **what,
     )
     include_usage = bool(

@@ -52,7 +52,7 @@ class _Completions:
         self.backend = backend
         self.max_body_bytes = max_body_bytes
 
-    def parse(self, body: dict[str, Any]) -> Parsed:
+    def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
         raise NotImplementedError
 
     def choice(self, text: str, finish: str | None) -> dict[str, Any]:
@@ -62,7 +62,7 @@ class _Completions:
         raise NotImplementedError
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        parsed = self.parse(read_json(read_body(req, self.max_body_bytes)))
+        parsed = self.parse(read_json(read_body(req, self.max_body_bytes)), req.get_header("X-Session-Id"))
         events = self.backend.stream(parsed.generate)
         try:
             accepted, started = next(events), next(events)
@@ -71,7 +71,7 @@ class _Completions:
         except BaseException:
             events.close()
             raise
-        req.context.mesh_node = accepted.node_id
+        req.context.mesh_node = started.node_id or accepted.node_id  # who generates it
         meta = {
             "id": f"{self.prefix}-{parsed.generate.request_id}",
             "created": int(time.time()),
@@ -124,8 +124,8 @@ class _Completions:
 class ChatCompletions(_Completions):
     prefix, object_name, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def parse(self, body: dict[str, Any]) -> Parsed:
-        return parse_chat(body)
+    def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
+        return parse_chat(body, session_header)
 
     def choice(self, text: str, finish: str | None) -> dict[str, Any]:
         message = {"role": "assistant", "content": text}
@@ -141,8 +141,8 @@ class ChatCompletions(_Completions):
 class Completions(_Completions):
     prefix, object_name, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def parse(self, body: dict[str, Any]) -> Parsed:
-        return parse_completion(body)
+    def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
+        return parse_completion(body, session_header)
 
     def choice(self, text: str, finish: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -116,7 +117,9 @@ class NodeProcess:
                 status = self.status()
             except PeerUnavailable:
                 continue
-            if status["ready"] and not any(w["busy"] for w in status["workers"]):
+            if (status["ready"] or status["role"] == "client") and not any(
+                w["busy"] for w in status["workers"]
+            ):
                 return status
             time.sleep(0.02)
         raise AssertionError(f"node not ready in {timeout_s}s:\n{self.log()}")
@@ -139,8 +142,9 @@ def start_node(tmp: Path, model: Path, *extra: str) -> NodeProcess:
     return start_nodes(tmp, model, [list(extra)])[0]
 
 
-def start_nodes(tmp: Path, model: Path, extras: list[list[str]]) -> list[NodeProcess]:
-    """Start several nodes at once (their start-ups overlap), then wait until all serve."""
+def start_nodes(tmp: Path, model: Path | None, extras: list[list[str]]) -> list[NodeProcess]:
+    """Start several nodes at once (their start-ups overlap), then wait until all serve.
+    With no model they are client nodes: ready once their HTTP port is open."""
     nodes: list[NodeProcess] = []
     try:
         for extra in extras:
@@ -155,15 +159,17 @@ def start_nodes(tmp: Path, model: Path, extras: list[list[str]]) -> list[NodePro
     return nodes
 
 
-def _launch(tmp: Path, model: Path, *extra: str) -> NodeProcess:
+def _launch(tmp: Path, model: Path | None, *extra: str) -> NodeProcess:
+    """A `mesh-llm serve` of `model`, or with no model a `mesh-llm client`, on free ports."""
     zmq_port = free_port_pair()
     http_port = free_port_pair()
     log_path = tmp / f"node-{zmq_port}.log"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"), PYTHONUNBUFFERED="1")
+    what = ["serve", "--model", str(model), "--threads", "1"] if model is not None else ["client"]
     argv = [
-        str(BIN / "mesh-llm"), "serve", "--model", str(model), "--host", "127.0.0.1",
+        str(BIN / "mesh-llm"), *what, "--host", "127.0.0.1",
         "--http-port", str(http_port), "--zmq-port", str(zmq_port),
-        "--state-dir", str(tmp / f"state-{zmq_port}"), "--threads", "1", *extra,
+        "--state-dir", str(tmp / f"state-{zmq_port}"), *extra,
     ]  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -171,11 +177,16 @@ def _launch(tmp: Path, model: Path, *extra: str) -> NodeProcess:
 
 
 def _wait_http(node: NodeProcess, timeout_s: float = 30.0) -> None:
+    """Until an HTTP request gets an answer: gunicorn binds before its worker exists."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=2)
         try:
-            socket.create_connection(("127.0.0.1", node.http_port), timeout=0.5).close()
+            conn.request("GET", "/health")
+            conn.getresponse().read()
             return
         except OSError:
             time.sleep(0.05)
+        finally:
+            conn.close()
     raise AssertionError(f"HTTP port never opened:\n{node.log()}")
