@@ -128,7 +128,7 @@ class FakeEngine:
             time.sleep(3600)
 
     def admit(self, request: Generate) -> list[EngineEvent]:
-        text = request.prompt if request.prompt is not None else str(request.messages)
+        text = (request.prompt if request.prompt is not None else str(request.messages)) + request.resume_text
         n_prompt = len(text.split())
         max_tokens = check_context(self.n_ctx, n_prompt, request.max_tokens)
         if len(self._runs) >= self.slots:

@@ -88,7 +88,8 @@ class LlamaEngine:
 
     def admit(self, request: Generate) -> list[EngineEvent]:
         """Take a request into a free slot; raises `RequestError` if it cannot be served."""
-        tokens = self.llm.tokenize(self.render(request).encode("utf-8"), add_bos=True, special=True)
+        text = self.render(request) + request.resume_text
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         max_tokens = check_context(self.n_ctx, len(tokens), request.max_tokens)
         free = [s for s in self._slots if s.request is None]
         if not free:

@@ -25,6 +25,7 @@ class Generate:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     session: str = ""  # requests of one session go to the same node (rendezvous hashing)
+    resume_text: str = ""  # text already streamed to the client: continue after it (failover)
     forwarded: bool = False  # already placed by another node's router: serve it here
 
 

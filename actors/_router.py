@@ -21,6 +21,7 @@ from actors._messages import (
     Accepted,
     Answer,
     Cancel,
+    Chunk,
     ErrorReply,
     Finished,
     Generate,
@@ -61,7 +62,11 @@ class _Flight:
     remote: str | None = None  # the peer it was forwarded to
     remote_heard: float = 0.0  # when that peer last said anything about it
     tried: set[str] = field(default_factory=set)  # nodes it was placed on
-    started: bool = False  # the client has seen `Started`: no silent retry any more
+    started: bool = False  # the client has seen `Started`: a retry must resume, not restart
+    prompt_tokens: int = 0  # as the first `Started` said
+    sent_text: list[str] = field(default_factory=list)  # what the client has received
+    sent_tokens: int = 0
+    base_tokens: int = 0  # tokens sent before the current placement (after a resume)
 
 
 @dataclass(slots=True)
@@ -71,6 +76,8 @@ class _Counters:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    retried: int = 0  # placed again after a peer failed before the first token
+    resumed: int = 0  # continued on another node after a peer failed mid-stream
 
 
 class Router(Actor):
@@ -97,6 +104,7 @@ class Router(Actor):
         self._back: zmq.Socket | None = None
         self._peers: dict[str, dict[str, Any]] = {}  # alive peers near enough to take work
         self._links: dict[str, zmq.Socket] = {}  # DEALER to each such peer's router
+        self._monitors: dict[str, zmq.Socket] = {}  # their disconnect events
 
     def setup(self) -> None:
         self._front = self.socket(zmq.ROUTER)
@@ -168,7 +176,7 @@ class Router(Actor):
         self._reply(client, Accepted(request_id=rid, node_id=self.node_id))
         self._place(rid)
 
-    def _place(self, rid: str) -> None:
+    def _place(self, rid: str, why: str = "") -> None:
         """Send an admitted request to its session's node: this one (queue) or a peer (forward)."""
         flight = self._flights[rid]
         request = flight.request
@@ -180,9 +188,9 @@ class Router(Actor):
             nodes.append(self.node_id)
         choice = choose(request.session or rid, nodes, lambda n: self._has_room(n, request.model))
         if choice is None:
-            self._finish(
-                rid, ErrorReply(request_id=rid, code="peer_unavailable", message="no node can serve it now")
-            )
+            reason = f"{why}; no other node can serve it" if why else "no node can serve it now"
+            self.counters.failed += 1
+            self._finish(rid, ErrorReply(request_id=rid, code="peer_unavailable", message=reason))
         elif choice != self.node_id:
             self._forward(rid, choice)
         elif len(self._queues.setdefault(request.model, deque())) >= self.config.queue_depth_per_model:
@@ -255,16 +263,35 @@ class Router(Actor):
                 self._queues[flight.request.model].appendleft(rid)
                 self._dispatch(flight.request.model)
                 return
-            if isinstance(message, ErrorReply):
-                self.counters.failed += 1
-            else:
-                self.counters.completed += 1
-            self._finish(rid, message)
+            self._relay(rid, message)
             self._dispatch(flight.request.model)
         elif not flight.cancelled:
             if isinstance(message, Started):
-                flight.started = True
                 message = replace(message, node_id=self.node_id)
+            self._relay(rid, message)
+
+    def _relay(self, rid: str, message: Message) -> None:
+        """Pass an engine's event to the client, keeping a resumed stream seamless: one `Started`,
+        token counts of the whole completion."""
+        flight = self._flights[rid]
+        if isinstance(message, Started):
+            if flight.started:
+                return  # a resumed request: the client had its `Started`
+            flight.started, flight.prompt_tokens = True, message.prompt_tokens
+        elif isinstance(message, Chunk):
+            flight.sent_text.append(message.text)
+            flight.sent_tokens += message.n_tokens
+        elif isinstance(message, Finished):
+            message = replace(
+                message,
+                prompt_tokens=flight.prompt_tokens,
+                completion_tokens=flight.base_tokens + message.completion_tokens,
+            )
+        if isinstance(message, TERMINAL_TYPES):
+            self.counters.failed += isinstance(message, ErrorReply)
+            self.counters.completed += isinstance(message, Finished)
+            self._finish(rid, message)
+        else:
             self._to_client(rid, message)
 
     def _dispatch(self, model: str) -> None:
@@ -307,6 +334,7 @@ class Router(Actor):
         self._peers = near
         for node in list(self._links):
             if node not in near:
+                self.forget(self._monitors.pop(node))
                 self.forget(self._links.pop(node))
         for rid, flight in list(self._flights.items()):
             if flight.remote is not None and flight.remote not in near:
@@ -329,30 +357,37 @@ class Router(Actor):
         flight.remote_heard = self.clock()
         if isinstance(message, Accepted | Pending):
             return  # the client heard ours already
-        if isinstance(message, ErrorReply) and not flight.started and message.code in _RETRYABLE:
+        if isinstance(message, ErrorReply) and message.code in _RETRYABLE:
             self._remote_failed(rid, message.message)
             return
-        if isinstance(message, Started):
-            flight.started = True
-        if isinstance(message, TERMINAL_TYPES):
-            self.counters.failed += isinstance(message, ErrorReply)
-            self.counters.completed += isinstance(message, Finished)
-            self._finish(rid, message)
-        else:
-            self._to_client(rid, message)
+        self._relay(rid, message)
 
     def _remote_failed(self, rid: str, why: str) -> None:
-        """A peer failed a forwarded request: place it again if the client saw nothing yet."""
+        """A peer failed a forwarded request: place it again — from the start if the client saw
+        nothing yet, else resuming after the text it already has (same id, same seed)."""
         flight = self._flights[rid]
         log.warning("request %s on %s failed: %s", rid, flight.remote, why)
         flight.remote = None
-        if flight.started:
-            self.counters.failed += 1
-            self._finish(
-                rid, ErrorReply(request_id=rid, code="peer_unavailable", message=f"{why} mid-stream")
-            )
+        if not flight.started:
+            self.counters.retried += 1
         else:
-            self._place(rid)
+            self.counters.resumed += 1
+            request = flight.request
+            left = None if request.max_tokens is None else request.max_tokens - flight.sent_tokens
+            flight.request = replace(request, resume_text="".join(flight.sent_text), max_tokens=left)
+            flight.base_tokens = flight.sent_tokens
+            if left is not None and left < 1:
+                self._relay(
+                    rid,
+                    Finished(request_id=rid, finish_reason="length", prompt_tokens=0, completion_tokens=0),
+                )
+                return
+        self._place(rid, why)
+
+    def _peer_disconnected(self, node: str) -> None:
+        for rid, flight in list(self._flights.items()):
+            if flight.remote == node:
+                self._remote_failed(rid, f"lost the connection to node {node}")
 
     def _to_peer(self, node: str, message: Message) -> None:
         link = self._links.get(node)
@@ -361,7 +396,11 @@ class Router(Actor):
             link = self.socket(zmq.DEALER)
             link.connect(f"tcp://{peer['host']}:{peer['zmq_port'] + ROUTER_PORT_OFFSET}")
             self.on_socket(link, lambda frames, node=node: self._from_peer(node, frames))  # type: ignore[misc]
+            # A peer process that dies closes its TCP connections at once: hear of it at once.
+            monitor = self.adopt(link.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+            self.on_socket(monitor, lambda frames, node=node: self._peer_disconnected(node))  # type: ignore[misc]
             self._links[node] = link
+            self._monitors[node] = monitor
         try:
             link.send(encode(message), zmq.NOBLOCK)
         except zmq.ZMQError as err:
@@ -441,6 +480,8 @@ class Router(Actor):
                 "failed": self.counters.failed,
                 "cancelled": self.counters.cancelled,
                 "rejected_overload": self.counters.rejected_overload,
+                "retried": self.counters.retried,
+                "resumed": self.counters.resumed,
             },
             "dropped_frames": self.stats["dropped_frames"],
         }

@@ -126,6 +126,11 @@ class Actor:
         self._owned.append(sock)
         return sock
 
+    def adopt(self, sock: zmq.Socket) -> zmq.Socket:
+        """Own a socket made elsewhere (a pyzmq monitor socket): closed when the actor stops."""
+        self._owned.append(sock)
+        return sock
+
     def on_socket(self, sock: zmq.Socket, handler: SocketHandler) -> None:
         """Call `handler(frames)` for every multipart message `sock` receives."""
         self._sockets[sock] = handler

@@ -3,6 +3,7 @@ node by rendezvous hashing, and a node's death is retried or reported, never lef
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -99,29 +100,52 @@ def test_a_session_whose_node_was_killed_is_served_by_another_without_the_client
     victim.proc.wait()
     r = complete(c, "shared", "dave")  # sent before the mesh noticed: placed on the dead node first
     assert r.status_code == 200 and r.headers["X-Mesh-Node"] == survivor.status()["node_id"]
+    assert c.status()["requests"]["failed"] == 0
 
 
-def test_a_node_killed_mid_stream_ends_the_stream_with_an_error_event(trio: list[NodeProcess]) -> None:
-    a, b, c = trio
-    home = complete(c, "shared", "erin").headers["X-Mesh-Node"]
-    victim = a if a.status()["node_id"] == home else b
-    pid = victim.proc.pid
+def stream_and_kill(c: NodeProcess, user: str, victim: NodeProcess, max_tokens: int) -> list[str]:
+    """Stream a completion for `user` through `c`, SIGKILL `victim` after a few chunks; the lines."""
     body = {
-        "model": "shared",
-        "prompt": "x",
-        "max_tokens": 3000,
-        "user": "erin",
-        "stream": True,
-        "temperature": 0,
-    }
-    events: list[str] = []
-    started = time.monotonic()
+        "model": "shared", "prompt": "x", "max_tokens": max_tokens, "user": user, "stream": True,
+        "temperature": 0, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    lines: list[str] = []
     with httpx.stream("POST", f"{c.url}/v1/completions", json=body, timeout=60) as s:
         assert s.status_code == 200, s.read()
         for line in s.iter_lines():
             if line.startswith(("data: ", "event: ")):
-                events.append(line)
-            if len(events) == 3:
-                os.kill(pid, signal.SIGKILL)
-    assert "event: error" in events and "data: [DONE]" not in events
-    assert time.monotonic() - started < 30, "the client was left waiting"
+                lines.append(line)
+            if len(lines) == 3:
+                os.kill(victim.proc.pid, signal.SIGKILL)
+    return lines
+
+
+def home_of(c: NodeProcess, user: str, nodes: list[NodeProcess]) -> NodeProcess:
+    home = complete(c, "shared", user).headers["X-Mesh-Node"]
+    return next(n for n in nodes if n.status()["node_id"] == home)
+
+
+def test_a_node_killed_mid_stream_is_replaced_and_the_stream_goes_on_seamlessly(
+    trio: list[NodeProcess],
+) -> None:
+    a, b, c = trio
+    victim = home_of(c, "erin", [a, b])
+    started = time.monotonic()
+    lines = stream_and_kill(c, "erin", victim, max_tokens=2000)
+    assert lines[-1] == "data: [DONE]" and not any(line.startswith("event: error") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert len({chunk["id"] for chunk in chunks}) == 1, "one completion id from start to end"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2000
+    assert c.status()["requests"]["resumed"] == 1, "the stream really was cut and resumed"
+    assert time.monotonic() - started < 30
+
+
+def test_a_node_killed_mid_stream_with_no_replica_left_ends_with_an_error_event(
+    trio: list[NodeProcess],
+) -> None:
+    a, b, c = trio
+    victim = home_of(c, "frank", [a, b])
+    (b if victim is a else a).stop()  # the only other replica leaves first
+    eventually(lambda: sum(p["state"] == "alive" for p in c.status()["peers"]) == 1)
+    lines = stream_and_kill(c, "frank", victim, max_tokens=3000)
+    assert "event: error" in lines and "data: [DONE]" not in lines
