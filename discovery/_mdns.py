@@ -99,7 +99,9 @@ class MdnsDiscovery:
         from zeroconf import IPVersion, ServiceBrowser, Zeroconf
 
         self._zc = Zeroconf(interfaces=[self.advert.host], ip_version=IPVersion.V4Only)
-        self._zc.register_service(self._info())
+        # Instance names are node ids (host name + random suffix), unique by construction, so the
+        # ~2 s of uniqueness probing buys nothing and would delay every join.
+        self._zc.register_service(self._info(), cooperating_responders=True)
         self._browser = ServiceBrowser(self._zc, SERVICE_TYPE, handlers=[self._on_change])
         return self
 
