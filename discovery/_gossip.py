@@ -83,6 +83,7 @@ class Gossip(Actor):
         inbox_endpoint: str,
         seeds: Sequence[tuple[str, int]] = (),
         gossip: GossipConfig | None = None,
+        bind_endpoint: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(ctx, "gossip", **kwargs)
@@ -93,6 +94,7 @@ class Gossip(Actor):
         self.query_endpoint = query_endpoint
         self.inbox_endpoint = inbox_endpoint
         self.seeds = list(seeds)
+        self.bind_endpoint = bind_endpoint or gossip_endpoint(me.host, me.zmq_port)
         # A higher incarnation after every restart: a restarted node is never taken for its ghost.
         self.membership = Membership(
             me.node_id,
@@ -114,7 +116,7 @@ class Gossip(Actor):
 
     def setup(self) -> None:
         self._pub = self.socket(zmq.PUB)
-        self._pub.bind(gossip_endpoint(self.me.host, self.me.zmq_port))
+        self._pub.bind(self.bind_endpoint)
         self._sub = self.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.on_socket(self._sub, self._on_heartbeat)

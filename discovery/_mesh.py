@@ -9,7 +9,7 @@ import zmq
 
 from actors import Node, NodeSpec, encode, make_socket
 from actors._messages import PeerSeen
-from discovery._gossip import Gossip, GossipConfig, Identity
+from discovery._gossip import Gossip, GossipConfig, Identity, gossip_endpoint
 from discovery._mdns import Advert, MdnsDiscovery, mesh_hash
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,17 @@ class MeshMembership:
         *,
         mdns: bool,
         seeds: Sequence[tuple[str, int]] = (),
+        advertise: tuple[str, int] | None = None,
         gossip: GossipConfig | None = None,
     ) -> None:
+        """`advertise`: the (host, zmq_port) peers reach us at, when not the bound ones."""
+        self.spec = spec
+        host, zmq_port = advertise or (spec.host, spec.zmq_port)
         self.identity = Identity(
             node_id=spec.node_id,
             mesh=mesh_hash(spec.mesh),
-            host=spec.host,
-            zmq_port=spec.zmq_port,
+            host=host,
+            zmq_port=zmq_port,
             http_port=spec.http_port,
             role=spec.role,
         )
@@ -56,6 +60,7 @@ class MeshMembership:
             inbox_endpoint=self.inbox_endpoint,
             seeds=self.seeds,
             gossip=self.gossip,
+            bind_endpoint=gossip_endpoint(self.spec.host, self.spec.zmq_port),
             config=node.spec.config,
         )
 
@@ -67,11 +72,11 @@ class MeshMembership:
         self._push = make_socket(node.ctx, zmq.PUSH)
         self._push.connect(self.inbox_endpoint)
         me = self.identity
-        advert = Advert(
+        advert = Advert(  # mDNS runs on the bound interface: it says the bound address
             node_id=me.node_id,
             mesh=me.mesh,
-            host=me.host,
-            zmq_port=me.zmq_port,
+            host=self.spec.host,
+            zmq_port=self.spec.zmq_port,
             http_port=me.http_port,
             role=me.role,
         )

@@ -60,6 +60,10 @@ def _node_options(cmd: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     cmd.add_argument("--no-mdns", action="store_true", help="do not advertise or browse mDNS")
     cmd.add_argument(
+        "--advertise", type=_host_port, metavar="HOST:ZMQPORT",
+        help="where peers reach this node, if not at --host/--zmq-port (a port forward); gossip carries it",
+    )  # fmt: skip
+    cmd.add_argument(
         "--max-rtt-ms", type=float, default=NodeConfig().max_rtt_ms, help="farther peers take no work from us"
     )
     cmd.add_argument("--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key")
@@ -119,7 +123,7 @@ def serve(args: argparse.Namespace) -> int:
             max_rtt_ms=args.max_rtt_ms,
         ),
     )
-    mesh = MeshMembership(spec, mdns=not args.no_mdns, seeds=args.peer)
+    mesh = MeshMembership(spec, mdns=not args.no_mdns, seeds=args.peer, advertise=args.advertise)
     node = Node(
         spec, more=[mesh.actor], peers_endpoint=mesh.query_endpoint, inbox_endpoint=mesh.inbox_endpoint
     )

@@ -142,13 +142,15 @@ def start_node(tmp: Path, model: Path, *extra: str) -> NodeProcess:
     return start_nodes(tmp, model, [list(extra)])[0]
 
 
-def start_nodes(tmp: Path, model: Path | None, extras: list[list[str]]) -> list[NodeProcess]:
+def start_nodes(
+    tmp: Path, model: Path | None, extras: list[list[str]], zmq_ports: list[int] | None = None
+) -> list[NodeProcess]:
     """Start several nodes at once (their start-ups overlap), then wait until all serve.
     With no model they are client nodes: ready once their HTTP port is open."""
     nodes: list[NodeProcess] = []
     try:
-        for extra in extras:
-            nodes.append(_launch(tmp, model, *extra))
+        for i, extra in enumerate(extras):
+            nodes.append(_launch(tmp, model, *extra, zmq_port=zmq_ports[i] if zmq_ports else None))
         for node in nodes:
             node.wait_ready()
             _wait_http(node)
@@ -159,9 +161,9 @@ def start_nodes(tmp: Path, model: Path | None, extras: list[list[str]]) -> list[
     return nodes
 
 
-def _launch(tmp: Path, model: Path | None, *extra: str) -> NodeProcess:
+def _launch(tmp: Path, model: Path | None, *extra: str, zmq_port: int | None = None) -> NodeProcess:
     """A `mesh-llm serve` of `model`, or with no model a `mesh-llm client`, on free ports."""
-    zmq_port = free_port_pair()
+    zmq_port = zmq_port or free_port_pair()
     http_port = free_port_pair()
     log_path = tmp / f"node-{zmq_port}.log"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"), PYTHONUNBUFFERED="1")
