@@ -211,10 +211,15 @@ class Router(Actor):
             self._dispatch(request.model)
 
     def _has_room(self, node: str, model: str) -> bool:
+        """Whether `node` can start one more request of `model` now, without queueing it."""
         if node == self.node_id:
-            return len(self._queues.get(model, ())) < self.config.queue_depth_per_model
+            free = sum(w.room for w in self._workers.values() if w.state.model_id == model)
+            return free > len(self._queues.get(model, ()))
         load = self._peers.get(node, {}).get("load") or {}
-        return int(load.get("queued", 0)) < self.config.queue_depth_per_model
+        # Gossiped load is up to a heartbeat old: count what we sent there since, too.
+        ours = sum(1 for f in self._flights.values() if f.remote == node)
+        busy = max(int(load.get("in_flight", 0)) + int(load.get("queued", 0)), ours)
+        return busy < int(load.get("slots", 1))
 
     def _cancel(self, rid: str) -> None:
         flight = self._flights.get(rid)
