@@ -11,7 +11,7 @@ Map of this room:
 Still to come: demand signals, routing across nodes and failover.
 """
 
-from discovery._gossip import Gossip, GossipConfig, Identity
+from discovery._gossip import Gossip, GossipConfig
 from discovery._mdns import SERVICE_TYPE, Advert, MdnsDiscovery, mesh_hash
 from discovery._membership import Change, Member, Membership, MembershipConfig, State
 from discovery._mesh import MeshMembership
@@ -22,7 +22,6 @@ __all__ = [
     "Change",
     "Gossip",
     "GossipConfig",
-    "Identity",
     "MdnsDiscovery",
     "Member",
     "Membership",

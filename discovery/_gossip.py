@@ -22,6 +22,7 @@ import zmq
 from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, Actor, Answer, Query, encode
 from actors._codec import peek_version
 from actors._messages import Heartbeat, MeshView, PeerSeen
+from discovery._mdns import Advert
 from discovery._membership import Change, Membership, MembershipConfig
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,6 @@ class GossipConfig:
     rtt_window: int = 9  # RTT is the median of this many samples: one scheduling hiccup moves nothing
     leave_flush_s: float = 0.5  # how long stopping waits for the `left` heartbeat to go out
     hello_interval_s: float = 2.0  # a seed we have not heard from is greeted again this often
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Identity:
-    node_id: str
-    mesh: str  # mesh_hash(name)
-    host: str
-    zmq_port: int
-    http_port: int
-    role: str
 
 
 @dataclass(slots=True)
@@ -77,7 +68,7 @@ class Gossip(Actor):
         self,
         ctx: zmq.Context,
         *,
-        me: Identity,
+        me: Advert,
         router_endpoint: str,
         query_endpoint: str,
         inbox_endpoint: str,

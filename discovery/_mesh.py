@@ -9,7 +9,7 @@ import zmq
 
 from actors import Node, NodeSpec, encode, make_socket
 from actors._messages import PeerSeen
-from discovery._gossip import Gossip, GossipConfig, Identity, gossip_endpoint
+from discovery._gossip import Gossip, GossipConfig, gossip_endpoint
 from discovery._mdns import Advert, MdnsDiscovery, mesh_hash
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class MeshMembership:
         """`advertise`: the (host, zmq_port) peers reach us at, when not the bound ones."""
         self.spec = spec
         host, zmq_port = advertise or (spec.host, spec.zmq_port)
-        self.identity = Identity(
+        self.identity = Advert(
             node_id=spec.node_id,
             mesh=mesh_hash(spec.mesh),
             host=host,

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,15 @@ import zmq
 from actors import PeerUnavailable, ask, shape_for, synthesize
 
 BIN = Path(sys.executable).parent
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> float:
+    """Seconds until `condition()` held, polling; fails the test after `timeout_s`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, "condition not reached in time"
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 @pytest.fixture(autouse=True)

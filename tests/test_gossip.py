@@ -11,7 +11,7 @@ import zmq
 
 from actors import PROTOCOL_VERSION, ask, encode, make_socket
 from actors._messages import Heartbeat
-from discovery import Gossip, GossipConfig, Identity, MembershipConfig, mesh_hash
+from discovery import Advert, Gossip, GossipConfig, MembershipConfig, mesh_hash
 from tests.conftest import free_port_pair
 
 FAST = GossipConfig(
@@ -39,7 +39,7 @@ def rig(ctx: zmq.Context) -> Iterator[tuple[Gossip, zmq.Socket]]:
     port = free_port_pair()
     pub = make_socket(ctx, zmq.PUB)
     pub.bind(f"tcp://127.0.0.1:{port + 2}")
-    me = Identity(
+    me = Advert(
         node_id="me",
         mesh=mesh_hash("m1"),
         host="127.0.0.1",

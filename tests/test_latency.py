@@ -3,25 +3,16 @@ and takes no inference work; a near peer takes it all."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests._delay_proxy import DelayProxy
-from tests.conftest import free_port_pair, start_nodes
+from tests.conftest import eventually, free_port_pair, start_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 DELAY_S = 0.1  # each way through the proxy: RTT >= 100 ms, over the default 80 ms limit
-
-
-def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def test_a_far_peer_takes_no_work_and_a_near_one_takes_it_all(tiny_model: Path, tmp_path: Path) -> None:

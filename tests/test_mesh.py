@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import NodeProcess, start_nodes
+from tests.conftest import NodeProcess, eventually, start_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def states(node: NodeProcess) -> dict[str, str]:
     return {p["node_id"]: p["state"] for p in node.status()["peers"]}
-
-
-def eventually(condition: Callable[[], bool], timeout_s: float = 20.0) -> float:
-    """Seconds until `condition()` held; fails the test after `timeout_s`."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, "condition not reached in time"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 @pytest.fixture

@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests._netns import Lan, can_make_namespaces
-from tests.conftest import BIN
+from tests.conftest import BIN, eventually
 
 WHY_NOT = can_make_namespaces()
 pytestmark = [
@@ -46,14 +45,6 @@ class Host:
     def peers(self) -> dict[str, str]:
         out = self.ctl("peers", "--json")
         return {p["host"]: p["state"] for p in json.loads(out.stdout)} if out.returncode == 0 else {}
-
-
-def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, "condition not reached in time"
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 @pytest.fixture

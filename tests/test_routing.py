@@ -7,23 +7,16 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from actors import shape_for, synthesize
-from tests.conftest import NodeProcess, start_nodes
+from tests.conftest import NodeProcess, eventually, start_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-
-def eventually(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def mesh_models(node: NodeProcess) -> set[str]:
