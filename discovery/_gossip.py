@@ -53,6 +53,7 @@ class _Peer:
     def rtt_ms(self) -> float | None:
         return statistics.median(self.rtt_samples) if self.rtt_samples else None
 
+    knows_us: bool = False  # their last heartbeat's view had us in it
     their_sent_at: float = 0.0  # their clock, last heartbeat we heard
     heard_at: float = 0.0  # our clock, when we heard it
 
@@ -122,9 +123,6 @@ class Gossip(Actor):
         self.on_socket(inbox, self._on_inbox)
         for host, port in self.seeds:
             self._subscribe(host, port)
-            hello = self.socket(zmq.DEALER)  # to the seed's control port: "subscribe to me"
-            hello.connect(f"tcp://{host}:{port}")
-            self._hellos[(host, port)] = hello
 
     def teardown(self) -> None:
         self.membership.leave()
@@ -140,7 +138,7 @@ class Gossip(Actor):
         self._router.send(encode(Query(request_id="gossip", what="status")))
         self._router.send(encode(MeshView(peers=self.peers())))
         if now >= self._next_hello:
-            self._greet_seeds()
+            self._greet_strangers()
             self._next_hello = now + self.gossip.hello_interval_s
 
     # -- inputs -------------------------------------------------------------------------------
@@ -185,6 +183,7 @@ class Gossip(Actor):
         peer.host, peer.zmq_port, peer.http_port = beat.host, beat.zmq_port, beat.http_port
         peer.role, peer.models, peer.load = beat.role, tuple(beat.models), beat.load
         peer.their_sent_at, peer.heard_at = beat.sent_at, now
+        peer.knows_us = any(row and row[0] == self.me.node_id for row in beat.view)
         echo = beat.echoes.get(self.me.node_id)
         if echo is not None and len(echo) == 2:
             sample_ms = max(0.0, (now - echo[0] - echo[1]) * 1000)
@@ -270,16 +269,22 @@ class Gossip(Actor):
         )
         self._pub.send(encode(beat))
 
-    def _greet_seeds(self) -> None:
-        """Tell seeds we have not heard from where we are: PUB/SUB only flows one way."""
+    def _greet_strangers(self) -> None:
+        """Say where we are to seeds we have not heard from, and to peers whose heartbeats show
+        they do not hear us (their mDNS missed us, say): PUB/SUB only flows one way."""
         heard = {(p.host, p.zmq_port) for p in self._peers.values() if p.heard_at}
+        targets = {seed for seed in self.seeds if seed not in heard}
+        targets |= {(p.host, p.zmq_port) for p in self._peers.values() if p.heard_at and not p.knows_us}
         hello = encode(PeerSeen(host=self.me.host, zmq_port=self.me.zmq_port, node_id=self.me.node_id))
-        for address, sock in self._hellos.items():
-            if address not in heard:
-                try:
-                    sock.send(hello, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # the seed is not up yet; the next greeting will try again
+        for address in targets:
+            sock = self._hellos.get(address)
+            if sock is None:  # a DEALER to that node's control port
+                sock = self._hellos[address] = self.socket(zmq.DEALER)
+                sock.connect(f"tcp://{address[0]}:{address[1]}")
+            try:
+                sock.send(hello, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # not up yet, or not reachable: the next greeting tries again
 
     def _subscribe(self, host: str, zmq_port: int) -> None:
         if (host, zmq_port) == (self.me.host, self.me.zmq_port) or not host:

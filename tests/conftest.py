@@ -22,11 +22,15 @@ from actors import PeerUnavailable, ask, shape_for, synthesize
 BIN = Path(sys.executable).parent
 
 
-def eventually(condition: Callable[[], bool], timeout_s: float = 30.0) -> float:
-    """Seconds until `condition()` held, polling; fails the test after `timeout_s`."""
+def eventually(
+    condition: Callable[[], bool], timeout_s: float = 30.0, show: Callable[[], object] | None = None
+) -> float:
+    """Seconds until `condition()` held, polling; fails the test after `timeout_s`, saying what
+    `show()` last returned."""
     start = time.monotonic()
     while not condition():
-        assert time.monotonic() - start < timeout_s, "condition not reached in time"
+        if time.monotonic() - start >= timeout_s:
+            pytest.fail(f"condition not reached in {timeout_s:g}s; last seen: {show() if show else '-'}")
         time.sleep(0.05)
     return time.monotonic() - start
 

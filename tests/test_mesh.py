@@ -33,6 +33,8 @@ def test_three_nodes_of_a_mesh_see_each_other_alive_and_another_mesh_stays_apart
     for node, me in zip(alpha, ids, strict=True):
         eventually(lambda node=node, me=me: states(node) == {i: "alive" for i in ids if i != me})
     assert beta.status()["peers"] == []
+    # A peer first known from another's gossip shows its role and models once its own heartbeat came.
+    eventually(lambda: all(p["role"] == "serving" for p in alpha[0].status()["peers"]))
     peer = alpha[0].status()["peers"][0]
     assert {"node_id", "host", "state", "rtt_ms", "role", "models"} <= peer.keys()
     assert peer["host"] == "127.0.0.1" and peer["role"] == "serving" and peer["models"] == ["tiny-llama"]

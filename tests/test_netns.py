@@ -44,7 +44,9 @@ class Host:
 
     def peers(self) -> dict[str, str]:
         out = self.ctl("peers", "--json")
-        return {p["host"]: p["state"] for p in json.loads(out.stdout)} if out.returncode == 0 else {}
+        if out.returncode != 0:
+            return {"mesh-ctl failed": out.stderr.strip()[-200:]}
+        return {p["host"]: p["state"] for p in json.loads(out.stdout)}
 
 
 @pytest.fixture
@@ -83,18 +85,22 @@ def hosts(lan: Lan, tiny_model: Path, tmp_path: Path) -> Iterator[list[Host]]:
 def test_hosts_on_a_lan_find_each_other_by_mdns_across_their_interfaces(hosts: list[Host]) -> None:
     for host in hosts:
         others = {h.address for h in hosts if h is not host}
-        eventually(lambda host=host, others=others: host.peers() == dict.fromkeys(others, "alive"))
+        eventually(
+            lambda host=host, others=others: host.peers() == dict.fromkeys(others, "alive"), 45, host.peers
+        )
 
 
 def test_a_partitioned_host_is_declared_dead_and_comes_back_alive_when_the_link_heals(
     hosts: list[Host], lan: Lan
 ) -> None:
     a, b, c = hosts
-    eventually(lambda: a.peers() == {b.address: "alive", c.address: "alive"})
+    views = lambda: {"a": a.peers(), "b": b.peers(), "c": c.peers()}  # noqa: E731
+    for host in hosts:
+        others = {h.address for h in hosts if h is not host}
+        eventually(lambda host=host, others=others: host.peers() == dict.fromkeys(others, "alive"), 45, views)
     lan.unplug(c.ns)
-    eventually(lambda: a.peers().get(c.address) == "dead" and b.peers().get(c.address) == "dead")
-    eventually(lambda: set(c.peers().values()) == {"dead"})  # the other side of the partition
+    eventually(lambda: a.peers().get(c.address) == "dead" and b.peers().get(c.address) == "dead", 45, views)
+    eventually(lambda: set(c.peers().values()) == {"dead"}, 45, views)  # the other side of the partition
     lan.plug(c.ns)
-    eventually(
-        lambda: a.peers().get(c.address) == "alive" and c.peers() == {a.address: "alive", b.address: "alive"}
-    )
+    healed = {a.address: "alive", b.address: "alive"}
+    eventually(lambda: a.peers().get(c.address) == "alive" and c.peers() == healed, 45, views)
