@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,3 +76,23 @@ def test_nodes_join_through_peer_seeds_without_mdns(tiny_model: Path, tmp_path: 
             second.stop()
     finally:
         first.stop()
+
+
+def test_a_node_paused_for_two_seconds_is_suspected_at_most_never_declared_dead(
+    mesh_nodes: list[NodeProcess],
+) -> None:
+    a, b, c = mesh_nodes[:3]
+    c_id = c.status()["node_id"]
+    eventually(lambda: states(a).get(c_id) == "alive" and states(b).get(c_id) == "alive")
+    seen: set[str] = set()
+    for _ in range(3):  # SIGSTOP 2 s, run 2 s
+        c.proc.send_signal(signal.SIGSTOP)
+        try:
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                seen.add(states(a)[c_id])
+                time.sleep(0.1)
+        finally:
+            c.proc.send_signal(signal.SIGCONT)
+        eventually(lambda: states(a).get(c_id) == "alive", timeout_s=5)
+    assert "dead" not in seen, seen
