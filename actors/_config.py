@@ -24,7 +24,6 @@ class NodeConfig:
     retry_after_s: int = 2  # advertised in Retry-After when a queue is full
     actor_start_timeout_s: float = 10.0  # setup (binding sockets) must finish in this
     actor_stop_timeout_s: float = 5.0  # a stopping actor must have joined by then
-    poll_interval_s: float = 0.1  # upper bound of a poll loop's sleep when idle
     engine_load_timeout_s: float = 300.0  # a child that loads longer than this is killed
     engine_restart_backoff_s: float = 0.5  # first wait before restarting a dead engine
     engine_max_restart_backoff_s: float = 10.0  # the wait doubles up to this
@@ -32,6 +31,5 @@ class NodeConfig:
     engine_max_failed_loads: int = 3  # consecutive failed loads before a worker gives up
     keepalive_interval_s: float = 2.0  # router tells a waiting gateway "still pending" this often
     gateway_idle_timeout_s: float = 15.0  # a gateway that hears nothing this long fails the request
-    control_timeout_s: float = 5.0  # mesh-ctl gives up on a node after this
     max_rtt_ms: float = 80.0  # peers farther than this take no inference work from this node
     remote_silence_s: float = 6.0  # a peer silent this long about a forwarded request has failed

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+
 from actors import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -96,8 +98,6 @@ class MdnsDiscovery:
         self._lock = threading.Lock()
 
     def start(self) -> MdnsDiscovery:
-        from zeroconf import IPVersion, ServiceBrowser, Zeroconf
-
         self._zc = Zeroconf(interfaces=[self.advert.host], ip_version=IPVersion.V4Only)
         # Instance names are node ids (host name + random suffix), unique by construction, so the
         # ~2 s of uniqueness probing buys nothing and would delay every join.
@@ -122,8 +122,6 @@ class MdnsDiscovery:
         self.close()
 
     def _info(self) -> Any:
-        from zeroconf import ServiceInfo
-
         return ServiceInfo(
             SERVICE_TYPE,
             f"{self.advert.node_id}.{SERVICE_TYPE}",
@@ -135,8 +133,6 @@ class MdnsDiscovery:
 
     def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
         """zeroconf's browser thread: a service appeared, changed or left."""
-        from zeroconf import ServiceStateChange
-
         if state_change is ServiceStateChange.Removed:
             node_id = self._names.pop(name, None)
             if node_id is not None:

@@ -14,7 +14,6 @@ import zmq
 
 from actors import (
     TERMINAL_TYPES,
-    Accepted,
     Answer,
     Cancel,
     ErrorReply,
@@ -132,6 +131,3 @@ class RouterClient:
         if not isinstance(answer, Answer):
             raise PeerUnavailable(f"router answered a query with {type(answer).__name__}")
         return answer.data
-
-
-__all__ = ["Accepted", "Backend", "EventStream", "RouterClient"]

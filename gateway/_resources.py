@@ -9,9 +9,9 @@ from typing import Any
 
 import falcon
 
-from actors import Accepted, Chunk, EngineFailed, Finished, Generate, RequestError, Started
+from actors import Accepted, Chunk, EngineFailed, Finished, RequestError, Started
 from gateway._backend import Backend, EventStream
-from gateway._errors import to_api_error
+from gateway._errors import ApiError, to_api_error
 from gateway._requests import Parsed, parse_chat, parse_completion, read_json
 
 
@@ -165,8 +165,6 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 def read_body(req: falcon.Request, limit: int) -> bytes:
     """The request body, or 413 when it is larger than `limit` bytes."""
-    from gateway._errors import ApiError
-
     if req.content_length is not None and req.content_length > limit:
         raise ApiError(
             413,
@@ -177,6 +175,3 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     if len(raw) > limit:
         raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
     return raw
-
-
-__all__ = ["ChatCompletions", "Completions", "Generate", "Health", "Models"]

@@ -4,7 +4,6 @@ interfaces, notice a partition, and heal. Skipped, with the reason, where namesp
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests._netns import Lan, can_make_namespaces
-from tests.conftest import BIN, eventually
+from tests.conftest import BIN, eventually, stop_process
 
 WHY_NOT = can_make_namespaces()
 pytestmark = [
@@ -68,18 +67,12 @@ def hosts(lan: Lan, tiny_model: Path, tmp_path: Path) -> Iterator[list[Host]]:
                 "ip", "netns", "exec", ns, str(BIN / "mesh-llm"), "serve", "--model", str(tiny_model),
                 "--host", address, "--mesh", "lan", "--threads", "1", "--state-dir", str(tmp_path / f"s{i}"),
             ]  # fmt: skip
-            log = (tmp_path / f"host{i}.log").open("wb")
-            made.append(Host(ns, address, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+            with (tmp_path / f"host{i}.log").open("wb") as log:
+                made.append(Host(ns, address, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
         yield made
     finally:
         for host in made:
-            if host.proc.poll() is None:
-                host.proc.send_signal(signal.SIGTERM)
-                try:
-                    host.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    host.proc.kill()
-                    host.proc.wait()
+            stop_process(host.proc)
 
 
 def test_hosts_on_a_lan_find_each_other_by_mdns_across_their_interfaces(hosts: list[Host]) -> None:
