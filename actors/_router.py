@@ -330,11 +330,16 @@ class Router(Actor):
         return [n for n, p in self._peers.items() if request.model in p.get("models", [])]
 
     def _on_mesh_view(self, view: MeshView) -> None:
-        """The gossip actor's latest picture: keep alive peers within `max_rtt_ms`."""
+        """The gossip actor's latest picture: keep live peers within `max_rtt_ms`.
+
+        A suspect peer keeps its work (SWIM: suspicion is not death; failover covers a real one),
+        and a peer already in use may exceed the limit by a quarter before it is dropped, so that
+        a busy moment on a loaded machine does not move sessions back and forth."""
         near = {}
         for peer in view.peers:
             rtt = peer.get("rtt_ms")
-            if peer.get("state") == "alive" and (rtt is None or rtt <= self.config.max_rtt_ms):
+            limit = self.config.max_rtt_ms * (1.25 if peer["node_id"] in self._peers else 1.0)
+            if peer.get("state") in ("alive", "suspect") and (rtt is None or rtt <= limit):
                 near[peer["node_id"]] = peer
         self._peers = near
         for node in list(self._links):
