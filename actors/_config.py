@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: heartbeats carry RTTs; Finished carries speculative counts
 
 # Port layout above --zmq-port (the node's first ZeroMQ port).
 CONTROL_PORT_OFFSET = 0  # mesh-ctl talks to the control actor here (default 9338)
@@ -33,3 +33,11 @@ class NodeConfig:
     gateway_idle_timeout_s: float = 15.0  # a gateway that hears nothing this long fails the request
     max_rtt_ms: float = 80.0  # peers farther than this take no inference work from this node
     remote_silence_s: float = 6.0  # a peer silent this long about a forwarded request has failed
+    # Gossip and membership (discovery/): a dead node is declared dead in about 4 s on a LAN.
+    heartbeat_interval_s: float = 0.25  # how often a node publishes its heartbeat
+    suspect_after_s: float = 1.5  # a peer not heard from this long is suspect
+    dead_after_s: float = 2.5  # a suspect that does not refute within this long is dead
+    tombstone_s: float = 3600.0  # dead/left members are remembered this long to stop ghosts
+    rtt_window: int = 9  # RTT is the median of this many samples: one hiccup moves nothing
+    leave_flush_s: float = 0.5  # how long a stopping node waits for its `left` to go out
+    hello_interval_s: float = 2.0  # a seed (or a peer that does not hear us) is greeted this often

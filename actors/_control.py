@@ -28,6 +28,7 @@ class _Pending:
     query: Query
     router: dict[str, Any] | None = None
     peers: list[dict[str, Any]] | None = None
+    role: str | None = None  # the gossip actor's word on our latency class
 
 
 def mesh_models(me: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -119,14 +120,17 @@ class Control(Actor):
         pending = self._waiting[answer.request_id]
         if "peers" in answer.data:
             pending.peers = answer.data["peers"]
+            pending.role = answer.data.get("role")
         else:
             pending.router = answer.data
         if pending.router is not None and pending.peers is not None:
             del self._waiting[answer.request_id]
-            data = self.compose(pending.query.what, pending.router, pending.peers)
+            data = self.compose(pending.query.what, pending.router, pending.peers, pending.role)
             self._reply(pending.client, Answer(request_id=pending.query.request_id, data=data))
 
-    def compose(self, what: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, Any]:
+    def compose(
+        self, what: str, router: dict[str, Any], peers: list[dict[str, Any]], role: str | None = None
+    ) -> dict[str, Any]:
         """The reply to a mesh-ctl command, from the router's snapshot and the gossip's peers."""
         info = self.node_info
         if what == "peers":
@@ -136,7 +140,7 @@ class Control(Actor):
         return {
             "node_id": info["node_id"],
             "mesh": info["mesh"],
-            "role": info["role"],
+            "role": role or info["role"],
             "models": router["local_models"],
             "peers": peers,
             "host": info["host"],

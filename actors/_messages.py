@@ -148,7 +148,10 @@ class Heartbeat:
 
     `view` rows are `[node_id, state, incarnation, host, zmq_port]`: membership gossip that also
     tells peers where to reach nodes they have not discovered themselves. `echoes` maps a peer's
-    id to `[that peer's sent_at, seconds we held it]`, so the peer can measure its RTT to us.
+    id to `[that peer's sent_at, seconds we held it]`, so the peer can measure its RTT to us;
+    `rtts` gossips the RTTs we measured, so every node sees which peers are near each other.
+    `role` is "client" for a node with no model or too far from every serving peer (then it
+    also lists no models: it takes no inference work).
     """
 
     KIND: ClassVar[str] = "heartbeat"
@@ -164,6 +167,7 @@ class Heartbeat:
     sent_at: float
     echoes: dict[str, list[float]]
     view: list[list[Any]]
+    rtts: dict[str, float] = field(default_factory=dict)  # our measured RTT (ms) to each peer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,6 +186,7 @@ class MeshView:
 
     KIND: ClassVar[str] = "mesh_view"
     peers: list[dict[str, Any]]
+    far: bool = False  # this node is over the RTT limit to every serving peer: API client only
 
 
 MESSAGE_TYPES: tuple[type, ...] = (

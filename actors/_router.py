@@ -102,7 +102,9 @@ class Router(Actor):
         self._flights: dict[str, _Flight] = {}
         self._front: zmq.Socket | None = None
         self._back: zmq.Socket | None = None
-        self._peers: dict[str, dict[str, Any]] = {}  # alive peers near enough to take work
+        self._peers: dict[str, dict[str, Any]] = {}  # live peers (alive or suspect)
+        self._near: set[str] = set()  # those within `max_rtt_ms`: they take our work
+        self.far = False  # the gossip actor says we are far from the mesh (an API client only)
         self._links: dict[str, zmq.Socket] = {}  # DEALER to each such peer's router
         self._monitors: dict[str, zmq.Socket] = {}  # their disconnect events
 
@@ -324,30 +326,38 @@ class Router(Actor):
     # -- peers ------------------------------------------------------------------------------
 
     def _remote_nodes(self, request: Generate) -> list[str]:
-        """Peers that may take `request`: none for a request another router already placed."""
+        """Peers that may take `request`: the near ones serving its model; if neither they nor
+        this node serve it, the far ones (a far node proxies to the mesh: DESIGN §2.5). None for
+        a request another router already placed."""
         if request.forwarded:
             return []
-        return [n for n, p in self._peers.items() if request.model in p.get("models", [])]
+        serving = [n for n, p in self._peers.items() if request.model in p.get("models", [])]
+        near = [n for n in serving if n in self._near]
+        if near or any(w.state.model_id == request.model for w in self._workers.values()):
+            return near
+        return serving
 
     def _on_mesh_view(self, view: MeshView) -> None:
-        """The gossip actor's latest picture: keep live peers within `max_rtt_ms`.
+        """The gossip actor's latest picture: live peers, and which of them are within `max_rtt_ms`.
 
         A suspect peer keeps its work (SWIM: suspicion is not death; failover covers a real one),
-        and a peer already in use may exceed the limit by a quarter before it is dropped, so that
-        a busy moment on a loaded machine does not move sessions back and forth."""
-        near = {}
-        for peer in view.peers:
+        and a near peer may exceed the limit by a quarter before it counts as far, so that a busy
+        moment on a loaded machine does not move sessions back and forth."""
+        self.far = view.far
+        live = {p["node_id"]: p for p in view.peers if p.get("state") in ("alive", "suspect")}
+        near = set()
+        for node, peer in live.items():
             rtt = peer.get("rtt_ms")
-            limit = self.config.max_rtt_ms * (1.25 if peer["node_id"] in self._peers else 1.0)
-            if peer.get("state") in ("alive", "suspect") and (rtt is None or rtt <= limit):
-                near[peer["node_id"]] = peer
-        self._peers = near
+            limit = self.config.max_rtt_ms * (1.25 if node in self._near else 1.0)
+            if rtt is None or rtt <= limit:
+                near.add(node)
+        self._peers, self._near = live, near
         for node in list(self._links):
-            if node not in near:
+            if node not in live:
                 self.forget(self._monitors.pop(node))
                 self.forget(self._links.pop(node))
         for rid, flight in list(self._flights.items()):
-            if flight.remote is not None and flight.remote not in near:
+            if flight.remote is not None and flight.remote not in live:
                 self._remote_failed(rid, f"node {flight.remote} left the mesh or is no longer reachable")
 
     def _forward(self, rid: str, node: str) -> None:
@@ -449,7 +459,7 @@ class Router(Actor):
     # -- snapshots ----------------------------------------------------------------------------
 
     def models(self) -> set[str]:
-        """Models this node or a peer near enough serves."""
+        """Models this node or a live peer serves."""
         remote = {m for p in self._peers.values() for m in p.get("models", [])}
         return {w.state.model_id for w in self._workers.values()} | remote
 

@@ -11,9 +11,9 @@ Map of this room:
 Still to come: demand signals, routing across nodes and failover.
 """
 
-from discovery._gossip import Gossip, GossipConfig
+from discovery._gossip import Gossip
 from discovery._mdns import SERVICE_TYPE, Advert, MdnsDiscovery, mesh_hash
-from discovery._membership import Change, Member, Membership, MembershipConfig, State
+from discovery._membership import Change, Member, Membership, State
 from discovery._mesh import MeshMembership
 
 __all__ = [
@@ -21,11 +21,9 @@ __all__ = [
     "Advert",
     "Change",
     "Gossip",
-    "GossipConfig",
     "MdnsDiscovery",
     "Member",
     "Membership",
-    "MembershipConfig",
     "MeshMembership",
     "State",
     "mesh_hash",

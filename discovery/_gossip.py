@@ -23,20 +23,9 @@ from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, Actor, Answer, Query, e
 from actors._codec import peek_version
 from actors._messages import Heartbeat, MeshView, PeerSeen
 from discovery._mdns import Advert
-from discovery._membership import Change, Membership, MembershipConfig
+from discovery._membership import Change, Membership
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GossipConfig:
-    """Gossip timing, with LAN defaults."""
-
-    heartbeat_interval_s: float = 0.25  # how often a node publishes itself
-    membership: MembershipConfig = field(default_factory=MembershipConfig)
-    rtt_window: int = 9  # RTT is the median of this many samples: one scheduling hiccup moves nothing
-    leave_flush_s: float = 0.5  # how long stopping waits for the `left` heartbeat to go out
-    hello_interval_s: float = 2.0  # a seed we have not heard from is greeted again this often
 
 
 @dataclass(slots=True)
@@ -48,6 +37,7 @@ class _Peer:
     models: tuple[str, ...] = ()
     load: dict[str, Any] | None = None
     rtt_samples: deque[float] = field(default_factory=deque)
+    rtts: dict[str, float] = field(default_factory=dict)  # what it measures to its peers (ms)
 
     @property
     def rtt_ms(self) -> float | None:
@@ -74,14 +64,12 @@ class Gossip(Actor):
         query_endpoint: str,
         inbox_endpoint: str,
         seeds: Sequence[tuple[str, int]] = (),
-        gossip: GossipConfig | None = None,
         bind_endpoint: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(ctx, "gossip", **kwargs)
         self.me = me
-        self.gossip = gossip or GossipConfig()
-        self.tick_interval_s = self.gossip.heartbeat_interval_s
+        self.tick_interval_s = self.config.heartbeat_interval_s
         self.router_endpoint = router_endpoint
         self.query_endpoint = query_endpoint
         self.inbox_endpoint = inbox_endpoint
@@ -92,11 +80,12 @@ class Gossip(Actor):
             me.node_id,
             incarnation=time.time_ns() // 1_000_000,
             now=self.clock(),
-            config=self.gossip.membership,
+            config=self.config,
         )
         self._peers: dict[str, _Peer] = {}
         self._connected: set[str] = set()
         self._models: list[str] = []
+        self.far = False  # over the RTT limit to every serving peer: an API client only
         self._load: dict[str, Any] = {}
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
@@ -127,19 +116,20 @@ class Gossip(Actor):
     def teardown(self) -> None:
         self.membership.leave()
         if self._pub is not None:
-            self._pub.setsockopt(zmq.LINGER, int(self.gossip.leave_flush_s * 1000))
+            self._pub.setsockopt(zmq.LINGER, int(self.config.leave_flush_s * 1000))
             self._publish()
 
     def on_tick(self, now: float) -> None:
         for change in self.membership.tick(now):
             self._log_change(change)
+        self._update_latency_class()
         self._publish()
         assert self._router is not None
         self._router.send(encode(Query(request_id="gossip", what="status")))
-        self._router.send(encode(MeshView(peers=self.peers())))
+        self._router.send(encode(MeshView(peers=self.peers(), far=self.far)))
         if now >= self._next_hello:
             self._greet_strangers()
-            self._next_hello = now + self.gossip.hello_interval_s
+            self._next_hello = now + self.config.hello_interval_s
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -182,13 +172,16 @@ class Gossip(Actor):
         peer = self._peers.setdefault(beat.node_id, _Peer(host=beat.host, zmq_port=beat.zmq_port))
         peer.host, peer.zmq_port, peer.http_port = beat.host, beat.zmq_port, beat.http_port
         peer.role, peer.models, peer.load = beat.role, tuple(beat.models), beat.load
+        peer.rtts = {
+            str(n): float(ms) for n, ms in beat.rtts.items() if isinstance(ms, int | float) and ms >= 0
+        }
         peer.their_sent_at, peer.heard_at = beat.sent_at, now
         peer.knows_us = any(row and row[0] == self.me.node_id for row in beat.view)
         echo = beat.echoes.get(self.me.node_id)
         if echo is not None and len(echo) == 2:
             sample_ms = max(0.0, (now - echo[0] - echo[1]) * 1000)
             peer.rtt_samples.append(sample_ms)
-            if len(peer.rtt_samples) > self.gossip.rtt_window:
+            if len(peer.rtt_samples) > self.config.rtt_window:
                 peer.rtt_samples.popleft()
         self._subscribe(beat.host, beat.zmq_port)
 
@@ -214,9 +207,45 @@ class Gossip(Actor):
     def _on_query(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         query = self.decode(frames[-1], "control")
         if isinstance(query, Query):
-            sock.send_multipart(
-                [frames[0], encode(Answer(request_id=query.request_id, data={"peers": self.peers()}))]
+            data = {"peers": self.peers(), "role": self.role}
+            sock.send_multipart([frames[0], encode(Answer(request_id=query.request_id, data=data))])
+
+    # -- latency class ------------------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        """What this node does for the mesh now: its configured role, or "client" while far."""
+        return "client" if self.far else self.me.role
+
+    def _update_latency_class(self) -> None:
+        """Become an API client only when every serving peer is over `max_rtt_ms` from us while
+        some of them are near each other (the mesh is elsewhere); come back below 80 % of it.
+
+        Two lone nodes far apart both keep serving: neither is "the mesh" for the other."""
+        limit = self.config.max_rtt_ms
+        alive = {n for n, m in self.membership.members().items() if m.state == "alive"}
+        serving = {n: p for n, p in self._peers.items() if n in alive and p.models}
+        rtts = [p.rtt_ms for p in serving.values()]
+        if not serving or any(r is None for r in rtts):
+            far = False
+        elif self.far:
+            far = all(r is not None and r > 0.8 * limit for r in rtts)
+        else:
+            mesh_elsewhere = any(
+                0 <= p.rtts.get(other, limit + 1) <= limit
+                for n, p in serving.items()
+                for other in serving
+                if other != n
             )
+            far = mesh_elsewhere and all(r is not None and r > limit for r in rtts)
+        if far != self.far:
+            log.warning(
+                "%s: every serving peer is %s %.0f ms away",
+                "acting as an API client only" if far else "serving again",
+                "over" if far else "no longer all over",
+                limit,
+            )
+            self.far = far
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -237,6 +266,7 @@ class Gossip(Actor):
                     "zmq_port": peer.zmq_port if peer else None,
                     "http_port": peer.http_port if peer else None,
                     "load": peer.load if peer else None,
+                    "rtts": dict(peer.rtts) if peer else {},
                 }
             )
         return rows
@@ -260,12 +290,13 @@ class Gossip(Actor):
             host=self.me.host,
             zmq_port=self.me.zmq_port,
             http_port=self.me.http_port,
-            role="left" if self.membership.left else self.me.role,
-            models=self._models,
+            role="left" if self.membership.left else self.role,
+            models=[] if self.far else self._models,
             load=self._load,
             sent_at=now,
             echoes={n: [p.their_sent_at, now - p.heard_at] for n, p in self._peers.items() if p.heard_at},
             view=view,
+            rtts={n: round(p.rtt_ms, 2) for n, p in self._peers.items() if p.rtt_ms is not None},
         )
         self._pub.send(encode(beat))
 

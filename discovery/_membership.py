@@ -20,17 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from actors import NodeConfig
+
 State = Literal["alive", "suspect", "dead", "left"]
 _FINAL: tuple[State, ...] = ("dead", "left")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MembershipConfig:
-    """Timeouts in seconds, with LAN defaults."""
-
-    suspect_after_s: float = 1.5  # no heartbeat for this long: suspect (heartbeats every 0.25 s)
-    dead_after_s: float = 2.5  # suspected for this long without refutation: dead
-    tombstone_s: float = 3600.0  # dead/left members are remembered this long to stop ghosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +48,10 @@ class Change:
 class Membership:
     """This node's picture of the mesh. Not thread-safe: one actor owns it."""
 
-    def __init__(
-        self, me: str, *, incarnation: int, now: float, config: MembershipConfig | None = None
-    ) -> None:
+    def __init__(self, me: str, *, incarnation: int, now: float, config: NodeConfig | None = None) -> None:
         self.me = me
         self.incarnation = incarnation
-        self.config = config or MembershipConfig()
+        self.config = config or NodeConfig()
         self.left = False
         self.refutations = 0
         self._members: dict[str, Member] = {}

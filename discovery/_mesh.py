@@ -9,7 +9,7 @@ import zmq
 
 from actors import Node, NodeSpec, encode, make_socket
 from actors._messages import PeerSeen
-from discovery._gossip import Gossip, GossipConfig, gossip_endpoint
+from discovery._gossip import Gossip, gossip_endpoint
 from discovery._mdns import Advert, MdnsDiscovery, mesh_hash
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ class MeshMembership:
         mdns: bool,
         seeds: Sequence[tuple[str, int]] = (),
         advertise: tuple[str, int] | None = None,
-        gossip: GossipConfig | None = None,
     ) -> None:
         """`advertise`: the (host, zmq_port) peers reach us at, when not the bound ones."""
         self.spec = spec
@@ -45,7 +44,6 @@ class MeshMembership:
         )
         self.mdns = mdns
         self.seeds = list(seeds)
-        self.gossip = gossip
         self.query_endpoint = f"inproc://gossip-{spec.node_id}"
         self.inbox_endpoint = f"inproc://gossip-inbox-{spec.node_id}"
         self._discovery: MdnsDiscovery | None = None
@@ -59,7 +57,6 @@ class MeshMembership:
             query_endpoint=self.query_endpoint,
             inbox_endpoint=self.inbox_endpoint,
             seeds=self.seeds,
-            gossip=self.gossip,
             bind_endpoint=gossip_endpoint(self.spec.host, self.spec.zmq_port),
             config=node.spec.config,
         )

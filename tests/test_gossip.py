@@ -9,14 +9,12 @@ import msgpack
 import pytest
 import zmq
 
-from actors import PROTOCOL_VERSION, ask, encode, make_socket
+from actors import PROTOCOL_VERSION, NodeConfig, ask, encode, make_socket
 from actors._messages import Heartbeat
-from discovery import Advert, Gossip, GossipConfig, MembershipConfig, mesh_hash
+from discovery import Advert, Gossip, mesh_hash
 from tests.conftest import free_port_pair
 
-FAST = GossipConfig(
-    heartbeat_interval_s=0.05, membership=MembershipConfig(suspect_after_s=0.3, dead_after_s=0.3)
-)
+FAST = NodeConfig(heartbeat_interval_s=0.05, suspect_after_s=0.3, dead_after_s=0.3)
 
 
 @pytest.fixture
@@ -49,7 +47,7 @@ def rig(ctx: zmq.Context) -> Iterator[tuple[Gossip, zmq.Socket]]:
     )
     gossip = Gossip(
         ctx, me=me, router_endpoint="inproc://nowhere", query_endpoint="inproc://g-query",
-        inbox_endpoint="inproc://g-inbox", seeds=[("127.0.0.1", port)], gossip=FAST,
+        inbox_endpoint="inproc://g-inbox", seeds=[("127.0.0.1", port)], config=FAST,
     ).start()  # fmt: skip
     yield gossip, pub
     gossip.stop()
@@ -76,7 +74,7 @@ def test_heartbeats_of_other_meshes_versions_and_garbage_are_ignored_and_counted
     gossip, pub = rig
     foreign = encode(beat("stranger", "m2"))
     future = msgpack.packb([PROTOCOL_VERSION + 1, "heartbeat", {"node_id": "future"}])
-    garbage = b"\x93\x01\xa9heartbeat\x80"
+    garbage = msgpack.packb([PROTOCOL_VERSION, "heartbeat", {}])  # no fields
     friend = encode(beat("friend", "m1"))
     publish_until(pub, [foreign, future, garbage, friend], lambda: "friend" in peers(ctx))
     assert peers(ctx) == {"friend": "alive"}

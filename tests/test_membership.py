@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
-from discovery._membership import Change, Membership, MembershipConfig
+from actors import NodeConfig
+from discovery._membership import Change, Membership
 
-CFG = MembershipConfig(suspect_after_s=1.0, dead_after_s=2.0, tombstone_s=100.0)
+CFG = NodeConfig(suspect_after_s=1.0, dead_after_s=2.0, tombstone_s=100.0)
 
 
 def fresh(me: str = "a", incarnation: int = 1) -> Membership:
