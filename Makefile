@@ -6,8 +6,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Re-install whenever the dependency lists change.
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
+# llama.cpp is built from source with its RPC backend. On x86-64 it is built for AVX2 rather than
+# -march=native: llama.cpp's AMX kernels (picked by -march=native on Sapphire Rapids) segfault on
+# Q8_0 weights (ggml-org/llama.cpp#20824). The wheel is kept per version and flags, because pip's
+# own cache ignores CMAKE_ARGS and would hand back a wheel built with other flags.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_RPC=on
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS += -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+endif
+WHEELS := $(HOME)/.cache/mesh-llm/wheels/$(shell echo '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
+# Re-install whenever the dependency lists or the build flags change.
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml Makefile | sha1sum | cut -c1-12)
 ARGS ?=
 
 .PHONY: serve test bench install
@@ -17,8 +27,11 @@ install: $(STAMP)
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# llama.cpp is built from source with its RPC backend (about 4 minutes the first time; pip caches it).
-	CMAKE_ARGS="-DGGML_RPC=on" $(BIN)/python -m pip install --quiet -e '.[test]'
+	# About 4 minutes the first time on 2 cores; later installs reuse the wheel.
+	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(BIN)/python -m pip wheel --quiet --no-deps --no-cache-dir llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
 serve: $(STAMP)
@@ -31,6 +44,6 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)
-	CMAKE_ARGS="-DGGML_RPC=on" $(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/overhead.py $(ARGS)
 	$(BIN)/python bench/mesh.py

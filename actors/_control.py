@@ -154,6 +154,7 @@ class Control(Actor):
             "queues": router["queues"],
             "in_flight": router["in_flight"],
             "requests": router["requests"],
+            "speculative": router["speculative"],
             "dropped_frames": router["dropped_frames"] + self.stats["dropped_frames"],
         }
 

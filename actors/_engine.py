@@ -167,10 +167,15 @@ def closing_events(
     return [*events, done]
 
 
-def load_engine(model: str, *, n_ctx: int, n_threads: int, slots: int) -> Engine:
-    """The engine for a model spec: a GGUF path, or `fake:...` for tests."""
+def load_engine(
+    model: str, *, n_ctx: int, n_threads: int, slots: int, draft: str | None = None, speculative: str = ""
+) -> Engine:
+    """The engine for a model spec: a GGUF path, or `fake:...` for tests; `draft` and
+    `speculative` set up speculative decoding (llama.cpp engines only)."""
     if model.startswith("fake:"):
         return FakeEngine(model)
     from actors._llama_engine import LlamaEngine
 
-    return LlamaEngine(model, n_ctx=n_ctx, n_threads=n_threads, slots=slots)
+    return LlamaEngine(
+        model, n_ctx=n_ctx, n_threads=n_threads, slots=slots, draft=draft, speculative=speculative
+    )

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--draft", help="a draft GGUF for speculative decoding")
+    parser.add_argument("--speculative", default="", help="the default drafter: draft, lookup or none")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s"
@@ -84,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     sock = make_socket(ctx, zmq.PAIR)
     sock.connect(args.endpoint)
     try:
-        engine = load_engine(args.model, n_ctx=args.ctx, n_threads=args.threads, slots=args.slots)
+        engine = load_engine(
+            args.model,
+            n_ctx=args.ctx,
+            n_threads=args.threads,
+            slots=args.slots,
+            draft=args.draft,
+            speculative=args.speculative,
+        )
     except Exception as err:
         sock.send(
             encode(

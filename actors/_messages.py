@@ -25,6 +25,7 @@ class Generate:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     session: str = ""  # requests of one session go to the same node (rendezvous hashing)
+    speculative: str = ""  # "" the node's default, "off", "lookup" (prompt lookup) or "draft"
     resume_text: str = ""  # text already streamed to the client: continue after it (failover)
     forwarded: bool = False  # already placed by another node's router: serve it here
 
@@ -83,6 +84,9 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    drafter: str = ""  # the speculative drafter used ("draft", "lookup"), "" for none
+    drafted_tokens: int = 0  # tokens proposed by the drafter
+    accepted_tokens: int = 0  # of which the target model accepted
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +193,24 @@ class MeshView:
     far: bool = False  # this node is over the RTT limit to every serving peer: API client only
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DraftRequest:
+    """Engine → speculative drafter: for each row `[seq_id, keep, append, n]`, cut that sequence's
+    draft cache to `keep` tokens, feed `append`, and propose `n` tokens."""
+
+    KIND: ClassVar[str] = "draft_request"
+    rows: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drafted:
+    """Drafter → engine: rows `[seq_id, proposed tokens, tokens now in that sequence's draft
+    cache]` (possibly fewer tokens than asked; the cache length lets the engine stay in step)."""
+
+    KIND: ClassVar[str] = "drafted"
+    rows: list[list[Any]]
+
+
 MESSAGE_TYPES: tuple[type, ...] = (
     Generate,
     Cancel,
@@ -205,6 +227,8 @@ MESSAGE_TYPES: tuple[type, ...] = (
     Heartbeat,
     PeerSeen,
     MeshView,
+    DraftRequest,
+    Drafted,
 )
 
 # Whatever ends a request: after one of these, nothing more arrives for its request id.

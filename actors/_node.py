@@ -27,6 +27,8 @@ class ModelSpec:
 
     source: str  # a GGUF path, or `fake:...` in tests
     model_id: str
+    draft: str | None = None  # a draft GGUF for speculative decoding
+    speculative: str = ""  # the drafter requests get by default: "draft", "lookup" or "" (none)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +90,8 @@ class Node:
                 n_ctx=spec.n_ctx,
                 n_threads=spec.n_threads,
                 slots=spec.slots,
+                draft=m.draft,
+                speculative=m.speculative,
                 **kw,
             )
             for i, m in enumerate(spec.models)

@@ -78,6 +78,8 @@ class _Counters:
     cancelled: int = 0
     retried: int = 0  # placed again after a peer failed before the first token
     resumed: int = 0  # continued on another node after a peer failed mid-stream
+    drafted: int = 0  # speculative decoding on this node's workers: tokens drafted
+    accepted: int = 0  # ... and accepted by the target model
 
 
 class Router(Actor):
@@ -270,6 +272,9 @@ class Router(Actor):
                 self._queues[flight.request.model].appendleft(rid)
                 self._dispatch(flight.request.model)
                 return
+            if isinstance(message, Finished):
+                self.counters.drafted += message.drafted_tokens
+                self.counters.accepted += message.accepted_tokens
             self._relay(rid, message)
             self._dispatch(flight.request.model)
         elif not flight.cancelled:
@@ -502,6 +507,15 @@ class Router(Actor):
                 "rejected_overload": self.counters.rejected_overload,
                 "retried": self.counters.retried,
                 "resumed": self.counters.resumed,
+            },
+            "speculative": {
+                "drafted_tokens": self.counters.drafted,
+                "accepted_tokens": self.counters.accepted,
+                "acceptance_rate": (
+                    round(self.counters.accepted / self.counters.drafted, 4)
+                    if self.counters.drafted
+                    else None
+                ),
             },
             "dropped_frames": self.stats["dropped_frames"],
         }

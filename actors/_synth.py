@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import string
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,23 @@ def shape_for(arch: str, preset: str = "tiny", **overrides: int) -> Shape:
     return dataclasses.replace(shape, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def synthesize(arch: str, out: str | Path, shape: Shape, *, dtype: str = "f16", seed: int = 0) -> Path:
-    """Write a loadable GGUF of `arch` and `shape` with random weights to `out`."""
+def synthesize(
+    arch: str,
+    out: str | Path,
+    shape: Shape,
+    *,
+    dtype: str = "f16",
+    seed: int = 0,
+    quiet_from: int | None = None,
+    quiet_scale: float = 1.0,
+) -> Path:
+    """Write a loadable GGUF of `arch` and `shape` with random weights to `out`.
+
+    Each tensor's weights depend only on `seed` and its name, so models of one seed share their
+    embeddings, output head and first layers. Layers from `quiet_from` on have their output
+    projections (`attn_output`, `ffn_down`) scaled by `quiet_scale`: with a small scale, a model
+    of `quiet_from` layers and the same seed is a close approximation of this one (a speculative
+    draft model that agrees with it strongly)."""
     import gguf
 
     if arch not in ARCHS:
@@ -87,9 +103,12 @@ def synthesize(arch: str, out: str | Path, shape: Shape, *, dtype: str = "f16", 
     writer = gguf.GGUFWriter(str(out), gguf_arch)
     _write_metadata(writer, arch, shape, out.stem, dtype)
     _write_tokenizer(writer, shape.n_vocab)
-    rng = np.random.default_rng(seed)
     for name, dims in _tensor_shapes(arch, shape):
-        _add_tensor(writer, name, dims, rng, dtype)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        scale = 1.0
+        if quiet_from is not None and name.endswith(("attn_output.weight", "ffn_down.weight")):
+            scale = quiet_scale if int(name.split(".")[1]) >= quiet_from else 1.0
+        _add_tensor(writer, name, dims, rng, dtype, scale)
     tmp = out.with_suffix(".gguf.partial")
     writer.path = tmp
     writer.write_header_to_file(path=tmp)
@@ -234,7 +253,7 @@ def _tensor_shapes(arch: str, s: Shape) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _add_tensor(
-    writer: object, name: str, dims: tuple[int, ...], rng: np.random.Generator, dtype: str
+    writer: object, name: str, dims: tuple[int, ...], rng: np.random.Generator, dtype: str, scale: float = 1.0
 ) -> None:
     import gguf
 
@@ -242,7 +261,7 @@ def _add_tensor(
         data = np.ones(dims, np.float32) if "norm" in name else rng.normal(0, 0.02, dims).astype(np.float32)
         writer.add_tensor(name, data)  # type: ignore[attr-defined]
         return
-    data = rng.standard_normal(dims, dtype=np.float32) * np.float32(0.02)
+    data = rng.standard_normal(dims, dtype=np.float32) * np.float32(0.02 * scale)
     if name == "output.weight":
         # Control tokens get zero logits, far below the best of thousands of random ones: greedy
         # decoding never ends a generation early, so benchmarks and tests run to max_tokens.

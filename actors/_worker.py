@@ -36,8 +36,12 @@ class ShardWorker(Actor):
         n_ctx: int,
         n_threads: int,
         slots: int = 1,
+        draft: str | None = None,
+        speculative: str = "",
         **kwargs: object,
     ) -> None:
+        """`draft`: a draft GGUF for speculative decoding; `speculative`: the drafter requests get
+        by default ("draft", "lookup", or "" for none)."""
         super().__init__(ctx, worker_id, **kwargs)  # type: ignore[arg-type]
         self.worker_id = worker_id
         self.model = model
@@ -46,6 +50,8 @@ class ShardWorker(Actor):
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.slots = slots
+        self.draft = draft
+        self.speculative = speculative
         self.state = "loading"
         self.restarts = 0
         self._failed_loads = 0
@@ -100,7 +106,10 @@ class ShardWorker(Actor):
             "--threads", str(self.n_threads),
             "--slots", str(self.slots),
             "--parent-pid", str(os.getpid()),
+            "--speculative", self.speculative,
         ]  # fmt: skip
+        if self.draft:
+            argv += ["--draft", self.draft]
         self._child = ChildProcess(argv)
         pid = self._child.start()
         self._engine = engine

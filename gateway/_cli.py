@@ -16,7 +16,7 @@ from pathlib import Path
 from actors import ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
 from actors._supervisor import ChildProcess
 from discovery import MeshMembership
-from gateway._models import check_model, default_model
+from gateway._models import check_draft, check_model, default_model
 
 log = logging.getLogger("mesh_llm")
 _GUNICORN_START_TIMEOUT_S = 30.0
@@ -30,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a node that serves a model")
     serve.add_argument(
         "--model", type=Path, help="GGUF to serve (default: a built-in demo model with random weights)"
+    )
+    serve.add_argument(
+        "--draft", type=Path, help="a small draft GGUF with the same vocabulary: speculative decoding"
+    )
+    serve.add_argument(
+        "--lookup",
+        action="store_true",
+        help="prompt-lookup drafting for greedy requests (without --draft; a request may ask with "
+        '"speculative": "lookup")',
     )
     serve.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     serve.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
@@ -100,7 +109,14 @@ def serve(args: argparse.Namespace) -> int:
     if args.command == "serve":
         try:
             model = args.model or default_model()
-            models.append(ModelSpec(source=str(model), model_id=check_model(model)))
+            model_id = check_model(model)
+            if args.draft:
+                check_draft(model, args.draft)
+            speculative = "draft" if args.draft else "lookup" if args.lookup else ""
+            draft = str(args.draft) if args.draft else None
+            models.append(
+                ModelSpec(source=str(model), model_id=model_id, draft=draft, speculative=speculative)
+            )
         except ValueError as err:
             print(f"mesh-llm: {err}", file=sys.stderr)
             return 2

@@ -39,6 +39,31 @@ def check_model(path: Path) -> str:
     return _source_model_id(path) or model_id_of(path)
 
 
+def check_draft(target: Path, draft: Path) -> None:
+    """Raise ValueError unless `draft` is a GGUF whose vocabulary is the target's, token for token
+    (a drafted token id must mean the same text to both models)."""
+    from gguf import GGUFReader
+
+    check_model(draft)
+
+    def tokens(path: Path) -> list[str]:
+        field = GGUFReader(str(path)).get_field("tokenizer.ggml.tokens")
+        return [str(t) for t in field.contents()] if field is not None else []
+
+    mine, theirs = tokens(target), tokens(draft)
+    if not theirs or len(mine) != len(theirs):
+        raise ValueError(
+            f"the draft model {draft} has a vocabulary of {len(theirs)} tokens, the target {target} "
+            f"of {len(mine)}: a draft model must share the target's tokenizer"
+        )
+    for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        if a != b:
+            raise ValueError(
+                f"the draft model {draft} has a different vocabulary from {target} "
+                f"(token {i} is {b!r} there, {a!r} here): a draft model must share the target's tokenizer"
+            )
+
+
 def _source_model_id(path: Path) -> str | None:
     """An MoE shard carries the id of the model it was split from."""
     from gguf import GGUFReader

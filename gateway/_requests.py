@@ -101,6 +101,9 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
         raise ApiError(
             400, "'stream_options' must be an object, and only with stream=true.", param="stream_options"
         )
+    speculative = body.get("speculative", "")
+    if speculative not in ("", "off", "lookup", "draft"):
+        raise ApiError(400, "'speculative' must be one of off, lookup or draft.", param="speculative")
     generate = Generate(
         request_id=uuid.uuid4().hex,
         model=model,
@@ -110,6 +113,7 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
         seed=_number(body["seed"], "seed", int, None, None) if body.get("seed") is not None else None,
         stop=_stops(body.get("stop")),
         session=session_key(body, session_header, what),
+        speculative=speculative,
         **what,
     )
     include_usage = bool(

@@ -151,12 +151,22 @@ class Completions(_Completions):
         return self.choice(text, finish)
 
 
-def usage(done: Finished) -> dict[str, int]:
-    return {
+def usage(done: Finished) -> dict[str, Any]:
+    """OpenAI's usage object; with speculative decoding, an extension `speculative` object."""
+    out: dict[str, Any] = {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
     }
+    if done.drafter:
+        rate = done.accepted_tokens / done.drafted_tokens if done.drafted_tokens else None
+        out["speculative"] = {
+            "drafter": done.drafter,
+            "drafted_tokens": done.drafted_tokens,
+            "accepted_tokens": done.accepted_tokens,
+            "acceptance_rate": round(rate, 4) if rate is not None else None,
+        }
+    return out
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
