@@ -165,6 +165,11 @@ class LlamaEngine:
             raise InvalidRequest(f"all {self.slots} slots are busy")
         slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
         keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)  # re-feed >= 1 token
+        if request.seed is not None and request.temperature > 0:
+            # A seeded sample is reproducible only if its logits are: evaluate the whole prompt
+            # in the same batches every time (a cached prefix changes the batch shapes, and with
+            # them llama.cpp's float rounding).
+            keep = 0
         self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
         slot.cached = tokens[:keep]
         slot.todo = tokens[keep:]
