@@ -7,6 +7,8 @@ Map of this room:
 - `_router`      admission (bounded queue per model), forwarding, streaming back, cancel.
 - `_worker`      shard-worker: one engine child process, supervised (`_supervisor`).
 - `_engine`      the engine (llama.cpp, or a fake for tests); `_engine_child` its process main.
+- `_drafter`     the speculative-drafter actor (draft model, in the engine child); `_speculative`
+                 prompt lookup, draft length and the governor that decides whether drafting pays.
 - `_control`     answers mesh-ctl; `_client.ask` is the caller's side.
 - `_node`        assembles the actors of one node.
 - `_synth`       synthesized GGUF models (GGUF tooling sits with the worker that loads it).

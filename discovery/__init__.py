@@ -5,10 +5,11 @@ Map of this room:
                  `Advert` is what a node's TXT record says.
 - `_membership`  the SWIM-style state machine (alive, suspect, dead, left; incarnations,
                  refutation, tombstones), pure and clock-driven.
-- `_gossip`      the gossip actor: heartbeats over PUB/SUB (zmq_port + 2), membership, RTT.
+- `_gossip`      the gossip actor: heartbeats over PUB/SUB (zmq_port + 2), membership, RTT
+                 (measured and gossiped), latency class (a far node acts as a client only).
 - `_mesh`        `MeshMembership`: the gossip actor, mDNS and `--peer` seeds for one node.
 
-Still to come: demand signals, routing across nodes and failover.
+Still to come: demand signals and standby promotion. (Routing and failover live in the router.)
 """
 
 from discovery._gossip import Gossip
