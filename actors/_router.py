@@ -101,6 +101,8 @@ class Router(Actor):
         self.counters = _Counters()
         self._workers: dict[bytes, _Worker] = {}
         self._queues: dict[str, deque[str]] = {}
+        self._held: deque[str] = deque()  # requests waiting for any of their nodes to have room
+        self._freed: dict[str, deque[float]] = {}  # when our forwards to each peer last ended
         self._flights: dict[str, _Flight] = {}
         self._front: zmq.Socket | None = None
         self._back: zmq.Socket | None = None
@@ -126,6 +128,7 @@ class Router(Actor):
             )
 
     def on_tick(self, now: float) -> None:
+        self._place_held()
         for rid, flight in list(self._flights.items()):
             if flight.remote is not None and now - flight.remote_heard > self.config.remote_silence_s:
                 self._remote_failed(rid, f"node {flight.remote} went silent")
@@ -191,7 +194,11 @@ class Router(Actor):
         if serves_here and self.node_id not in flight.tried:
             nodes.append(self.node_id)
         choice = choose(request.session or rid, nodes, lambda n: self._has_room(n, request.model))
-        if choice is None:
+        if choice is not None and len(nodes) > 1 and not self._has_room(choice, request.model):
+            # Every node is busy: wait here for whichever frees first (still in the session's
+            # order of preference), rather than queue behind one while another goes idle.
+            self._hold(rid)
+        elif choice is None:
             reason = f"{why}; no other node can serve it" if why else "no node can serve it now"
             self.counters.failed += 1
             self._finish(rid, ErrorReply(request_id=rid, code="peer_unavailable", message=reason))
@@ -220,10 +227,51 @@ class Router(Actor):
             free = sum(w.room for w in self._workers.values() if w.state.model_id == model)
             return free > len(self._queues.get(model, ()))
         load = self._peers.get(node, {}).get("load") or {}
-        # Gossiped load is up to a heartbeat old: count what we sent there since, too.
+        # Gossiped load is up to a heartbeat old: count what we sent there since, and what of
+        # ours ended there since (it may still be in the gossiped figure).
         ours = sum(1 for f in self._flights.values() if f.remote == node)
-        busy = max(int(load.get("in_flight", 0)) + int(load.get("queued", 0)), ours)
-        return busy < int(load.get("slots", 1))
+        freed = self._freed.get(node, deque())
+        horizon = self.clock() - 2 * self.config.heartbeat_interval_s
+        while freed and freed[0] < horizon:
+            freed.popleft()
+        gossiped = int(load.get("in_flight", 0)) + int(load.get("queued", 0)) - len(freed)
+        return max(gossiped, ours) < int(load.get("slots", 1))
+
+    def _hold(self, rid: str) -> None:
+        if len(self._held) >= self.config.queue_depth_per_model:
+            self.counters.rejected_overload += 1
+            self._finish(
+                rid,
+                ErrorReply(
+                    request_id=rid,
+                    code="overloaded",
+                    message=f"every node serving {self._flights[rid].request.model} is busy "
+                    f"and {len(self._held)} requests are waiting",
+                    details={"retry_after": self.config.retry_after_s},
+                ),
+            )
+        else:
+            self._held.append(rid)
+
+    def _place_held(self) -> None:
+        """Place waiting requests, oldest first, on the first of their nodes with room."""
+        for rid in list(self._held):
+            if rid not in self._held:  # placed (or failed) by a nested call meanwhile
+                continue
+            flight = self._flights.get(rid)
+            if flight is None:
+                self._held.remove(rid)
+                continue
+            request = flight.request
+            nodes = [n for n in self._remote_nodes(request) if n not in flight.tried]
+            if self.node_id not in flight.tried and any(
+                w.state.model_id == request.model and w.state.state != "failed"
+                for w in self._workers.values()
+            ):
+                nodes.append(self.node_id)
+            if not nodes or any(self._has_room(n, request.model) for n in nodes):
+                self._held.remove(rid)
+                self._place(rid)
 
     def _cancel(self, rid: str) -> None:
         flight = self._flights.get(rid)
@@ -232,10 +280,15 @@ class Router(Actor):
         self.counters.cancelled += 1
         if flight.remote is not None:
             self._to_peer(flight.remote, Cancel(request_id=rid))
+            self._freed.setdefault(flight.remote, deque()).append(self.clock())
             del self._flights[rid]
+            self._place_held()
             return
         if flight.worker is None:
-            self._queues[flight.request.model].remove(rid)
+            if rid in self._held:
+                self._held.remove(rid)
+            else:
+                self._queues[flight.request.model].remove(rid)
             del self._flights[rid]
             return
         flight.cancelled = True  # stays until the worker's terminal event frees the worker
@@ -438,6 +491,10 @@ class Router(Actor):
         if flight is not None and not flight.cancelled:
             self._to_client(rid, message)
         self._flights.pop(rid, None)
+        if flight is not None and flight.remote is not None:
+            self._freed.setdefault(flight.remote, deque()).append(self.clock())
+        if self._held and rid not in self._held:
+            self._place_held()
 
     def _to_client(self, rid: str, message: Message) -> None:
         flight = self._flights[rid]

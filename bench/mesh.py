@@ -105,6 +105,12 @@ def all_up(ctx: zmq.Context, nodes: list[Node]) -> bool:
     return True
 
 
+def sees_serving(ctx: zmq.Context, client: Node, model: str, nodes: list[Node]) -> bool:
+    """Whether `client` sees every one of `nodes` serving `model` (loaded and gossiped)."""
+    peers = {p["node_id"]: p for p in (client.status(ctx) or {}).get("peers", [])}
+    return all(model in peers.get(n.node_id, {}).get("models", []) for n in nodes)
+
+
 def converged(ctx: zmq.Context, nodes: list[Node], alive: set[str]) -> bool:
     return all(
         {i for i, s in v.items() if s == "alive"} >= alive - {n.node_id}
@@ -251,12 +257,14 @@ def part_d(
             return n[0] / (time.monotonic() - start)
 
         wait_until(lambda: converged(ctx, [*serving, client], {client.node_id, serving[0].node_id}), 60)
+        wait_until(lambda: sees_serving(ctx, client, model.stem, serving), 120)
         warm = stream(client.url, model.stem, "warm", 8)
         assert warm["outcome"] == "ok", warm
         one = measure()
         serving.append(Node(work, model, "--mesh", "bench-d", "--slots", str(slots)))
         wait_until(lambda: all_up(ctx, [*serving, client]), 120)
         wait_until(lambda: converged(ctx, [*serving, client], {n.node_id for n in [*serving, client]}), 60)
+        wait_until(lambda: sees_serving(ctx, client, model.stem, serving), 120)
         stream(client.url, model.stem, "warm2", 8)
         two = measure()
         return {
