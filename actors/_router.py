@@ -67,6 +67,7 @@ class _Flight:
     sent_text: list[str] = field(default_factory=list)  # what the client has received
     sent_tokens: int = 0
     base_tokens: int = 0  # tokens sent before the current placement (after a resume)
+    grace_until: float = 0.0  # after a node failed it: wait this long for another to appear
 
 
 @dataclass(slots=True)
@@ -103,6 +104,7 @@ class Router(Actor):
         self._queues: dict[str, deque[str]] = {}
         self._held: deque[str] = deque()  # requests waiting for any of their nodes to have room
         self._freed: dict[str, deque[float]] = {}  # when our forwards to each peer last ended
+        self._heard: dict[str, float] = {}  # when each peer's gossiped load was (about) measured
         self._flights: dict[str, _Flight] = {}
         self._front: zmq.Socket | None = None
         self._back: zmq.Socket | None = None
@@ -190,7 +192,7 @@ class Router(Actor):
         serves_here = any(
             w.state.model_id == request.model and w.state.state != "failed" for w in self._workers.values()
         )
-        nodes = [n for n in self._remote_nodes(request) if n not in flight.tried]
+        nodes = self._remote_nodes(request, flight.tried)
         if serves_here and self.node_id not in flight.tried:
             nodes.append(self.node_id)
         choice = choose(request.session or rid, nodes, lambda n: self._has_room(n, request.model))
@@ -198,6 +200,8 @@ class Router(Actor):
             # Every node is busy: wait here for whichever frees first (still in the session's
             # order of preference), rather than queue behind one while another goes idle.
             self._hold(rid)
+        elif choice is None and self.clock() < flight.grace_until:
+            self._held.append(rid)  # the mesh view may be a heartbeat behind: wait for the next
         elif choice is None:
             reason = f"{why}; no other node can serve it" if why else "no node can serve it now"
             self.counters.failed += 1
@@ -227,14 +231,15 @@ class Router(Actor):
             free = sum(w.room for w in self._workers.values() if w.state.model_id == model)
             return free > len(self._queues.get(model, ()))
         load = self._peers.get(node, {}).get("load") or {}
-        # Gossiped load is up to a heartbeat old: count what we sent there since, and what of
-        # ours ended there since (it may still be in the gossiped figure).
+        # Gossiped load is a heartbeat old or more: count what we sent there since, and take
+        # off what of ours ended there since (the figure may still hold it).
         ours = sum(1 for f in self._flights.values() if f.remote == node)
         freed = self._freed.get(node, deque())
-        horizon = self.clock() - 2 * self.config.heartbeat_interval_s
-        while freed and freed[0] < horizon:
+        while freed and freed[0] < self.clock() - 10.0:
             freed.popleft()
-        gossiped = int(load.get("in_flight", 0)) + int(load.get("queued", 0)) - len(freed)
+        measured = self._heard.get(node, 0.0) - (self._peers.get(node, {}).get("rtt_ms") or 0.0) / 1000
+        ended = sum(1 for t in freed if t >= measured)
+        gossiped = int(load.get("in_flight", 0)) + int(load.get("queued", 0)) - ended
         return max(gossiped, ours) < int(load.get("slots", 1))
 
     def _hold(self, rid: str) -> None:
@@ -263,12 +268,14 @@ class Router(Actor):
                 self._held.remove(rid)
                 continue
             request = flight.request
-            nodes = [n for n in self._remote_nodes(request) if n not in flight.tried]
+            nodes = self._remote_nodes(request, flight.tried)
             if self.node_id not in flight.tried and any(
                 w.state.model_id == request.model and w.state.state != "failed"
                 for w in self._workers.values()
             ):
                 nodes.append(self.node_id)
+            if not nodes and self.clock() < flight.grace_until:
+                continue
             if not nodes or any(self._has_room(n, request.model) for n in nodes):
                 self._held.remove(rid)
                 self._place(rid)
@@ -383,17 +390,21 @@ class Router(Actor):
 
     # -- peers ------------------------------------------------------------------------------
 
-    def _remote_nodes(self, request: Generate) -> list[str]:
-        """Peers that may take `request`: the near ones serving its model; if neither they nor
-        this node serve it, the far ones (a far node proxies to the mesh: DESIGN §2.5). None for
-        a request another router already placed."""
+    def _remote_nodes(self, request: Generate, tried: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Peers that may take `request`, but those in `tried`: the near ones serving its model;
+        if neither they nor this node can, the far ones (a far node proxies to the mesh, DESIGN
+        §2.5; and a far replica beats failing a request). None for a request another router
+        already placed."""
         if request.forwarded:
             return []
-        serving = [n for n, p in self._peers.items() if request.model in p.get("models", [])]
+        serving = [
+            n for n, p in self._peers.items() if request.model in p.get("models", []) and n not in tried
+        ]
         near = [n for n in serving if n in self._near]
-        if near or any(w.state.model_id == request.model for w in self._workers.values()):
-            return near
-        return serving
+        here = self.node_id not in tried and any(
+            w.state.model_id == request.model and w.state.state != "failed" for w in self._workers.values()
+        )
+        return near if near or here else serving
 
     def _on_mesh_view(self, view: MeshView) -> None:
         """The gossip actor's latest picture: live peers, and which of them are within `max_rtt_ms`.
@@ -410,6 +421,8 @@ class Router(Actor):
             if rtt is None or rtt <= limit:
                 near.add(node)
         self._peers, self._near = live, near
+        now = self.clock()
+        self._heard = {n: now - p["heard_s_ago"] for n, p in live.items() if p.get("heard_s_ago") is not None}
         for node in list(self._links):
             if node not in live:
                 self.forget(self._monitors.pop(node))
@@ -417,6 +430,7 @@ class Router(Actor):
         for rid, flight in list(self._flights.items()):
             if flight.remote is not None and flight.remote not in live:
                 self._remote_failed(rid, f"node {flight.remote} left the mesh or is no longer reachable")
+        self._place_held()
 
     def _forward(self, rid: str, node: str) -> None:
         flight = self._flights[rid]
@@ -446,6 +460,7 @@ class Router(Actor):
         flight = self._flights[rid]
         log.warning("request %s on %s failed: %s", rid, flight.remote, why)
         flight.remote = None
+        flight.grace_until = self.clock() + self.config.suspect_after_s
         if not flight.started:
             self.counters.retried += 1
         else:

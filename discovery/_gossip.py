@@ -126,7 +126,7 @@ class Gossip(Actor):
         self._publish()
         assert self._router is not None
         self._router.send(encode(Query(request_id="gossip", what="status")))
-        self._router.send(encode(MeshView(peers=self.peers(), far=self.far)))
+        self._send_view()
         if now >= self._next_hello:
             self._greet_strangers()
             self._next_hello = now + self.config.hello_interval_s
@@ -162,14 +162,19 @@ class Gossip(Actor):
             self.stats["other_mesh"] += 1
             return
         now = self.clock()
-        self._remember(beat, now)
+        news = self._remember(beat, now)
         for change in self.membership.heard(beat.node_id, beat.incarnation, now):
             self._log_change(change)
+            news = True
+        if news:  # a node joined or changed what it serves: tell the router now, not next tick
+            self._send_view()
         for row in beat.view:
             self._hear_rumor(row, now)
 
-    def _remember(self, beat: Heartbeat, now: float) -> None:
+    def _remember(self, beat: Heartbeat, now: float) -> bool:
+        """Take in a peer's heartbeat; True if it changed the models or role we knew it by."""
         peer = self._peers.setdefault(beat.node_id, _Peer(host=beat.host, zmq_port=beat.zmq_port))
+        news = (peer.models, peer.role) != (tuple(beat.models), beat.role)
         peer.host, peer.zmq_port, peer.http_port = beat.host, beat.zmq_port, beat.http_port
         peer.role, peer.models, peer.load = beat.role, tuple(beat.models), beat.load
         peer.rtts = {
@@ -184,6 +189,11 @@ class Gossip(Actor):
             if len(peer.rtt_samples) > self.config.rtt_window:
                 peer.rtt_samples.popleft()
         self._subscribe(beat.host, beat.zmq_port)
+        return news
+
+    def _send_view(self) -> None:
+        assert self._router is not None
+        self._router.send(encode(MeshView(peers=self.peers(), far=self.far)))
 
     def _hear_rumor(self, row: list[Any], now: float) -> None:
         try:
@@ -252,6 +262,7 @@ class Gossip(Actor):
     def peers(self) -> list[dict[str, Any]]:
         """Every node we know but ourselves, as `mesh-ctl peers --json` shows them."""
         rows = []
+        now = self.clock()
         for node_id, member in sorted(self.membership.members().items()):
             peer = self._peers.get(node_id)
             rows.append(
@@ -267,6 +278,8 @@ class Gossip(Actor):
                     "http_port": peer.http_port if peer else None,
                     "load": peer.load if peer else None,
                     "rtts": dict(peer.rtts) if peer else {},
+                    # how old `load` is: the router discounts what it saw end since
+                    "heard_s_ago": round(now - peer.heard_at, 3) if peer and peer.heard_at else None,
                 }
             )
         return rows
