@@ -11,7 +11,10 @@ Map of this room:
                  prompt lookup, draft length and the governor that decides whether drafting pays.
 - `_control`     answers mesh-ctl; `_client.ask` is the caller's side.
 - `_node`        assembles the actors of one node.
-- `_synth`       synthesized GGUF models (GGUF tooling sits with the worker that loads it).
+- `_synth`       synthesized GGUF models (GGUF tooling sits with the worker that loads it);
+                 `_moe` expert importance and split plans, `_shards` expert-sharded GGUFs,
+                 their fidelity gate and `mesh-ctl moe split`.
+- `_peers`       the router's table of peers (near/far, load, room); `_placement` rendezvous.
 """
 
 from actors._client import ask

@@ -8,9 +8,8 @@ a worker takes up to its `slots` requests at once; events flow back to whoever a
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import zmq
 
@@ -31,11 +30,13 @@ from actors._messages import (
     Started,
     WorkerState,
 )
+from actors._peers import PeerTable
 from actors._placement import choose
 from actors._runtime import Actor
 
 log = logging.getLogger(__name__)
 # A peer's refusals that another node may not share: try the next node before telling the client.
+_MAX_HOMES = 65536  # sessions whose node this router remembers (least recently used forgotten)
 _RETRYABLE = ("overloaded", "not_ready", "engine_failed", "peer_unavailable", "model_not_found")
 
 
@@ -103,14 +104,11 @@ class Router(Actor):
         self._workers: dict[bytes, _Worker] = {}
         self._queues: dict[str, deque[str]] = {}
         self._held: deque[str] = deque()  # requests waiting for any of their nodes to have room
-        self._freed: dict[str, deque[float]] = {}  # when our forwards to each peer last ended
-        self._heard: dict[str, float] = {}  # when each peer's gossiped load was (about) measured
+        self._homes: OrderedDict[tuple[str, str], str] = OrderedDict()  # (session, model) -> node
         self._flights: dict[str, _Flight] = {}
         self._front: zmq.Socket | None = None
         self._back: zmq.Socket | None = None
-        self._peers: dict[str, dict[str, Any]] = {}  # live peers (alive or suspect)
-        self._near: set[str] = set()  # those within `max_rtt_ms`: they take our work
-        self.far = False  # the gossip actor says we are far from the mesh (an API client only)
+        self.peers = PeerTable(self.config)
         self._links: dict[str, zmq.Socket] = {}  # DEALER to each such peer's router
         self._monitors: dict[str, zmq.Socket] = {}  # their disconnect events
 
@@ -195,8 +193,23 @@ class Router(Actor):
         nodes = self._remote_nodes(request, flight.tried)
         if serves_here and self.node_id not in flight.tried:
             nodes.append(self.node_id)
-        choice = choose(request.session or rid, nodes, lambda n: self._has_room(n, request.model))
-        if choice is not None and len(nodes) > 1 and not self._has_room(choice, request.model):
+        home = self._homes.get((request.session, request.model)) if request.session else None
+        choice: str | None
+        if home in nodes:
+            # A session stays where it began while that node lives: its KV cache is there (and,
+            # for an MoE shard, the experts that shaped its answers so far). Busy or not.
+            choice, flexible = home, False
+        else:
+            choice, flexible = (
+                choose(request.session or rid, nodes, lambda n: self._has_room(n, request.model)),
+                True,
+            )
+        if choice is not None and request.session:
+            self._homes[(request.session, request.model)] = choice
+            self._homes.move_to_end((request.session, request.model))
+            while len(self._homes) > _MAX_HOMES:
+                self._homes.popitem(last=False)
+        if flexible and choice is not None and len(nodes) > 1 and not self._has_room(choice, request.model):
             # Every node is busy: wait here for whichever frees first (still in the session's
             # order of preference), rather than queue behind one while another goes idle.
             self._hold(rid)
@@ -230,17 +243,8 @@ class Router(Actor):
         if node == self.node_id:
             free = sum(w.room for w in self._workers.values() if w.state.model_id == model)
             return free > len(self._queues.get(model, ()))
-        load = self._peers.get(node, {}).get("load") or {}
-        # Gossiped load is a heartbeat old or more: count what we sent there since, and take
-        # off what of ours ended there since (the figure may still hold it).
         ours = sum(1 for f in self._flights.values() if f.remote == node)
-        freed = self._freed.get(node, deque())
-        while freed and freed[0] < self.clock() - 10.0:
-            freed.popleft()
-        measured = self._heard.get(node, 0.0) - (self._peers.get(node, {}).get("rtt_ms") or 0.0) / 1000
-        ended = sum(1 for t in freed if t >= measured)
-        gossiped = int(load.get("in_flight", 0)) + int(load.get("queued", 0)) - ended
-        return max(gossiped, ours) < int(load.get("slots", 1))
+        return self.peers.has_room(node, ours, self.clock())
 
     def _hold(self, rid: str) -> None:
         if len(self._held) >= self.config.queue_depth_per_model:
@@ -287,7 +291,7 @@ class Router(Actor):
         self.counters.cancelled += 1
         if flight.remote is not None:
             self._to_peer(flight.remote, Cancel(request_id=rid))
-            self._freed.setdefault(flight.remote, deque()).append(self.clock())
+            self.peers.ended(flight.remote, self.clock())
             del self._flights[rid]
             self._place_held()
             return
@@ -397,32 +401,15 @@ class Router(Actor):
         already placed."""
         if request.forwarded:
             return []
-        serving = [
-            n for n, p in self._peers.items() if request.model in p.get("models", []) and n not in tried
-        ]
-        near = [n for n in serving if n in self._near]
         here = self.node_id not in tried and any(
             w.state.model_id == request.model and w.state.state != "failed" for w in self._workers.values()
         )
-        return near if near or here else serving
+        return self.peers.serving(request.model, tried, here=here)
 
     def _on_mesh_view(self, view: MeshView) -> None:
-        """The gossip actor's latest picture: live peers, and which of them are within `max_rtt_ms`.
-
-        A suspect peer keeps its work (SWIM: suspicion is not death; failover covers a real one),
-        and a near peer may exceed the limit by a quarter before it counts as far, so that a busy
-        moment on a loaded machine does not move sessions back and forth."""
-        self.far = view.far
-        live = {p["node_id"]: p for p in view.peers if p.get("state") in ("alive", "suspect")}
-        near = set()
-        for node, peer in live.items():
-            rtt = peer.get("rtt_ms")
-            limit = self.config.max_rtt_ms * (1.25 if node in self._near else 1.0)
-            if rtt is None or rtt <= limit:
-                near.add(node)
-        self._peers, self._near = live, near
-        now = self.clock()
-        self._heard = {n: now - p["heard_s_ago"] for n, p in live.items() if p.get("heard_s_ago") is not None}
+        """The gossip actor's latest picture: drop links to peers gone, fail over their requests."""
+        self.peers.update(view, self.clock())
+        live = self.peers.live
         for node in list(self._links):
             if node not in live:
                 self.forget(self._monitors.pop(node))
@@ -485,7 +472,7 @@ class Router(Actor):
     def _to_peer(self, node: str, message: Message) -> None:
         link = self._links.get(node)
         if link is None:
-            peer = self._peers[node]
+            peer = self.peers.live[node]
             link = self.socket(zmq.DEALER)
             link.connect(f"tcp://{peer['host']}:{peer['zmq_port'] + ROUTER_PORT_OFFSET}")
             self.on_socket(link, lambda frames, node=node: self._from_peer(node, frames))  # type: ignore[misc]
@@ -507,7 +494,7 @@ class Router(Actor):
             self._to_client(rid, message)
         self._flights.pop(rid, None)
         if flight is not None and flight.remote is not None:
-            self._freed.setdefault(flight.remote, deque()).append(self.clock())
+            self.peers.ended(flight.remote, self.clock())
         if self._held and rid not in self._held:
             self._place_held()
 
@@ -537,13 +524,12 @@ class Router(Actor):
 
     def models(self) -> set[str]:
         """Models this node or a live peer serves."""
-        remote = {m for p in self._peers.values() for m in p.get("models", [])}
-        return {w.state.model_id for w in self._workers.values()} | remote
+        return {w.state.model_id for w in self._workers.values()} | self.peers.models()
 
     def snapshot(self, what: str) -> dict[str, object]:
         """Plain data for `Query(what)`: "models", "health" or "status"."""
         local_ready = {w.state.model_id for w in self._workers.values() if w.state.state == "ready"}
-        ready = sorted(local_ready | {m for p in self._peers.values() for m in p.get("models", [])})
+        ready = sorted(local_ready | self.peers.models())
         if what == "models":
             return {"models": sorted(self.models()), "ready": ready}
         if what == "health":

@@ -84,6 +84,7 @@ def synthesize(
     seed: int = 0,
     quiet_from: int | None = None,
     quiet_scale: float = 1.0,
+    router_skew: float = 0.0,
 ) -> Path:
     """Write a loadable GGUF of `arch` and `shape` with random weights to `out`.
 
@@ -91,7 +92,9 @@ def synthesize(
     embeddings, output head and first layers. Layers from `quiet_from` on have their output
     projections (`attn_output`, `ffn_down`) scaled by `quiet_scale`: with a small scale, a model
     of `quiet_from` layers and the same seed is a close approximation of this one (a speculative
-    draft model that agrees with it strongly)."""
+    draft model that agrees with it strongly). `router_skew` > 0 makes an MoE router favour a few
+    experts of each layer, as trained MoEs do: expert rows of `ffn_gate_inp` are scaled by
+    exp(skew x a rank from 1 down to 0), in a random order per layer."""
     import gguf
 
     if arch not in ARCHS:
@@ -108,7 +111,11 @@ def synthesize(
         scale = 1.0
         if quiet_from is not None and name.endswith(("attn_output.weight", "ffn_down.weight")):
             scale = quiet_scale if int(name.split(".")[1]) >= quiet_from else 1.0
-        _add_tensor(writer, name, dims, rng, dtype, scale)
+        gains = None
+        if router_skew and name.endswith("ffn_gate_inp.weight"):
+            ranks = np.random.default_rng([seed, zlib.crc32(name.encode()), 1]).permutation(dims[0])
+            gains = np.exp(router_skew * (1 - ranks / max(dims[0] - 1, 1))).astype(np.float32)
+        _add_tensor(writer, name, dims, rng, dtype, scale, gains)
     tmp = out.with_suffix(".gguf.partial")
     writer.path = tmp
     writer.write_header_to_file(path=tmp)
@@ -253,7 +260,13 @@ def _tensor_shapes(arch: str, s: Shape) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _add_tensor(
-    writer: object, name: str, dims: tuple[int, ...], rng: np.random.Generator, dtype: str, scale: float = 1.0
+    writer: object,
+    name: str,
+    dims: tuple[int, ...],
+    rng: np.random.Generator,
+    dtype: str,
+    scale: float = 1.0,
+    row_gains: np.ndarray | None = None,
 ) -> None:
     import gguf
 
@@ -262,6 +275,8 @@ def _add_tensor(
         writer.add_tensor(name, data)  # type: ignore[attr-defined]
         return
     data = rng.standard_normal(dims, dtype=np.float32) * np.float32(0.02 * scale)
+    if row_gains is not None:
+        data *= row_gains[:, None]
     if name == "output.weight":
         # Control tokens get zero logits, far below the best of thousands of random ones: greedy
         # decoding never ends a generation early, so benchmarks and tests run to max_tokens.

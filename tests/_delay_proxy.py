@@ -1,5 +1,6 @@
 """A TCP proxy that delays every byte by a fixed time in each direction (netem does not exist
-here). Runs an asyncio loop on its own thread; `close()` stops it and every connection."""
+here), and counts them. Runs an asyncio loop on its own thread; `close()` stops it and every
+connection."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ class DelayProxy:
     def __init__(self, pairs: list[tuple[int, int]], delay_s: float) -> None:
         self.pairs = pairs
         self.delay_s = delay_s
+        self.bytes: dict[int, int] = {listen: 0 for listen, _ in pairs}  # both ways, per listen port
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._servers: list[asyncio.base_events.Server] = []
@@ -26,7 +28,9 @@ class DelayProxy:
         asyncio.set_event_loop(self._loop)
         for listen, target in self.pairs:
             server = self._loop.run_until_complete(
-                asyncio.start_server(lambda r, w, t=target: self._serve(r, w, t), "127.0.0.1", listen)
+                asyncio.start_server(
+                    lambda r, w, t=target, port=listen: self._serve(r, w, t, port), "127.0.0.1", listen
+                )
             )
             self._servers.append(server)
         self._ready.set()
@@ -36,17 +40,19 @@ class DelayProxy:
         self._loop.run_until_complete(asyncio.sleep(0))
         self._loop.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: int) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: int, port: int
+    ) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
         except OSError:
             writer.close()
             return
         await asyncio.gather(
-            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+            self._pump(reader, up_writer, port), self._pump(up_reader, writer, port), return_exceptions=True
         )
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def deliver() -> None:
@@ -61,6 +67,7 @@ class DelayProxy:
         sender = asyncio.ensure_future(deliver())
         try:
             while data := await reader.read(65536):
+                self.bytes[port] += len(data)
                 queue.put_nowait((time.monotonic() + self.delay_s, data))
         finally:
             queue.put_nowait((0.0, b""))

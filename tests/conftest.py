@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -70,16 +71,23 @@ _handed_out: set[int] = set()
 
 def free_port_pair(span: int = 3) -> int:
     """A port p such that p .. p+span-1 are free on 127.0.0.1 now and not handed out before
-    (a node uses three: control, router, gossip)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    (a node uses three: control, router, gossip). Taken below the kernel's ephemeral range, so
+    that no outgoing connection's source port can take it between this call and the bind."""
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(10000, low - span)
         ports = set(range(port, port + span))
-        if port < 65000 and not ports & _handed_out and all(_free(p) for p in ports):
+        if not ports & _handed_out and all(_free(p) for p in ports):
             _handed_out.update(ports)
             return port
     raise RuntimeError("no free ports")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _free(port: int) -> bool:
