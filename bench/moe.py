@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -47,12 +46,17 @@ WIDE = {
 }
 
 
-def child_write(source: str, out: str, nodes: int) -> None:
-    """(runs in a child process, so that its peak RSS is its own) write every shard of a split."""
-    plan = plan_split(weight_importance(source), nodes, 0.25)
+def child_write(source: str, out: str, plan_file: str) -> None:
+    """(runs in a child process, so that its peak RSS is the write's own) write every shard."""
+    plan = json.loads(Path(plan_file).read_text())
+    nodes = len(plan)
     sha = file_sha256(source)
     for i, experts in enumerate(plan):
         write_shard(source, Path(out) / f"s{i}.gguf", experts, shard=i, shards=nodes, source_sha256=sha)
+    # VmHWM, not getrusage: Linux carries ru_maxrss over exec from the forked parent's image.
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": round(hwm_kb / 1024, 1)}))
 
 
 def part_a(work: Path) -> dict[str, Any]:
@@ -63,16 +67,21 @@ def part_a(work: Path) -> dict[str, Any]:
         )
         out = work / f"a{layers}-out"
         out.mkdir()
+        plan_file = work / f"a{layers}-plan.json"
+        plan_file.write_text(json.dumps(plan_split(weight_importance(source), 3, 0.25)))
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, __file__, "--child-write", str(source), str(out), "3"])
-        _, status, usage = os.wait4(proc.pid, 0)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child-write", str(source), str(out), str(plan_file)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         seconds = time.monotonic() - started
-        assert os.waitstatus_to_exitcode(status) == 0
         rows[f"{layers}_layers"] = {
             "model_mb": round(source.stat().st_size / 1e6, 1),
             "shards_mb": round(sum(p.stat().st_size for p in out.glob("*.gguf")) / 1e6, 1),
             "split_s": round(seconds, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "peak_rss_mb": json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_mb"],
         }
         for p in [*out.glob("*.gguf"), source]:
             p.unlink()
@@ -253,6 +262,13 @@ def part_c_d(work: Path, sessions: int) -> dict[str, Any]:
         router_bytes = sum(busy[p] for p in router_ports)
         gossip_rate_busy = sum(busy[p] for p in gossip_ports) / seconds
         gossip_rate_idle = sum(idle[p] for p in gossip_ports) / 2.0
+        control_ports = list(bases)
+        # Serving nodes exchange only heartbeats (and hellos on control ports): whatever
+        # generation added to that, over the idle rate, is the most tensor traffic could be.
+        extra = (
+            sum(busy[p] for p in [*gossip_ports, *control_ports])
+            - (gossip_rate_idle + sum(idle[p] for p in control_ports) / 2.0) * seconds
+        )
         return {
             "stickiness": {
                 "sessions": sessions,
@@ -267,10 +283,11 @@ def part_c_d(work: Path, sessions: int) -> dict[str, Any]:
                 "request_and_stream_bytes_per_token": round(router_bytes / tokens, 1),
                 "gossip_bytes_per_s_busy": round(gossip_rate_busy),
                 "gossip_bytes_per_s_idle": round(gossip_rate_idle),
-                "tensor_bytes": 0,
-                "how": "every node's control, router and gossip ports are reached only through a "
-                "counting TCP proxy; the only traffic is requests/token streams (router ports) and "
-                "heartbeats (gossip ports), whose rate does not change with generation",
+                "bytes_between_serving_nodes_over_idle_per_token": round(max(0.0, extra) / tokens, 2),
+                "how": "every serving node's control, router and gossip ports are reached only "
+                "through a counting TCP proxy. Router ports carry the requests and token streams "
+                "(client node <-> the session's node); between serving nodes there are only "
+                "heartbeats, and generating adds nothing to their idle rate (no tensor traffic)",
             },
         }
     finally:
@@ -286,10 +303,10 @@ def main() -> int:
     )
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--parts", default="abcd")
-    parser.add_argument("--child-write", nargs=3, metavar=("SOURCE", "OUT", "NODES"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-write", nargs=3, metavar=("SOURCE", "OUT", "PLAN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_write:
-        child_write(args.child_write[0], args.child_write[1], int(args.child_write[2]))
+        child_write(*args.child_write)
         return 0
     work = Path(tempfile.mkdtemp(prefix="moe-bench-"))
     results: dict[str, Any] = {}
