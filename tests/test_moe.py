@@ -203,3 +203,20 @@ def test_every_turn_of_a_session_stays_on_its_shard_node_and_moves_when_it_dies(
         history = [{"role": "user", "content": f"{user} goes on"}]
         now = turn(user, history)
         assert now != victim and (home == victim or now == home)
+
+
+def test_an_moe_architecture_not_supported_yet_is_refused_rather_than_split(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "deepseek.gguf"
+    writer = gguf.GGUFWriter(str(path), "deepseek2")
+    writer.add_block_count(1)
+    writer.add_expert_count(8)
+    writer.add_expert_used_count(2)
+    writer.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((8, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModel, match="deepseek2 MoE models is not supported yet"):
+        moe_info(path)
