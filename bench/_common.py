@@ -60,6 +60,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_block(span: int = 3) -> int:
+    """A port p with p .. p+span-1 free now (a node's ZeroMQ ports: control, router, gossip)."""
+    while True:
+        base = free_port()
+        if all(_free(base + i) for i in range(1, span)):
+            return base
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def print_targets(targets: dict[str, bool], path: Path) -> None:
+    """The closing lines of every benchmark: each target met or missed, and where the figures are."""
+    for target, ok in targets.items():
+        print(f"  {'PASS' if ok else 'MISS'}  {target}")
+    print(f"\nwritten to {path}")
+
+
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
     import httpx
 

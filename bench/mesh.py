@@ -32,7 +32,7 @@ import httpx
 import zmq
 
 from actors import ask, shape_for, synthesize
-from bench._common import stop, write_result
+from bench._common import print_targets, stop, write_result
 
 BIN = Path(sys.executable).parent
 
@@ -385,9 +385,7 @@ def main() -> int:
         targets["0 lost/hung/truncated/duplicated"] = c["ok"] == c["requests"]
     path = write_result("mesh", {"config": vars(args), "results": results, "targets": targets})
     print(json.dumps(results, indent=2))
-    for target, ok in targets.items():
-        print(f"  {'PASS' if ok else 'MISS'}  {target}")
-    print(f"\nwritten to {path}")
+    print_targets(targets, path)
     return 0
 
 

@@ -30,7 +30,7 @@ import httpx
 from actors import shape_for, synthesize
 from actors._moe import plan_split, weight_importance
 from actors._shards import Gate, file_sha256, split_model, write_shard
-from bench._common import free_port, write_result
+from bench._common import free_port, free_port_block, print_targets, write_result
 from tests._delay_proxy import DelayProxy
 
 BIN = Path(sys.executable).parent
@@ -155,24 +155,6 @@ class _Node:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
-
-
-def free_port_block() -> int:
-    while True:
-        base = free_port()
-        if all(_free(base + i) for i in range(1, 3)):
-            return base
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def wait(condition: Any, timeout_s: float) -> None:
@@ -332,9 +314,7 @@ def main() -> int:
         },
     )
     print(json.dumps(results, indent=2))
-    for target, ok in targets.items():
-        print(f"  {'PASS' if ok else 'MISS'}  {target}")
-    print(f"\nwritten to {path}")
+    print_targets(targets, path)
     return 0
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from actors import Finished, Generate, shape_for, synthesize
 from actors._llama_engine import LlamaEngine
 from actors._speculative import Governor
-from bench._common import write_result
+from bench._common import print_targets, write_result
 
 PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -150,9 +150,7 @@ def main() -> int:
             rate = f"{w['acceptance_rate']:.2f}" if w["acceptance_rate"] is not None else "-"
             print(f"{name:<16} {way:<18} {w['tok_s']:>8.1f} {w['speedup']:>8.2f}x {rate:>11}")
         print(f"{'':<16} governor: {json.dumps(r['adaptive_governor'])}")
-    for target, ok in targets.items():
-        print(f"  {'PASS' if ok else 'MISS'}  {target}")
-    print(f"\nwritten to {path}")
+    print_targets(targets, path)
     return 0
 
 
