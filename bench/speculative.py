@@ -10,7 +10,9 @@ tokens in one batch costs little more than one). Random weights: the text is gib
 
 Each way runs the same code-like greedy prompts, in interleaved rounds, in the real engine (the
 speculative-drafter actor next to the target): plain decoding, drafting with the adaptive
-governor (as `mesh-llm serve --draft` runs), drafting forced on every step, and prompt lookup.
+governor (as `mesh-llm serve --draft` runs), drafting forced on every step, and prompt lookup;
+and, for comparison, llama-cpp-python's own `Llama.create_completion` plain, with its
+`draft_model` hook backed by the same draft GGUF, and with its prompt-lookup drafter.
 
     python bench/speculative.py [--rounds 2] [--max-tokens 128]
 """
@@ -22,8 +24,11 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,48 +67,95 @@ def run(engine: LlamaEngine, prompt: str, speculative: str, max_tokens: int) -> 
     return done.completion_tokens, time.perf_counter() - started, done
 
 
+class HookDraft:
+    """llama-cpp-python's own `draft_model` hook backed by the same draft GGUF (greedy, `k` tokens,
+    reusing its KV prefix): the hook the issue asked to measure against our verification loop."""
+
+    def __init__(self, path: Path, k: int, n_threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=1024, n_threads=n_threads, verbose=False)
+        self.k = k
+
+    def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
+        llm, ids = self.llm, [int(t) for t in input_ids]
+        have = list(llm.input_ids[: llm.n_tokens])
+        keep = 0
+        while keep < min(len(have), len(ids) - 1) and have[keep] == ids[keep]:
+            keep += 1
+        llm.n_tokens = keep
+        llm.eval(ids[keep:])
+        out = []
+        for _ in range(self.k):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(out[-1:])
+        return np.array(out, dtype=np.intc)
+
+
+def hook_way(llm: Any) -> Callable[[str, int], tuple[int, float, int, int]]:
+    def way(prompt: str, max_tokens: int) -> tuple[int, float, int, int]:
+        started = time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0)
+        return out["usage"]["completion_tokens"], time.perf_counter() - started, 0, 0
+
+    return way
+
+
+def engine_way(engine: LlamaEngine, mode: str) -> Callable[[str, int], tuple[int, float, int, int]]:
+    def way(prompt: str, max_tokens: int) -> tuple[int, float, int, int]:
+        n, seconds, done = run(engine, prompt, mode, max_tokens)
+        return n, seconds, done.drafted_tokens, done.accepted_tokens
+
+    return way
+
+
 def measure_pair(target: Path, draft: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
     kw: dict[str, Any] = {"n_ctx": 1024, "n_threads": args.threads, "slots": 1}
-    engines = {
-        "adaptive": LlamaEngine(str(target), draft=str(draft), speculative="draft", **kw),
-        "forced": LlamaEngine(
-            str(target), draft=str(draft), speculative="draft", governor=Governor(fixed=True), **kw
+    adaptive = LlamaEngine(str(target), draft=str(draft), speculative="draft", **kw)
+    forced = LlamaEngine(
+        str(target), draft=str(draft), speculative="draft", governor=Governor(fixed=True), **kw
+    )
+    lookup = LlamaEngine(str(target), speculative="lookup", **kw)
+    hook = {"model_path": str(target), "n_ctx": 1024, "n_threads": args.threads, "verbose": False}
+    ways = {
+        "plain": engine_way(adaptive, "off"),
+        "draft (adaptive)": engine_way(adaptive, "draft"),
+        "draft (forced)": engine_way(forced, "draft"),
+        "prompt lookup": engine_way(lookup, "lookup"),
+        "llama-cpp-python plain": hook_way(Llama(**hook)),
+        "llama-cpp-python draft_model hook (k=6)": hook_way(
+            Llama(**hook, draft_model=HookDraft(draft, 6, args.threads))
         ),
-        "lookup": LlamaEngine(str(target), speculative="lookup", **kw),
+        "llama-cpp-python prompt lookup hook": hook_way(
+            Llama(**hook, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
+        ),
     }
-    ways = {  # way -> (engine, speculative mode of its requests)
-        "plain": ("adaptive", "off"),
-        "draft (adaptive)": ("adaptive", "draft"),
-        "draft (forced)": ("forced", "draft"),
-        "prompt lookup": ("lookup", "lookup"),
-    }
-    totals = {way: [0, 0.0, 0, 0] for way in ways}  # tokens, seconds, drafted, accepted
+    totals = {name: [0, 0.0, 0, 0] for name in ways}  # tokens, seconds, drafted, accepted
     try:
-        for engine, mode in ways.values():  # warm-up: caches, and the governor's first measurements
+        for way in ways.values():  # warm-up: caches, and the governor's first measurements
             for prompt in PROMPTS:
-                run(engines[engine], prompt, mode, args.max_tokens)
+                way(prompt, args.max_tokens)
         for _ in range(args.rounds):
             for prompt in PROMPTS:
-                for way, (engine, mode) in ways.items():
-                    n, seconds, done = run(engines[engine], prompt, mode, args.max_tokens)
-                    t = totals[way]
-                    t[0] += n
-                    t[1] += seconds
-                    t[2] += done.drafted_tokens
-                    t[3] += done.accepted_tokens
-        governor = engines["adaptive"].governor.snapshot()
+                for name, way in ways.items():
+                    for i, value in enumerate(way(prompt, args.max_tokens)):
+                        totals[name][i] += value
+        governor = adaptive.governor.snapshot()
     finally:
-        for engine in engines.values():
+        for engine in (adaptive, forced, lookup):
             engine.close()
     plain = totals["plain"][0] / totals["plain"][1]
     out: dict[str, Any] = {"ways": {}, "adaptive_governor": governor}
-    for way, (tokens, seconds, drafted, accepted) in totals.items():
+    for name, (tokens, seconds, drafted, accepted) in totals.items():
         tps = tokens / seconds
-        out["ways"][way] = {
+        out["ways"][name] = {
             "tok_s": round(tps, 2),
             "speedup": round(tps / plain, 3),
-            "drafted_tokens": drafted,
-            "accepted_tokens": accepted,
+            "drafted_tokens": int(drafted),
+            "accepted_tokens": int(accepted),
             "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         }
     return out
@@ -144,11 +196,11 @@ def main() -> int:
         **vars(args),
     }
     path = write_result("speculative", {"setup": setup, "results": results, "targets": targets})
-    print(f"{'pair':<16} {'way':<18} {'tok/s':>8} {'speed-up':>9} {'acceptance':>11}")
+    print(f"{'pair':<16} {'way':<40} {'tok/s':>8} {'speed-up':>9} {'acceptance':>11}")
     for name, r in results.items():
         for way, w in r["ways"].items():
             rate = f"{w['acceptance_rate']:.2f}" if w["acceptance_rate"] is not None else "-"
-            print(f"{name:<16} {way:<18} {w['tok_s']:>8.1f} {w['speedup']:>8.2f}x {rate:>11}")
+            print(f"{name:<16} {way:<40} {w['tok_s']:>8.1f} {w['speedup']:>8.2f}x {rate:>11}")
         print(f"{'':<16} governor: {json.dumps(r['adaptive_governor'])}")
     print_targets(targets, path)
     return 0
