@@ -107,6 +107,12 @@ def print_status(data: dict[str, Any]) -> None:
         )
     reqs = data["requests"]
     print("requests " + "  ".join(f"{k} {v}" for k, v in reqs.items()) + f"  in-flight {data['in_flight']}")
+    spec = data.get("speculative") or {}
+    if spec.get("drafted_tokens"):
+        print(
+            f"drafting {spec['drafted_tokens']} tokens drafted, {spec['accepted_tokens']} accepted"
+            f" ({spec['acceptance_rate']:.0%})"
+        )
     print_peers(data["peers"])
 
 

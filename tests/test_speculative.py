@@ -177,3 +177,14 @@ def test_greedy_output_through_the_api_is_identical_with_and_without_drafting(
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
     status = drafting_node.status()["speculative"]
     assert status["drafted_tokens"] > 0 and 0 < status["acceptance_rate"] <= 1
+    assert f"drafting {status['drafted_tokens']} tokens drafted" in drafting_node.ctl("status").stdout
+
+
+def test_a_malformed_draft_request_row_is_a_protocol_error_not_a_crash() -> None:
+    from actors import ProtocolError
+    from actors._drafter import _checked
+
+    assert _checked([1, 3, [5, 6], 4], slots=2) == (1, 3, [5, 6], 4)
+    for row in ([9, 0, [], 1], [0, -1, [], 1], [0, 0, ["x"], 1], [0, 0, 5, 1], "garbage", [0, 0]):
+        with pytest.raises(ProtocolError):
+            _checked(row, slots=2)
