@@ -1,7 +1,7 @@
 # The two commands a new user needs (each installs what it needs into .venv first):
 #   make serve   bring up a node serving the built-in demo model on http://127.0.0.1:9337/v1
 #   make test    lint, type-check and run the whole test suite
-# `make bench` runs the benchmarks in bench/ (results in bench/results/, about 15 minutes).
+# `make bench` runs every benchmark in bench/ (results in bench/results/, about an hour on 2 cores).
 
 PYTHON ?= python3
 VENV := .venv
@@ -47,3 +47,5 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/overhead.py $(ARGS)
 	$(BIN)/python bench/mesh.py
+	$(BIN)/python bench/speculative.py
+	$(BIN)/python bench/moe.py
