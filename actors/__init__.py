@@ -14,7 +14,8 @@ Map of this room:
 - `_synth`       synthesized GGUF models (GGUF tooling sits with the worker that loads it);
                  `_moe` expert importance and split plans, `_shards` expert-sharded GGUFs,
                  their fidelity gate and `mesh-ctl moe split`.
-- `_peers`       the router's table of peers (near/far, load, room); `_placement` rendezvous.
+- `_peers`       the router's table of peers (near/far, load, room); `_placement` rendezvous;
+                 `_flight` the router's records (worker slots, requests in flight, counters).
 """
 
 from actors._client import ask

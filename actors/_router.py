@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import zmq
 
 from actors._codec import Message, encode
 from actors._config import ROUTER_PORT_OFFSET
+from actors._flight import Counters, Flight, WorkerSlots
 from actors._messages import (
     TERMINAL_TYPES,
     Accepted,
@@ -40,50 +41,6 @@ _MAX_HOMES = 65536  # sessions whose node this router remembers (least recently 
 _RETRYABLE = ("overloaded", "not_ready", "engine_failed", "peer_unavailable", "model_not_found")
 
 
-@dataclass(slots=True)
-class _Worker:
-    state: WorkerState
-    busy_with: set[str] = field(default_factory=set)
-
-    @property
-    def room(self) -> int:
-        """How many more requests the worker takes now."""
-        return self.state.slots - len(self.busy_with) if self.state.state == "ready" else 0
-
-
-@dataclass(slots=True)
-class _Flight:
-    """A request the router answers for: who asked, which worker has it (None while queued)."""
-
-    client: bytes
-    request: Generate
-    worker: bytes | None = None
-    last_sent: float = 0.0
-    cancelled: bool = False
-    remote: str | None = None  # the peer it was forwarded to
-    remote_heard: float = 0.0  # when that peer last said anything about it
-    tried: set[str] = field(default_factory=set)  # nodes it was placed on
-    started: bool = False  # the client has seen `Started`: a retry must resume, not restart
-    prompt_tokens: int = 0  # as the first `Started` said
-    sent_text: list[str] = field(default_factory=list)  # what the client has received
-    sent_tokens: int = 0
-    base_tokens: int = 0  # tokens sent before the current placement (after a resume)
-    grace_until: float = 0.0  # after a node failed it: wait this long for another to appear
-
-
-@dataclass(slots=True)
-class _Counters:
-    admitted: int = 0
-    rejected_overload: int = 0
-    completed: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    retried: int = 0  # placed again after a peer failed before the first token
-    resumed: int = 0  # continued on another node after a peer failed mid-stream
-    drafted: int = 0  # speculative decoding on this node's workers: tokens drafted
-    accepted: int = 0  # ... and accepted by the target model
-
-
 class Router(Actor):
     """Admits requests per model, forwards them to idle workers and streams answers back."""
 
@@ -100,12 +57,12 @@ class Router(Actor):
         self.node_id = node_id
         self.frontend_endpoints = frontend_endpoints
         self.backend_endpoint = backend_endpoint
-        self.counters = _Counters()
-        self._workers: dict[bytes, _Worker] = {}
+        self.counters = Counters()
+        self._workers: dict[bytes, WorkerSlots] = {}
         self._queues: dict[str, deque[str]] = {}
         self._held: deque[str] = deque()  # requests waiting for any of their nodes to have room
         self._homes: OrderedDict[tuple[str, str], str] = OrderedDict()  # (session, model) -> node
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, Flight] = {}
         self._front: zmq.Socket | None = None
         self._back: zmq.Socket | None = None
         self.peers = PeerTable(self.config)
@@ -179,7 +136,7 @@ class Router(Actor):
             self._reply(client, error)
             return
         self.counters.admitted += 1
-        self._flights[rid] = _Flight(client=client, request=request, last_sent=self.clock())
+        self._flights[rid] = Flight(client=client, request=request, last_sent=self.clock())
         self._reply(client, Accepted(request_id=rid, node_id=self.node_id))
         self._place(rid)
 
@@ -314,7 +271,7 @@ class Router(Actor):
         identity, frame = frames
         message = self.decode(frame, "worker")
         if isinstance(message, WorkerState):
-            worker = self._workers.setdefault(identity, _Worker(state=message))
+            worker = self._workers.setdefault(identity, WorkerSlots(state=message))
             worker.state = message
             if message.state == "failed":
                 self._fail_queue(message.model_id, message.detail)
@@ -534,21 +491,7 @@ class Router(Actor):
             return {"models": sorted(self.models()), "ready": ready}
         if what == "health":
             return {"ready": bool(ready), "models": ready}
-        workers = [
-            {
-                "worker_id": i.decode(),
-                "model": w.state.model_id,
-                "state": w.state.state,
-                "engine_pid": w.state.engine_pid,
-                "restarts": w.state.restarts,
-                "n_ctx": w.state.n_ctx,
-                "busy": bool(w.busy_with),
-                "active": len(w.busy_with),
-                "slots": w.state.slots,
-                "detail": w.state.detail,
-            }
-            for i, w in sorted(self._workers.items())
-        ]
+        workers = [w.snapshot(i.decode()) for i, w in sorted(self._workers.items())]
         return {
             "models": sorted(self.models()),
             "ready": ready,
@@ -557,23 +500,6 @@ class Router(Actor):
             "workers": workers,
             "queues": {m: len(q) for m, q in self._queues.items()},
             "in_flight": sum(1 for f in self._flights.values() if f.worker is not None),
-            "requests": {
-                "admitted": self.counters.admitted,
-                "completed": self.counters.completed,
-                "failed": self.counters.failed,
-                "cancelled": self.counters.cancelled,
-                "rejected_overload": self.counters.rejected_overload,
-                "retried": self.counters.retried,
-                "resumed": self.counters.resumed,
-            },
-            "speculative": {
-                "drafted_tokens": self.counters.drafted,
-                "accepted_tokens": self.counters.accepted,
-                "acceptance_rate": (
-                    round(self.counters.accepted / self.counters.drafted, 4)
-                    if self.counters.drafted
-                    else None
-                ),
-            },
+            **self.counters.snapshot(),
             "dropped_frames": self.stats["dropped_frames"],
         }
