@@ -50,10 +50,6 @@ class _Slot:
     mirror: list[int] = field(default_factory=list)  # what the draft model's cache holds
     mirror_ok: int = 0  # a prefix of `mirror` known to equal `cached + todo`
 
-    @property
-    def history(self) -> list[int]:
-        return self.cached + self.todo
-
 
 class LlamaEngine:
     """A GGUF model in llama.cpp serving `slots` sequences at once."""
@@ -247,8 +243,7 @@ class LlamaEngine:
             tokens = self._verify(slot, index, extra)
             emitted += len(tokens)
             events += self._advance(slot, tokens)
-        eligible = sum(1 for slot, _, _ in sampled if slot.drafter)
-        if decoding_only and eligible:
+        if decoding_only and any(slot.drafter for slot, _, _ in sampled):
             self.governor.record(emitted, time.perf_counter() - started, len(sampled))
         return events
 
@@ -260,7 +255,7 @@ class LlamaEngine:
             s for s in self._slots if s.request is not None and s.drafter and len(s.todo) == 1 and s.n_done
         ]
         out: dict[int, list[int]] = {}
-        rows = []
+        asked: list[tuple[_Slot, int, list[int], int]] = []  # slot, keep, append, how many
         for slot in ready:
             # Never past max_tokens (the last token comes free) or the context.
             k = min(slot.draft_len.k, slot.max_tokens - slot.n_done - 1, self.n_ctx - len(slot.cached) - 2)
@@ -269,17 +264,19 @@ class LlamaEngine:
             if slot.drafter == "lookup":
                 assert slot.lookup is not None
                 out[slot.seq_id] = slot.lookup.propose(k)
-            else:
-                history = slot.history
-                keep = min(_common_prefix(slot.mirror, history, slot.mirror_ok), len(history) - 1)
-                rows.append([slot.seq_id, keep, history[keep:], k])
-        if rows:
-            replies = self._drafts.draft(rows)
-            for slot in ready:
+            else:  # the draft model keeps what it shares with us and is fed the rest (todo: 1 token)
+                keep = _common_prefix(slot.mirror, slot.cached, slot.mirror_ok)
+                asked.append((slot, keep, slot.cached[keep:] + slot.todo, k))
+        if asked:
+            replies = self._drafts.draft([[s.seq_id, keep, append, k] for s, keep, append, k in asked])
+            for slot, keep, append, _k in asked:
                 if slot.seq_id in replies:
                     tokens, held = replies[slot.seq_id]
-                    slot.mirror = (slot.history + tokens)[:held]
-                    slot.mirror_ok = len(slot.history)
+                    # Mirror what the draft model now holds, changing only the tail.
+                    del slot.mirror[keep:]
+                    slot.mirror += append + tokens
+                    del slot.mirror[held:]
+                    slot.mirror_ok = keep + len(append)
                     out[slot.seq_id] = tokens
         return {seq: tokens for seq, tokens in out.items() if tokens}
 

@@ -190,7 +190,6 @@ class MeshView:
 
     KIND: ClassVar[str] = "mesh_view"
     peers: list[dict[str, Any]]
-    far: bool = False  # this node is over the RTT limit to every serving peer: API client only
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

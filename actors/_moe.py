@@ -51,11 +51,12 @@ class MoeInfo:
     model_id: str
 
 
-def moe_info(path: str | Path) -> MoeInfo:
-    """What an MoE GGUF is; raises `UnsupportedModel` for a dense or unknown architecture."""
+def moe_info(path: str | Path, reader: Any = None) -> MoeInfo:
+    """What an MoE GGUF is; raises `UnsupportedModel` for a dense or unknown architecture.
+    Pass the `GGUFReader` already open on `path`, if any: parsing the header is not free."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    reader = reader or GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     n_expert = _field(reader, f"{arch}.expert_count", 0)
     if not n_expert:
@@ -91,8 +92,8 @@ def weight_importance(path: str | Path) -> np.ndarray:
     down-projection's norm, normalized per layer. Shape [n_layer, n_expert]."""
     from gguf import GGUFReader
 
-    info = moe_info(path)
     reader = GGUFReader(str(path))
+    info = moe_info(path, reader)
     tensors = {t.name: t for t in reader.tensors}
     out = np.zeros((info.n_layer, info.n_expert))
     for layer in range(info.n_layer):

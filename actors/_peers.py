@@ -26,12 +26,10 @@ class PeerTable:
         self.config = config
         self.live: dict[str, dict[str, Any]] = {}  # node id -> its `mesh-ctl peers` row
         self.near: set[str] = set()
-        self.far = False  # the gossip actor says this node is far from the mesh
         self._heard: dict[str, float] = {}  # when each peer's gossiped load was measured
         self._freed: dict[str, deque[float]] = {}  # when our forwards to each peer ended
 
     def update(self, view: MeshView, now: float) -> None:
-        self.far = view.far
         live = {p["node_id"]: p for p in view.peers if p.get("state") in ("alive", "suspect")}
         near = set()
         for node, peer in live.items():

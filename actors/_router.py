@@ -144,12 +144,7 @@ class Router(Actor):
         """Send an admitted request to its session's node: this one (queue) or a peer (forward)."""
         flight = self._flights[rid]
         request = flight.request
-        serves_here = any(
-            w.state.model_id == request.model and w.state.state != "failed" for w in self._workers.values()
-        )
-        nodes = self._remote_nodes(request, flight.tried)
-        if serves_here and self.node_id not in flight.tried:
-            nodes.append(self.node_id)
+        nodes = self._candidates(flight)
         home = self._homes.get((request.session, request.model)) if request.session else None
         choice: str | None
         if home in nodes:
@@ -228,16 +223,10 @@ class Router(Actor):
             if flight is None:
                 self._held.remove(rid)
                 continue
-            request = flight.request
-            nodes = self._remote_nodes(request, flight.tried)
-            if self.node_id not in flight.tried and any(
-                w.state.model_id == request.model and w.state.state != "failed"
-                for w in self._workers.values()
-            ):
-                nodes.append(self.node_id)
+            nodes = self._candidates(flight)
             if not nodes and self.clock() < flight.grace_until:
                 continue
-            if not nodes or any(self._has_room(n, request.model) for n in nodes):
+            if not nodes or any(self._has_room(n, flight.request.model) for n in nodes):
                 self._held.remove(rid)
                 self._place(rid)
 
@@ -351,6 +340,14 @@ class Router(Actor):
 
     # -- peers ------------------------------------------------------------------------------
 
+    def _serves_here(self, model: str) -> bool:
+        return any(w.state.model_id == model and w.state.state != "failed" for w in self._workers.values())
+
+    def _candidates(self, flight: Flight) -> list[str]:
+        """The nodes that may take a flight now: peers (`_remote_nodes`), then this node."""
+        here = self.node_id not in flight.tried and self._serves_here(flight.request.model)
+        return self._remote_nodes(flight.request, flight.tried) + ([self.node_id] if here else [])
+
     def _remote_nodes(self, request: Generate, tried: set[str] | frozenset[str] = frozenset()) -> list[str]:
         """Peers that may take `request`, but those in `tried`: the near ones serving its model;
         if neither they nor this node can, the far ones (a far node proxies to the mesh, DESIGN
@@ -358,9 +355,7 @@ class Router(Actor):
         already placed."""
         if request.forwarded:
             return []
-        here = self.node_id not in tried and any(
-            w.state.model_id == request.model and w.state.state != "failed" for w in self._workers.values()
-        )
+        here = self.node_id not in tried and self._serves_here(request.model)
         return self.peers.serving(request.model, tried, here=here)
 
     def _on_mesh_view(self, view: MeshView) -> None:

@@ -51,8 +51,8 @@ def write_shard(
     """Write one node's GGUF holding `experts[layer]` of `source`, streaming tensor by tensor."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-    info = moe_info(source)
     reader = GGUFReader(str(source))
+    info = moe_info(source, reader)
     out = Path(out)
     tmp = out.with_suffix(".gguf.partial")
     writer = GGUFWriter(str(tmp), info.arch)

@@ -193,7 +193,7 @@ class Gossip(Actor):
 
     def _send_view(self) -> None:
         assert self._router is not None
-        self._router.send(encode(MeshView(peers=self.peers(), far=self.far)))
+        self._router.send(encode(MeshView(peers=self.peers())))
 
     def _hear_rumor(self, row: list[Any], now: float) -> None:
         try:
