@@ -1,25 +1,19 @@
-"""The node's actor system.
+"""The node: its actor runtime, the wire, its actors, and the GGUF files they load.
 
-Map of this room:
-- `_runtime`     Actor base: a thread, its sockets, start handshake, poll loop, stop.
-- `_messages`    one frozen dataclass per wire message kind; `_codec` packs and checks them.
-- `_sockets`     the one socket factory; `_errors` the error tree; `_config` timings and sizes.
-- `_router`      admission (bounded queue per model), forwarding, streaming back, cancel.
-- `_worker`      shard-worker: one engine child process, supervised (`_supervisor`).
-- `_engine`      the engine (llama.cpp, or a fake for tests); `_engine_child` its process main.
-- `_drafter`     the speculative-drafter actor (draft model, in the engine child); `_speculative`
-                 prompt lookup, draft length and the governor that decides whether drafting pays.
-- `_control`     answers mesh-ctl; `_client.ask` is the caller's side.
-- `_node`        assembles the actors of one node.
-- `_synth`       synthesized GGUF models (GGUF tooling sits with the worker that loads it);
-                 `_moe` expert importance and split plans, `_shards` expert-sharded GGUFs,
-                 their fidelity gate and `mesh-ctl moe split`.
-- `_peers`       the router's table of peers (near/far, load, room); `_placement` rendezvous;
-                 `_flight` the router's records (worker slots, requests in flight, counters).
+Map of this room (each folder's `__init__` says more):
+- `_config`   every tunable of a node, unit in the name; `_errors` the error tree.
+- `runtime/`  generic actors, child-process supervision, `ask()`.
+- `wire/`     message kinds, the one codec, the one socket factory.
+- `routing/`  the router actor: admission, placement, forwarding, failover.
+- `shard/`    the shard-worker actor (runs on a poll loop, never blocks).
+- `engine/`   what runs only inside engine child processes (llama.cpp, drafter; may block).
+- `node/`     composition (`Node`) and the control actor behind `mesh-ctl`.
+- `gguf/`     model identity and synthesis; `moe/` expert analysis and splits.
+
+This package's surface imports neither numpy nor llama.cpp: `actors.gguf`, `actors.moe` and the
+engine's llama.cpp module are imported where they are used.
 """
 
-from actors._client import ask
-from actors._codec import Message, decode, encode
 from actors._config import (
     CONTROL_PORT_OFFSET,
     GOSSIP_PORT_OFFSET,
@@ -27,7 +21,6 @@ from actors._config import (
     ROUTER_PORT_OFFSET,
     NodeConfig,
 )
-from actors._engine import check_context, model_id_of
 from actors._errors import (
     ActorStartError,
     ActorStopped,
@@ -43,7 +36,9 @@ from actors._errors import (
     RequestError,
     request_error,
 )
-from actors._messages import (
+from actors.node import VERSION, ModelSpec, Node, NodeSpec
+from actors.runtime import Actor, ask
+from actors.wire import (
     TERMINAL_TYPES,
     Accepted,
     Answer,
@@ -52,20 +47,18 @@ from actors._messages import (
     ErrorReply,
     Finished,
     Generate,
+    Message,
     Pending,
     Query,
     Started,
+    decode,
+    encode,
+    make_socket,
 )
-from actors._node import VERSION, ModelSpec, Node, NodeSpec
-from actors._runtime import Actor
-from actors._sockets import make_socket
-from actors._synth import ARCHS, PRESETS, Shape, shape_for, synthesize
 
 __all__ = [
-    "ARCHS",
     "CONTROL_PORT_OFFSET",
     "GOSSIP_PORT_OFFSET",
-    "PRESETS",
     "PROTOCOL_VERSION",
     "ROUTER_PORT_OFFSET",
     "TERMINAL_TYPES",
@@ -97,15 +90,10 @@ __all__ = [
     "ProtocolError",
     "Query",
     "RequestError",
-    "Shape",
     "Started",
     "ask",
-    "check_context",
     "decode",
     "encode",
     "make_socket",
-    "model_id_of",
     "request_error",
-    "shape_for",
-    "synthesize",
 ]

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 import zmq
 
-from actors import ask, shape_for, synthesize
+from actors import ask
+from actors.gguf import shape_for, synthesize
 from bench._common import print_targets, stop, write_result
 
 BIN = Path(sys.executable).parent

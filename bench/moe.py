@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from actors import shape_for, synthesize
-from actors._moe import plan_split, weight_importance
-from actors._shards import Gate, file_sha256, split_model, write_shard
+from actors.gguf import shape_for, synthesize
+from actors.moe._analyze import plan_split, weight_importance
+from actors.moe._shards import Gate, file_sha256, split_model, write_shard
 from bench._common import free_port, free_port_block, print_targets, write_result
-from tests._delay_proxy import DelayProxy
+from tests.support.delay_proxy import DelayProxy
 
 BIN = Path(sys.executable).parent
 SKEW = 3.0

@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors import shape_for, synthesize
+from actors.gguf import shape_for, synthesize
 from bench._common import free_port, p50, stop, wait_http, write_result
 
 BIN = Path(sys.executable).parent

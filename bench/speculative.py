@@ -32,9 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors import Finished, Generate, shape_for, synthesize
-from actors._llama_engine import LlamaEngine
-from actors._speculative import Governor
+from actors import Finished, Generate
+from actors.engine._llama import LlamaEngine
+from actors.engine._speculative import Governor
+from actors.gguf import shape_for, synthesize
 from bench._common import print_targets, write_result
 
 PROMPTS = [

@@ -20,8 +20,8 @@ from typing import Any
 import zmq
 
 from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, Actor, Answer, Query, encode
-from actors._codec import peek_version
-from actors._messages import Heartbeat, MeshView, PeerSeen
+from actors.wire._codec import peek_version
+from actors.wire._messages import Heartbeat, MeshView, PeerSeen
 from discovery._mdns import Advert
 from discovery._membership import Change, Membership
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import zmq
 
 from actors import Node, NodeSpec, encode, make_socket
-from actors._messages import PeerSeen
+from actors.wire._messages import PeerSeen
 from discovery._gossip import Gossip, gossip_endpoint
 from discovery._mdns import Advert, MdnsDiscovery, mesh_hash
 

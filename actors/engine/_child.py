@@ -1,0 +1,122 @@
+"""The engine child process: loads one model and serves the shard-worker over a PAIR socket.
+
+Run as `python -m actors.engine._child --endpoint E --model SPEC ...`. It announces itself with
+`EngineReady` (or an `ErrorReply` if loading fails, then exits), admits up to `slots` requests,
+and between decode steps takes in new requests and cancels. It dies with its parent
+(PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import zmq
+
+from actors._errors import ProtocolError, RequestError
+from actors.engine._build import load_engine
+from actors.engine._engine import Engine
+from actors.runtime._supervisor import die_with_parent
+from actors.wire._codec import decode, encode
+from actors.wire._messages import Cancel, EngineReady, ErrorReply, Finished, Generate
+from actors.wire._sockets import make_socket
+
+log = logging.getLogger("mesh_llm.engine")
+
+
+def serve(sock: zmq.Socket, engine: Engine) -> None:
+    """Answer requests until we are killed: take in what arrived, then advance one step."""
+    while True:
+        # Block while idle; between steps only look at what is already there.
+        if sock.poll(None if engine.active == 0 else 0):
+            for message in _drain(sock):
+                _handle(sock, engine, message)
+        if engine.active:
+            for event in engine.step():
+                sock.send(encode(event))
+
+
+def _handle(sock: zmq.Socket, engine: Engine, message: object) -> None:
+    if isinstance(message, Generate):
+        try:
+            events = engine.admit(message)
+        except RequestError as err:
+            reply = ErrorReply(
+                request_id=message.request_id, code=err.code, message=err.message, details=err.details
+            )
+            sock.send(encode(reply))
+            return
+        for event in events:
+            sock.send(encode(event))
+    elif isinstance(message, Cancel) and engine.cancel(message.request_id):
+        done = Finished(
+            request_id=message.request_id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0
+        )
+        sock.send(encode(done))
+
+
+def _drain(sock: zmq.Socket) -> list[object]:
+    """Every message waiting on the socket, bad frames dropped (and logged)."""
+    messages = []
+    while sock.poll(0):
+        try:
+            messages.append(decode(sock.recv()))
+        except ProtocolError as err:
+            log.warning("dropped a bad frame from the worker: %s", err)
+    return messages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mesh-llm-engine")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--draft", help="a draft GGUF for speculative decoding")
+    parser.add_argument("--speculative", default="", help="the default drafter: draft, lookup or none")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s"
+    )
+    die_with_parent(args.parent_pid)
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.PAIR)
+    sock.connect(args.endpoint)
+    try:
+        engine = load_engine(
+            args.model,
+            n_ctx=args.ctx,
+            n_threads=args.threads,
+            slots=args.slots,
+            draft=args.draft,
+            speculative=args.speculative,
+        )
+    except Exception as err:
+        sock.send(
+            encode(
+                ErrorReply(request_id="", code="engine_failed", message=f"cannot load {args.model}: {err}")
+            )
+        )
+        sock.close(linger=1000)
+        return 3
+    sock.send(
+        encode(
+            EngineReady(
+                model_id=engine.model_id,
+                n_ctx=engine.n_ctx,
+                n_params=engine.n_params,
+                pid=os.getpid(),
+                slots=engine.slots,
+            )
+        )
+    )
+    serve(sock, engine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The `Engine` protocol every engine child serves, and the rules all engines share: the
+completion budget, chat rendering, the closing events of a request."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from actors._errors import ContextOverflow, InvalidRequest
+from actors.engine._textstream import TextStream
+from actors.wire._messages import Chunk, Finished, Generate, Started
+
+EngineEvent = Started | Chunk | Finished
+
+
+class Engine(Protocol):
+    """A loaded model serving up to `slots` requests at once, advanced one step at a time.
+
+    `admit` raises a `RequestError` for a request it cannot serve; every admitted request ends
+    with one `Finished` from `step()`, or with `cancel()`.
+    """
+
+    model_id: str
+    n_ctx: int
+    n_params: int
+    slots: int
+
+    @property
+    def active(self) -> int:
+        """How many admitted requests are not finished."""
+        ...
+
+    def admit(self, request: Generate) -> list[EngineEvent]:
+        """Take a request into a free slot; returns its `Started`."""
+        ...
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request; True if the engine held it."""
+        ...
+
+    def step(self) -> list[EngineEvent]:
+        """Advance every active request by (at most) one token; blocks while computing."""
+        ...
+
+
+def check_context(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
+    """The completion budget for a prompt, or `ContextOverflow` with OpenAI's wording."""
+    if max_tokens is None:
+        max_tokens = n_ctx - n_prompt
+    if n_prompt + max_tokens > n_ctx or max_tokens < 1:
+        total = n_prompt + max(max_tokens, 1)
+        raise ContextOverflow(
+            f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+            f"{total} tokens ({n_prompt} in the prompt, {max(max_tokens, 1)} for the "
+            "completion). Please reduce the length of the prompt or of max_tokens.",
+            n_ctx=n_ctx,
+            prompt_tokens=n_prompt,
+            max_tokens=max_tokens,
+        )
+    return max_tokens
+
+
+def render_chat(template: str, messages: list[dict[str, Any]], bos: str, eos: str) -> str:
+    """Render messages with a GGUF's Jinja chat template, as Hugging Face tokenizers do."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        text = env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+        )
+    except Exception as err:  # a template may raise on roles it does not know
+        raise InvalidRequest(f"the chat template rejected the messages: {err}", param="messages") from err
+    # The tokenizer adds BOS itself; a template that writes it too would double it.
+    return text[len(bos) :] if bos and text.startswith(bos) else text
+
+
+def closing_events(
+    rid: str, stream: TextStream, n_unsent: int, reason: str, n_prompt: int, n_done: int
+) -> list[EngineEvent]:
+    """The last events of a request: withheld text (if any), then `Finished`."""
+    events: list[EngineEvent] = []
+    tail = stream.flush()
+    if tail or n_unsent:
+        events.append(Chunk(request_id=rid, text=tail, n_tokens=n_unsent))
+    done = Finished(request_id=rid, finish_reason=reason, prompt_tokens=n_prompt, completion_tokens=n_done)
+    return [*events, done]

@@ -1,0 +1,376 @@
+"""The llama.cpp engine: continuous batching of up to `slots` sequences in one context.
+
+Every `step()` makes one `llama_decode` call holding the next token of every generating sequence
+plus as much of newly admitted prompts as the batch allows, then samples one token for each
+sequence whose logits it computed. Each slot keeps the tokens in its KV cache, so a request whose
+prompt extends an earlier one (the next turn of a chat) re-evaluates only the new part.
+
+With speculative decoding (a draft model, or prompt lookup), a greedy sequence feeds its next
+token plus the drafted ones in the same decode, with logits for each; the drafts are accepted
+while they equal the target's argmax, and the target's own token at the first mismatch (or after
+the last draft) comes free. Rejected drafts leave the KV cache at once.
+Runs inside the engine child process only; every call blocks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors._errors import InvalidRequest
+from actors.engine._drafter import DraftClient, DraftModel, SpeculativeDrafter
+from actors.engine._engine import EngineEvent, check_context, closing_events, render_chat
+from actors.engine._llamacpp import add_token, open_context, vocabulary_mismatch
+from actors.engine._speculative import DraftLength, Governor, NgramIndex
+from actors.engine._textstream import TextStream
+from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
+from actors.wire._messages import Chunk, Finished, Generate, Started
+
+DRAFTERS = ("draft", "lookup")
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One sequence id of the context, and what its KV cache holds."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV entries are present
+    request: Generate | None = None
+    todo: list[int] = field(default_factory=list)  # tokens to feed before the next sample
+    max_tokens: int = 0
+    n_done: int = 0
+    n_unsent: int = 0
+    n_prompt: int = 0
+    sampler: Any = None
+    stream: TextStream | None = None
+    drafter: str = ""  # "draft", "lookup" or "" (this request decodes plainly)
+    draft_len: DraftLength = field(default_factory=DraftLength)
+    n_drafted: int = 0
+    n_accepted: int = 0
+    lookup: NgramIndex | None = None  # the request's text so far, for prompt lookup
+    mirror: list[int] = field(default_factory=list)  # what the draft model's cache holds
+    mirror_ok: int = 0  # a prefix of `mirror` known to equal `cached + todo`
+
+
+class LlamaEngine:
+    """A GGUF model in llama.cpp serving `slots` sequences at once."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        slots: int = 1,
+        n_batch: int = 512,
+        draft: str | None = None,
+        speculative: str = "",
+        governor: Governor | None = None,
+    ) -> None:
+        """`draft`: a draft GGUF for the speculative-drafter actor; `speculative`: the drafter a
+        request gets by default ("draft", "lookup" or "" for none); `governor`: decides whether
+        drafting pays (by default, by measuring it)."""
+        import llama_cpp  # imported here: only engine children pay for loading llama.cpp
+
+        self._lib = lib = llama_cpp
+        # The Llama object owns the model, tokenizer and metadata; its own context stays tiny.
+        self.llm = llama_cpp.Llama(
+            model_path=path, n_ctx=64, n_batch=64, n_threads=n_threads, n_gpu_layers=0, verbose=False
+        )
+        meta: dict[str, str] = self.llm.metadata
+        self.model_id = meta.get(SOURCE_MODEL_ID_KEY) or model_id_of(path)
+        self.n_ctx = n_ctx
+        self.slots = slots
+        self.n_params = int(lib.llama_model_n_params(self.llm.model))
+        self._template = meta.get("tokenizer.chat_template")
+        self._vocab = lib.llama_model_get_vocab(self.llm.model)
+        self._bos = self._piece(self.llm.token_bos())
+        self._eos = self._piece(self.llm.token_eos())
+        self._ctx, self._memory, self._batch = open_context(
+            lib, self.llm.model, n_ctx=n_ctx, slots=slots, n_batch=n_batch, n_threads=n_threads
+        )
+        self._n_batch = n_batch
+        self._slots = [_Slot(seq_id=i) for i in range(slots)]
+        self._drafts: Any = None  # a DraftClient when a draft model runs next to us
+        self._drafter_actor: Any = None
+        if draft:
+            self._start_drafter(draft, n_threads)
+        if speculative and speculative not in DRAFTERS:
+            raise ValueError(f"unknown speculative mode {speculative!r}")
+        if speculative == "draft" and not draft:
+            raise ValueError("speculative mode 'draft' needs a draft model")
+        self.speculative = speculative
+        self.governor = governor or Governor()
+        self.drafted = self.accepted = 0
+
+    def _start_drafter(self, path: str, n_threads: int) -> None:
+        import zmq
+
+        model = DraftModel(path, n_ctx=self.n_ctx, n_threads=n_threads, slots=self.slots)
+        mismatch = vocabulary_mismatch(self.llm, model.llm)
+        if mismatch:
+            raise ValueError(f"the draft model {path} cannot draft for this model: {mismatch}")
+        self._zmq = zmq.Context()
+        endpoint = "inproc://speculative-drafter"
+        self._drafter_actor = SpeculativeDrafter(self._zmq, model, endpoint).start()
+        self._drafts = DraftClient(self._zmq, endpoint)
+
+    def close(self) -> None:
+        """Stop the drafter actor (the engine itself lives as long as its process)."""
+        if self._drafts is not None:
+            self._drafts.close()
+            self._drafter_actor.stop()
+            self._zmq.term()
+            self._drafts = None
+
+    def stats(self) -> dict[str, object]:
+        rate = self.accepted / self.drafted if self.drafted else None
+        return {
+            "default": self.speculative or "off",
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": round(rate, 4) if rate is not None else None,
+            **self.governor.snapshot(),
+        }
+
+    def _piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    @property
+    def active(self) -> int:
+        return sum(1 for s in self._slots if s.request is not None)
+
+    def render(self, request: Generate) -> str:
+        """The prompt text: the request's prompt, or its messages through the chat template."""
+        if request.prompt is not None:
+            return request.prompt
+        if not self._template:
+            raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
+        return render_chat(self._template, request.messages or [], self._bos, self._eos)
+
+    def admit(self, request: Generate) -> list[EngineEvent]:
+        """Take a request into a free slot; raises `RequestError` if it cannot be served."""
+        text = self.render(request) + request.resume_text
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        max_tokens = check_context(self.n_ctx, len(tokens), request.max_tokens)
+        free = [s for s in self._slots if s.request is None]
+        if not free:
+            raise InvalidRequest(f"all {self.slots} slots are busy")
+        slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
+        keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)  # re-feed >= 1 token
+        if request.seed is not None and request.temperature > 0:
+            # A seeded sample is reproducible only if its logits are: evaluate the whole prompt
+            # in the same batches every time (a cached prefix changes the batch shapes, and with
+            # them llama.cpp's float rounding).
+            keep = 0
+        self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
+        slot.cached = tokens[:keep]
+        slot.todo = tokens[keep:]
+        slot.request = request
+        slot.max_tokens = max_tokens
+        slot.n_done = slot.n_unsent = 0
+        slot.n_prompt = len(tokens)
+        slot.sampler = self._sampler(request)
+        slot.stream = TextStream(request.stop)
+        slot.drafter = self._drafter_for(request)
+        slot.n_drafted = slot.n_accepted = 0
+        slot.draft_len = DraftLength()
+        slot.lookup = NgramIndex(tokens) if slot.drafter == "lookup" else None
+        slot.mirror_ok = 0
+        return [Started(request_id=request.request_id, prompt_tokens=len(tokens))]
+
+    def _drafter_for(self, request: Generate) -> str:
+        """The drafter a request gets: its own choice, else the node's; only greedy requests
+        draft (acceptance by argmax keeps their output exactly that of plain decoding)."""
+        choice = request.speculative or self.speculative
+        if choice == "off" or request.temperature > 0:
+            return ""
+        if choice == "draft" and self._drafts is None:
+            raise InvalidRequest(
+                "this node runs no draft model (mesh-llm serve --draft)", param="speculative"
+            )
+        if choice not in ("", *DRAFTERS):
+            raise InvalidRequest(
+                f"speculative must be off, lookup or draft, not {choice!r}", param="speculative"
+            )
+        return choice
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request; True if this engine held it."""
+        for slot in self._slots:
+            if slot.request is not None and slot.request.request_id == request_id:
+                self._release(slot)
+                return True
+        return False
+
+    def step(self) -> list[EngineEvent]:
+        """One decode over all active sequences (with drafted tokens, where drafting pays); the
+        events it produced."""
+        started = time.perf_counter()
+        drafts = self._plan_drafts()
+        batch, lib = self._batch, self._lib
+        batch.n_tokens = 0
+        sampled: list[tuple[_Slot, int, list[int]]] = []  # slot, first logits index, drafts
+        budget = self._n_batch
+        decoding_only = True
+        # Generating sequences first (one token each, plus drafts), then prompt chunks.
+        for slot in sorted((s for s in self._slots if s.request is not None), key=lambda s: len(s.todo)):
+            take = slot.todo[:budget]
+            if not take:
+                continue
+            whole = len(take) == len(slot.todo)  # its last token is fed: sample after it
+            extra = drafts.get(slot.seq_id, [])[: budget - len(take)] if whole else []
+            decoding_only &= len(take) == 1
+            for i, token in enumerate(take + extra):
+                add_token(batch, token, len(slot.cached) + i, slot.seq_id, whole and i >= len(take) - 1)
+            if whole:
+                sampled.append((slot, batch.n_tokens - 1 - len(extra), extra))
+            slot.cached += take + extra
+            slot.todo = slot.todo[len(take) :]
+            budget -= len(take) + len(extra)
+            if budget <= 0:
+                break
+        if batch.n_tokens == 0:
+            return []
+        if lib.llama_decode(self._ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        events: list[EngineEvent] = []
+        emitted = 0
+        for slot, index, extra in sampled:
+            tokens = self._verify(slot, index, extra)
+            emitted += len(tokens)
+            events += self._advance(slot, tokens)
+        if decoding_only and any(slot.drafter for slot, _, _ in sampled):
+            self.governor.record(emitted, time.perf_counter() - started, len(sampled))
+        return events
+
+    def _plan_drafts(self) -> dict[int, list[int]]:
+        """Drafted tokens for each greedy generating sequence, if drafting pays now."""
+        if not self.governor.drafting:
+            return {}
+        ready = [
+            s for s in self._slots if s.request is not None and s.drafter and len(s.todo) == 1 and s.n_done
+        ]
+        out: dict[int, list[int]] = {}
+        asked: list[tuple[_Slot, int, list[int], int]] = []  # slot, keep, append, how many
+        for slot in ready:
+            # Never past max_tokens (the last token comes free) or the context.
+            k = min(slot.draft_len.k, slot.max_tokens - slot.n_done - 1, self.n_ctx - len(slot.cached) - 2)
+            if k <= 0:
+                continue
+            if slot.drafter == "lookup":
+                assert slot.lookup is not None
+                out[slot.seq_id] = slot.lookup.propose(k)
+            else:  # the draft model keeps what it shares with us and is fed the rest (todo: 1 token)
+                keep = _common_prefix(slot.mirror, slot.cached, slot.mirror_ok)
+                asked.append((slot, keep, slot.cached[keep:] + slot.todo, k))
+        if asked:
+            replies = self._drafts.draft([[s.seq_id, keep, append, k] for s, keep, append, k in asked])
+            for slot, keep, append, _k in asked:
+                if slot.seq_id in replies:
+                    tokens, held = replies[slot.seq_id]
+                    # Mirror what the draft model now holds, changing only the tail.
+                    del slot.mirror[keep:]
+                    slot.mirror += append + tokens
+                    del slot.mirror[held:]
+                    slot.mirror_ok = keep + len(append)
+                    out[slot.seq_id] = tokens
+        return {seq: tokens for seq, tokens in out.items() if tokens}
+
+    def _verify(self, slot: _Slot, index: int, drafts: list[int]) -> list[int]:
+        """The tokens a sequence emits from this step: the drafts the target agrees with, then
+        the target's own next token. Rejected drafts are removed from the KV cache."""
+        out = []
+        for i in range(len(drafts) + 1):
+            token = int(self._lib.llama_sampler_sample(slot.sampler, self._ctx, index + i))
+            out.append(token)
+            if i == len(drafts) or token != drafts[i]:
+                break
+        if drafts:
+            accepted = len(out) - 1
+            slot.n_drafted += len(drafts)
+            slot.n_accepted += accepted
+            self.drafted += len(drafts)
+            self.accepted += accepted
+            slot.draft_len.update(len(drafts), accepted)
+            rejected = len(drafts) - accepted
+            if rejected:
+                del slot.cached[-rejected:]
+                self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, len(slot.cached), -1)
+        return out
+
+    def _advance(self, slot: _Slot, tokens: list[int]) -> list[EngineEvent]:
+        """Account for sampled tokens (all but the last are already in the KV cache): emit their
+        text, and finish the request if it is done."""
+        assert slot.request is not None and slot.stream is not None
+        events: list[EngineEvent] = []
+        for token in tokens:
+            if self._lib.llama_vocab_is_eog(self._vocab, token):
+                return events + self._finish(slot, "stop")
+            slot.n_done += 1
+            slot.n_unsent += 1
+            if slot.lookup is not None:
+                slot.lookup.add(token)
+            text, stopped = slot.stream.feed(self.llm.detokenize([token]))
+            if text:
+                events.append(Chunk(request_id=slot.request.request_id, text=text, n_tokens=slot.n_unsent))
+                slot.n_unsent = 0
+            if stopped:
+                return events + self._finish(slot, "stop")
+            if slot.n_done >= slot.max_tokens:
+                return events + self._finish(slot, "length")
+        slot.todo = [tokens[-1]]
+        return events
+
+    def _finish(self, slot: _Slot, reason: str) -> list[EngineEvent]:
+        request, stream = slot.request, slot.stream
+        assert request is not None and stream is not None
+        events = closing_events(request.request_id, stream, slot.n_unsent, reason, slot.n_prompt, slot.n_done)
+        if slot.drafter:
+            done = events[-1]
+            assert isinstance(done, Finished)
+            events[-1] = Finished(
+                request_id=done.request_id,
+                finish_reason=done.finish_reason,
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                drafter=slot.drafter,
+                drafted_tokens=slot.n_drafted,
+                accepted_tokens=slot.n_accepted,
+            )
+        self._release(slot)
+        return events
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.sampler is not None:
+            self._lib.llama_sampler_free(slot.sampler)
+        slot.request = slot.sampler = slot.stream = slot.lookup = None
+        # Fed-but-unsampled tokens are in the cache; tokens still to feed are not.
+        slot.todo = []
+
+    def _sampler(self, request: Generate) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if request.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        seed = request.seed if request.seed is not None else random.getrandbits(31)
+        if request.top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(request.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(request.temperature))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+
+def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
+    """The length of the common prefix of `a` and `b`, known to be at least `start`."""
+    n = min(start, len(a), len(b))
+    for x, y in zip(a[n:], b[n:], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,166 @@
+"""The control actor: answers `mesh-ctl` over ZeroMQ (ROUTER on the node's first port).
+
+It asks the router for a snapshot and adds what the node knows about itself, without blocking:
+each `mesh-ctl` query becomes a router query, and the router's answer completes the reply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from actors.runtime._actor import Actor
+from actors.wire._codec import encode
+from actors.wire._messages import Answer, PeerSeen, Query
+
+COMMANDS = ("status", "peers", "models")
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A mesh-ctl query waiting for the router's and the gossip actor's answers."""
+
+    client: bytes
+    query: Query
+    router: dict[str, Any] | None = None
+    peers: list[dict[str, Any]] | None = None
+    role: str | None = None  # the gossip actor's word on our latency class
+
+
+def mesh_models(me: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every model served in the mesh, with the nodes serving it (alive peers and this node)."""
+    nodes: dict[str, list[str]] = {m: [me] for m in router["local_models"]}
+    ready: dict[str, list[str]] = {
+        m: [me] if m in router["local_ready"] else [] for m in router["local_models"]
+    }
+    for peer in peers:
+        if peer["state"] != "alive":
+            continue
+        for m in peer["models"]:
+            nodes.setdefault(m, []).append(peer["node_id"])
+            ready.setdefault(m, []).append(peer["node_id"])
+    return [{"id": m, "nodes": sorted(nodes[m]), "ready_nodes": sorted(ready[m])} for m in sorted(nodes)]
+
+
+class Control(Actor):
+    """Serves `Query(what in COMMANDS)` from mesh-ctl with JSON-ready answers."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        *,
+        endpoint: str,
+        router_endpoint: str,
+        node_info: dict[str, Any],
+        peers_endpoint: str | None = None,
+        inbox_endpoint: str | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(ctx, "control", **kwargs)  # type: ignore[arg-type]
+        self.endpoint = endpoint
+        self.router_endpoint = router_endpoint
+        self.peers_endpoint = peers_endpoint
+        self.inbox_endpoint = inbox_endpoint
+        self._inbox: zmq.Socket | None = None
+        self.node_info = node_info
+        self._started = time.time()
+        self._ids = itertools.count()
+        self._waiting: dict[str, _Pending] = {}
+        self._front: zmq.Socket | None = None
+        self._router: zmq.Socket | None = None
+        self._gossip: zmq.Socket | None = None
+
+    def setup(self) -> None:
+        self._front = self.socket(zmq.ROUTER)
+        self._front.bind(self.endpoint)
+        self.on_socket(self._front, self._from_ctl)
+        self._router = self.socket(zmq.DEALER)
+        self._router.connect(self.router_endpoint)
+        self.on_socket(self._router, self._from_inside)
+        if self.inbox_endpoint is not None:
+            self._inbox = self.socket(zmq.PUSH)
+            self._inbox.connect(self.inbox_endpoint)
+        if self.peers_endpoint is not None:
+            self._gossip = self.socket(zmq.DEALER)
+            self._gossip.connect(self.peers_endpoint)
+            self.on_socket(self._gossip, self._from_inside)
+
+    def _from_ctl(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.stats["dropped_frames"] += 1
+            return
+        client, frame = frames
+        query = self.decode(frame, "mesh-ctl")
+        if isinstance(query, PeerSeen) and self._inbox is not None:
+            self._inbox.send(frame, zmq.NOBLOCK)  # a joining node says hello: gossip subscribes to it
+            return
+        if not isinstance(query, Query):
+            return
+        if query.what not in COMMANDS:
+            error = {"error": f"unknown command {query.what!r}"}
+            self._reply(client, Answer(request_id=query.request_id, data=error))
+            return
+        inner = f"ctl-{next(self._ids)}"
+        pending = _Pending(client=client, query=query, peers=None if self._gossip else [])
+        self._waiting[inner] = pending
+        assert self._router is not None
+        self._router.send(encode(Query(request_id=inner, what="status")))
+        if self._gossip is not None:
+            self._gossip.send(encode(Query(request_id=inner, what="peers")))
+
+    def _from_inside(self, frames: list[bytes]) -> None:
+        """An answer from the router (status) or the gossip actor (peers)."""
+        answer = self.decode(frames[-1], "node")
+        if not isinstance(answer, Answer) or answer.request_id not in self._waiting:
+            return
+        pending = self._waiting[answer.request_id]
+        if "peers" in answer.data:
+            pending.peers = answer.data["peers"]
+            pending.role = answer.data.get("role")
+        else:
+            pending.router = answer.data
+        if pending.router is not None and pending.peers is not None:
+            del self._waiting[answer.request_id]
+            data = self.compose(pending.query.what, pending.router, pending.peers, pending.role)
+            self._reply(pending.client, Answer(request_id=pending.query.request_id, data=data))
+
+    def compose(
+        self, what: str, router: dict[str, Any], peers: list[dict[str, Any]], role: str | None = None
+    ) -> dict[str, Any]:
+        """The reply to a mesh-ctl command, from the router's snapshot and the gossip's peers."""
+        info = self.node_info
+        if what == "peers":
+            return {"peers": peers}
+        if what == "models":
+            return {"models": mesh_models(info["node_id"], router, peers)}
+        return {
+            "node_id": info["node_id"],
+            "mesh": info["mesh"],
+            "role": role or info["role"],
+            "models": router["local_models"],
+            "peers": peers,
+            "host": info["host"],
+            "http_port": info["http_port"],
+            "zmq_port": info["zmq_port"],
+            "version": info["version"],
+            "uptime_s": round(time.time() - self._started, 1),
+            "ready": bool(router["local_ready"]),
+            "mesh_models": router["models"],
+            "workers": router["workers"],
+            "queues": router["queues"],
+            "in_flight": router["in_flight"],
+            "requests": router["requests"],
+            "speculative": router["speculative"],
+            "dropped_frames": router["dropped_frames"] + self.stats["dropped_frames"],
+        }
+
+    def _reply(self, client: bytes, answer: Answer) -> None:
+        assert self._front is not None
+        try:
+            self._front.send_multipart([client, encode(answer)], zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            self.warn_once("ctl-send", "control: mesh-ctl client went away: %s", err)

@@ -1,0 +1,500 @@
+"""The router actor: admission, queueing and forwarding of requests to shard-workers.
+
+Frontend: a ROUTER socket that gateways (and the control actor) talk to with DEALER sockets.
+Backend: a ROUTER socket on inproc that shard-workers connect to. Each model has a bounded FIFO;
+a worker takes up to its `slots` requests at once; events flow back to whoever asked, as they come.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import replace
+
+import zmq
+
+from actors._config import ROUTER_PORT_OFFSET
+from actors.routing._flight import Counters, Flight, WorkerSlots
+from actors.routing._peers import PeerTable
+from actors.routing._placement import choose
+from actors.runtime._actor import Actor
+from actors.wire._codec import Message, encode
+from actors.wire._messages import (
+    TERMINAL_TYPES,
+    Accepted,
+    Answer,
+    Cancel,
+    Chunk,
+    ErrorReply,
+    Finished,
+    Generate,
+    MeshView,
+    Pending,
+    Query,
+    Started,
+    WorkerState,
+)
+
+log = logging.getLogger(__name__)
+# A peer's refusals that another node may not share: try the next node before telling the client.
+_MAX_HOMES = 65536  # sessions whose node this router remembers (least recently used forgotten)
+_RETRYABLE = ("overloaded", "not_ready", "engine_failed", "peer_unavailable", "model_not_found")
+
+
+class Router(Actor):
+    """Admits requests per model, forwards them to idle workers and streams answers back."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        *,
+        node_id: str,
+        frontend_endpoints: list[str],
+        backend_endpoint: str,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(ctx, "router", **kwargs)  # type: ignore[arg-type]
+        self.node_id = node_id
+        self.frontend_endpoints = frontend_endpoints
+        self.backend_endpoint = backend_endpoint
+        self.counters = Counters()
+        self._workers: dict[bytes, WorkerSlots] = {}
+        self._queues: dict[str, deque[str]] = {}
+        self._held: deque[str] = deque()  # requests waiting for any of their nodes to have room
+        self._homes: OrderedDict[tuple[str, str], str] = OrderedDict()  # (session, model) -> node
+        self._flights: dict[str, Flight] = {}
+        self._front: zmq.Socket | None = None
+        self._back: zmq.Socket | None = None
+        self.peers = PeerTable(self.config)
+        self._links: dict[str, zmq.Socket] = {}  # DEALER to each such peer's router
+        self._monitors: dict[str, zmq.Socket] = {}  # their disconnect events
+
+    def setup(self) -> None:
+        self._front = self.socket(zmq.ROUTER)
+        for endpoint in self.frontend_endpoints:
+            self._front.bind(endpoint)
+        self._back = self.socket(zmq.ROUTER)
+        self._back.bind(self.backend_endpoint)
+        self.on_socket(self._front, self._from_client)
+        self.on_socket(self._back, self._from_worker)
+
+    def teardown(self) -> None:
+        for rid in list(self._flights):
+            self._finish(
+                rid, ErrorReply(request_id=rid, code="engine_failed", message="the node is shutting down")
+            )
+
+    def on_tick(self, now: float) -> None:
+        self._place_held()
+        for rid, flight in list(self._flights.items()):
+            if flight.remote is not None and now - flight.remote_heard > self.config.remote_silence_s:
+                self._remote_failed(rid, f"node {flight.remote} went silent")
+            elif not flight.cancelled and now - flight.last_sent >= self.config.keepalive_interval_s:
+                self._to_client(rid, Pending(request_id=rid))
+
+    # -- clients ------------------------------------------------------------------------------
+
+    def _from_client(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.stats["dropped_frames"] += 1
+            return
+        client, frame = frames
+        message = self.decode(frame, "client")
+        if isinstance(message, Generate):
+            self._admit(client, message)
+        elif isinstance(message, Cancel):
+            flight = self._flights.get(message.request_id)
+            if flight is not None and flight.client == client:  # only whoever asked may cancel
+                self._cancel(message.request_id)
+        elif isinstance(message, Query):
+            self._reply(client, Answer(request_id=message.request_id, data=self.snapshot(message.what)))
+        elif isinstance(message, MeshView):
+            self._on_mesh_view(message)
+
+    def _admit(self, client: bytes, request: Generate) -> None:
+        rid = request.request_id
+        local = [w for w in self._workers.values() if w.state.model_id == request.model]
+        remote = self._remote_nodes(request)
+        error = None
+        if rid in self._flights:
+            error = ErrorReply(request_id=rid, code="invalid_request", message=f"duplicate request id {rid}")
+        elif not local and not remote:
+            served = ", ".join(sorted(self.models())) or "none"
+            error = ErrorReply(
+                request_id=rid,
+                code="model_not_found",
+                message=f"The model '{request.model}' does not exist on this mesh (served: {served})",
+                details={"param": "model"},
+            )
+        elif not remote and all(w.state.state == "failed" for w in local):
+            error = ErrorReply(
+                request_id=rid,
+                code="engine_failed",
+                message=f"model failed to load: {local[0].state.detail}",
+            )
+        if error is not None:
+            self._reply(client, error)
+            return
+        self.counters.admitted += 1
+        self._flights[rid] = Flight(client=client, request=request, last_sent=self.clock())
+        self._reply(client, Accepted(request_id=rid, node_id=self.node_id))
+        self._place(rid)
+
+    def _place(self, rid: str, why: str = "") -> None:
+        """Send an admitted request to its session's node: this one (queue) or a peer (forward)."""
+        flight = self._flights[rid]
+        request = flight.request
+        nodes = self._candidates(flight)
+        home = self._homes.get((request.session, request.model)) if request.session else None
+        choice: str | None
+        if home in nodes:
+            # A session stays where it began while that node lives: its KV cache is there (and,
+            # for an MoE shard, the experts that shaped its answers so far). Busy or not.
+            choice, flexible = home, False
+        else:
+            choice, flexible = (
+                choose(request.session or rid, nodes, lambda n: self._has_room(n, request.model)),
+                True,
+            )
+        if choice is not None and request.session:
+            self._homes[(request.session, request.model)] = choice
+            self._homes.move_to_end((request.session, request.model))
+            while len(self._homes) > _MAX_HOMES:
+                self._homes.popitem(last=False)
+        if flexible and choice is not None and len(nodes) > 1 and not self._has_room(choice, request.model):
+            # Every node is busy: wait here for whichever frees first (still in the session's
+            # order of preference), rather than queue behind one while another goes idle.
+            self._hold(rid)
+        elif choice is None and self.clock() < flight.grace_until:
+            self._held.append(rid)  # the mesh view may be a heartbeat behind: wait for the next
+        elif choice is None:
+            reason = f"{why}; no other node can serve it" if why else "no node can serve it now"
+            self.counters.failed += 1
+            self._finish(rid, ErrorReply(request_id=rid, code="peer_unavailable", message=reason))
+        elif choice != self.node_id:
+            self._forward(rid, choice)
+        elif len(self._queues.setdefault(request.model, deque())) >= self.config.queue_depth_per_model:
+            self.counters.rejected_overload += 1
+            depth = self.config.queue_depth_per_model
+            self._finish(
+                rid,
+                ErrorReply(
+                    request_id=rid,
+                    code="overloaded",
+                    message=f"the queue for {request.model} is full ({depth} waiting)",
+                    details={"retry_after": self.config.retry_after_s},
+                ),
+            )
+        else:
+            flight.tried.add(self.node_id)
+            self._queues[request.model].append(rid)
+            self._dispatch(request.model)
+
+    def _has_room(self, node: str, model: str) -> bool:
+        """Whether `node` can start one more request of `model` now, without queueing it."""
+        if node == self.node_id:
+            free = sum(w.room for w in self._workers.values() if w.state.model_id == model)
+            return free > len(self._queues.get(model, ()))
+        ours = sum(1 for f in self._flights.values() if f.remote == node)
+        return self.peers.has_room(node, ours, self.clock())
+
+    def _hold(self, rid: str) -> None:
+        if len(self._held) >= self.config.queue_depth_per_model:
+            self.counters.rejected_overload += 1
+            self._finish(
+                rid,
+                ErrorReply(
+                    request_id=rid,
+                    code="overloaded",
+                    message=f"every node serving {self._flights[rid].request.model} is busy "
+                    f"and {len(self._held)} requests are waiting",
+                    details={"retry_after": self.config.retry_after_s},
+                ),
+            )
+        else:
+            self._held.append(rid)
+
+    def _place_held(self) -> None:
+        """Place waiting requests, oldest first, on the first of their nodes with room."""
+        for rid in list(self._held):
+            if rid not in self._held:  # placed (or failed) by a nested call meanwhile
+                continue
+            flight = self._flights.get(rid)
+            if flight is None:
+                self._held.remove(rid)
+                continue
+            nodes = self._candidates(flight)
+            if not nodes and self.clock() < flight.grace_until:
+                continue
+            if not nodes or any(self._has_room(n, flight.request.model) for n in nodes):
+                self._held.remove(rid)
+                self._place(rid)
+
+    def _cancel(self, rid: str) -> None:
+        flight = self._flights.get(rid)
+        if flight is None or flight.cancelled:
+            return
+        self.counters.cancelled += 1
+        if flight.remote is not None:
+            self._to_peer(flight.remote, Cancel(request_id=rid))
+            self.peers.ended(flight.remote, self.clock())
+            del self._flights[rid]
+            self._place_held()
+            return
+        if flight.worker is None:
+            if rid in self._held:
+                self._held.remove(rid)
+            else:
+                self._queues[flight.request.model].remove(rid)
+            del self._flights[rid]
+            return
+        flight.cancelled = True  # stays until the worker's terminal event frees the worker
+        self._to_worker(flight.worker, Cancel(request_id=rid))
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def _from_worker(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.stats["dropped_frames"] += 1
+            return
+        identity, frame = frames
+        message = self.decode(frame, "worker")
+        if isinstance(message, WorkerState):
+            worker = self._workers.setdefault(identity, WorkerSlots(state=message))
+            worker.state = message
+            if message.state == "failed":
+                self._fail_queue(message.model_id, message.detail)
+            self._dispatch(message.model_id)
+        elif message is not None and hasattr(message, "request_id"):
+            self._from_engine(identity, message)
+
+    def _from_engine(self, identity: bytes, message: Message) -> None:
+        rid = message.request_id
+        flight = self._flights.get(rid)
+        if flight is None or flight.worker != identity:
+            return
+        if isinstance(message, TERMINAL_TYPES):
+            worker = self._workers.get(identity)
+            if worker is not None:
+                worker.busy_with.discard(rid)
+            if isinstance(message, ErrorReply) and message.code == "not_ready" and not flight.cancelled:
+                flight.worker = None  # the worker's state changed under us: queue it again, first
+                self._queues[flight.request.model].appendleft(rid)
+                self._dispatch(flight.request.model)
+                return
+            if isinstance(message, Finished):
+                self.counters.drafted += message.drafted_tokens
+                self.counters.accepted += message.accepted_tokens
+            self._relay(rid, message)
+            self._dispatch(flight.request.model)
+        elif not flight.cancelled:
+            if isinstance(message, Started):
+                message = replace(message, node_id=self.node_id)
+            self._relay(rid, message)
+
+    def _relay(self, rid: str, message: Message) -> None:
+        """Pass an engine's event to the client, keeping a resumed stream seamless: one `Started`,
+        token counts of the whole completion."""
+        flight = self._flights[rid]
+        if isinstance(message, Started):
+            if flight.started:
+                return  # a resumed request: the client had its `Started`
+            flight.started, flight.prompt_tokens = True, message.prompt_tokens
+        elif isinstance(message, Chunk):
+            flight.sent_text.append(message.text)
+            flight.sent_tokens += message.n_tokens
+        elif isinstance(message, Finished):
+            message = replace(
+                message,
+                prompt_tokens=flight.prompt_tokens,
+                completion_tokens=flight.base_tokens + message.completion_tokens,
+            )
+        if isinstance(message, TERMINAL_TYPES):
+            self.counters.failed += isinstance(message, ErrorReply)
+            self.counters.completed += isinstance(message, Finished)
+            self._finish(rid, message)
+        else:
+            self._to_client(rid, message)
+
+    def _dispatch(self, model: str) -> None:
+        queue = self._queues.get(model)
+        while queue:
+            # The worker with the most room, so that load spreads over workers.
+            room, idle = max(
+                ((w.room, i) for i, w in self._workers.items() if w.state.model_id == model), default=(0, b"")
+            )
+            if room <= 0:
+                return
+            rid = queue.popleft()
+            flight = self._flights[rid]
+            flight.worker = idle
+            self._workers[idle].busy_with.add(rid)
+            self._to_worker(idle, flight.request)
+
+    def _fail_queue(self, model: str, why: str) -> None:
+        for rid in list(self._queues.get(model, ())):
+            self._queues[model].remove(rid)
+            self._finish(
+                rid, ErrorReply(request_id=rid, code="engine_failed", message=f"model failed to load: {why}")
+            )
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def _serves_here(self, model: str) -> bool:
+        return any(w.state.model_id == model and w.state.state != "failed" for w in self._workers.values())
+
+    def _candidates(self, flight: Flight) -> list[str]:
+        """The nodes that may take a flight now: peers (`_remote_nodes`), then this node."""
+        here = self.node_id not in flight.tried and self._serves_here(flight.request.model)
+        return self._remote_nodes(flight.request, flight.tried) + ([self.node_id] if here else [])
+
+    def _remote_nodes(self, request: Generate, tried: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Peers that may take `request`, but those in `tried`: the near ones serving its model;
+        if neither they nor this node can, the far ones (a far node proxies to the mesh, DESIGN
+        §2.5; and a far replica beats failing a request). None for a request another router
+        already placed."""
+        if request.forwarded:
+            return []
+        here = self.node_id not in tried and self._serves_here(request.model)
+        return self.peers.serving(request.model, tried, here=here)
+
+    def _on_mesh_view(self, view: MeshView) -> None:
+        """The gossip actor's latest picture: drop links to peers gone, fail over their requests."""
+        self.peers.update(view, self.clock())
+        live = self.peers.live
+        for node in list(self._links):
+            if node not in live:
+                self.forget(self._monitors.pop(node))
+                self.forget(self._links.pop(node))
+        for rid, flight in list(self._flights.items()):
+            if flight.remote is not None and flight.remote not in live:
+                self._remote_failed(rid, f"node {flight.remote} left the mesh or is no longer reachable")
+        self._place_held()
+
+    def _forward(self, rid: str, node: str) -> None:
+        flight = self._flights[rid]
+        flight.remote, flight.remote_heard = node, self.clock()
+        flight.tried.add(node)
+        self._to_peer(node, replace(flight.request, forwarded=True))
+
+    def _from_peer(self, node: str, frames: list[bytes]) -> None:
+        message = self.decode(frames[-1], f"peer {node}")
+        rid = getattr(message, "request_id", None)
+        if not isinstance(rid, str):
+            return
+        flight = self._flights.get(rid)
+        if flight is None or flight.remote != node:
+            return  # late news of a request cancelled or moved elsewhere
+        flight.remote_heard = self.clock()
+        if isinstance(message, Accepted | Pending):
+            return  # the client heard ours already
+        if isinstance(message, ErrorReply) and message.code in _RETRYABLE:
+            self._remote_failed(rid, message.message)
+            return
+        self._relay(rid, message)
+
+    def _remote_failed(self, rid: str, why: str) -> None:
+        """A peer failed a forwarded request: place it again — from the start if the client saw
+        nothing yet, else resuming after the text it already has (same id, same seed)."""
+        flight = self._flights[rid]
+        log.warning("request %s on %s failed: %s", rid, flight.remote, why)
+        flight.remote = None
+        flight.grace_until = self.clock() + self.config.suspect_after_s
+        if not flight.started:
+            self.counters.retried += 1
+        else:
+            self.counters.resumed += 1
+            request = flight.request
+            left = None if request.max_tokens is None else request.max_tokens - flight.sent_tokens
+            flight.request = replace(request, resume_text="".join(flight.sent_text), max_tokens=left)
+            flight.base_tokens = flight.sent_tokens
+            if left is not None and left < 1:
+                self._relay(
+                    rid,
+                    Finished(request_id=rid, finish_reason="length", prompt_tokens=0, completion_tokens=0),
+                )
+                return
+        self._place(rid, why)
+
+    def _peer_disconnected(self, node: str) -> None:
+        for rid, flight in list(self._flights.items()):
+            if flight.remote == node:
+                self._remote_failed(rid, f"lost the connection to node {node}")
+
+    def _to_peer(self, node: str, message: Message) -> None:
+        link = self._links.get(node)
+        if link is None:
+            peer = self.peers.live[node]
+            link = self.socket(zmq.DEALER)
+            link.connect(f"tcp://{peer['host']}:{peer['zmq_port'] + ROUTER_PORT_OFFSET}")
+            self.on_socket(link, lambda frames, node=node: self._from_peer(node, frames))  # type: ignore[misc]
+            # A peer process that dies closes its TCP connections at once: hear of it at once.
+            monitor = self.adopt(link.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+            self.on_socket(monitor, lambda frames, node=node: self._peer_disconnected(node))  # type: ignore[misc]
+            self._links[node] = link
+            self._monitors[node] = monitor
+        try:
+            link.send(encode(message), zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            self.warn_once(f"peer-send:{node}", "router: cannot send to %s: %s", node, err)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _finish(self, rid: str, message: Message) -> None:
+        flight = self._flights.get(rid)
+        if flight is not None and not flight.cancelled:
+            self._to_client(rid, message)
+        self._flights.pop(rid, None)
+        if flight is not None and flight.remote is not None:
+            self.peers.ended(flight.remote, self.clock())
+        if self._held and rid not in self._held:
+            self._place_held()
+
+    def _to_client(self, rid: str, message: Message) -> None:
+        flight = self._flights[rid]
+        flight.last_sent = self.clock()
+        if not self._reply(flight.client, message) and not isinstance(message, TERMINAL_TYPES):
+            self._cancel(rid)  # the client's socket is gone: stop generating for nobody
+
+    def _reply(self, client: bytes, message: Message) -> bool:
+        assert self._front is not None
+        try:
+            self._front.send_multipart([client, encode(message)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as err:  # EHOSTUNREACH (client gone) or EAGAIN (client not reading)
+            self.warn_once("client-send", "router: cannot reach a client: %s", err)
+            return False
+
+    def _to_worker(self, identity: bytes, message: Message) -> None:
+        assert self._back is not None
+        try:
+            self._back.send_multipart([identity, encode(message)], zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            log.error("router: cannot reach worker %r: %s", identity, err)
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def models(self) -> set[str]:
+        """Models this node or a live peer serves."""
+        return {w.state.model_id for w in self._workers.values()} | self.peers.models()
+
+    def snapshot(self, what: str) -> dict[str, object]:
+        """Plain data for `Query(what)`: "models", "health" or "status"."""
+        local_ready = {w.state.model_id for w in self._workers.values() if w.state.state == "ready"}
+        ready = sorted(local_ready | self.peers.models())
+        if what == "models":
+            return {"models": sorted(self.models()), "ready": ready}
+        if what == "health":
+            return {"ready": bool(ready), "models": ready}
+        workers = [w.snapshot(i.decode()) for i, w in sorted(self._workers.items())]
+        return {
+            "models": sorted(self.models()),
+            "ready": ready,
+            "local_models": sorted({w.state.model_id for w in self._workers.values()}),
+            "local_ready": sorted(local_ready),
+            "workers": workers,
+            "queues": {m: len(q) for m, q in self._queues.items()},
+            "in_flight": sum(1 for f in self._flights.values() if f.worker is not None),
+            **self.counters.snapshot(),
+            "dropped_frames": self.stats["dropped_frames"],
+        }

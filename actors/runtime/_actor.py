@@ -1,0 +1,237 @@
+"""The actor runtime: one thread per actor, owning its sockets, driven by a poll loop.
+
+An actor is started with a handshake over an inproc PAIR pipe (a setup error is raised to the
+caller of `start()`), runs handlers for whatever its sockets receive, and stops when its pipe says
+so: `teardown()` then fails every request the actor still holds, and its sockets are closed by the
+thread that owns them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import zmq
+
+from actors._config import NodeConfig
+from actors._errors import ActorStartError, ProtocolError
+from actors.wire._codec import Message, decode
+from actors.wire._sockets import make_socket
+
+log = logging.getLogger(__name__)
+
+_READY, _FAILED, _STOP, _STOPPED = b"READY", b"FAILED", b"STOP", b"STOPPED"
+_MAX_BATCH = 256  # messages taken from one socket per wake-up, so no socket starves the others
+_pipe_ids = itertools.count()
+
+SocketHandler = Callable[[list[bytes]], None]
+FdHandler = Callable[[], None]
+
+
+class Actor:
+    """Base class. Subclasses bind in `setup()`, react in handlers, clean up in `teardown()`."""
+
+    tick_interval_s: float = 0.1  # how often `on_tick` runs at the least
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        name: str,
+        *,
+        config: NodeConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.ctx = ctx
+        self.config = config or NodeConfig()
+        self.clock = clock
+        self.stats: Counter[str] = Counter()
+        self._endpoint = f"inproc://actor-pipe-{name}-{next(_pipe_ids)}"
+        self._pipe: zmq.Socket | None = None
+        self._thread: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._sockets: dict[zmq.Socket, SocketHandler] = {}
+        self._fds: dict[int, FdHandler] = {}
+        self._owned: list[zmq.Socket] = []
+        self._poller = zmq.Poller()
+        self._warned: set[str] = set()
+
+    # -- called by the owner (another thread) -------------------------------------------------
+
+    def start(self) -> Actor:
+        """Start the thread and block until `setup()` finished; raises `ActorStartError`."""
+        if self._thread is not None:
+            return self
+        pipe = make_socket(self.ctx, zmq.PAIR)
+        pipe.bind(self._endpoint)
+        self._pipe = pipe
+        self._thread = threading.Thread(target=self._run, name=f"actor-{self.name}", daemon=True)
+        self._thread.start()
+        if not pipe.poll(int(self.config.actor_start_timeout_s * 1000)):
+            self.stop()
+            raise ActorStartError(f"actor {self.name} did not start in time")
+        if pipe.recv() != _READY:
+            self._thread.join()
+            pipe.close()
+            self._pipe = None
+            raise ActorStartError(f"actor {self.name}: {self._start_error}") from self._start_error
+        return self
+
+    def stop(self) -> None:
+        """Stop the actor and join its thread; safe to call twice or on an actor that died."""
+        pipe, thread = self._pipe, self._thread
+        if pipe is None or thread is None:
+            return
+        self._pipe = None
+        if thread.is_alive():
+            try:
+                pipe.send(_STOP, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            if pipe.poll(int(self.config.actor_stop_timeout_s * 1000)):
+                pipe.recv()
+        thread.join(self.config.actor_stop_timeout_s)
+        pipe.close()
+        if thread.is_alive():
+            log.error("actor %s did not stop within %.1fs", self.name, self.config.actor_stop_timeout_s)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> Actor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- for subclasses (run on the actor's thread) -------------------------------------------
+
+    def setup(self) -> None:
+        """Make and bind sockets (with `socket()`), register handlers. Errors fail `start()`."""
+
+    def teardown(self) -> None:
+        """Fail whatever the actor still holds; sockets are closed after this returns."""
+
+    def on_tick(self, now: float) -> None:
+        """Timers: called at least every `tick_interval_s` while the actor runs."""
+
+    def socket(self, kind: int, *, identity: bytes | None = None) -> zmq.Socket:
+        """A socket owned by this actor, closed when it stops."""
+        sock = make_socket(self.ctx, kind, identity=identity)
+        self._owned.append(sock)
+        return sock
+
+    def adopt(self, sock: zmq.Socket) -> zmq.Socket:
+        """Own a socket made elsewhere (a pyzmq monitor socket): closed when the actor stops."""
+        self._owned.append(sock)
+        return sock
+
+    def on_socket(self, sock: zmq.Socket, handler: SocketHandler) -> None:
+        """Call `handler(frames)` for every multipart message `sock` receives."""
+        self._sockets[sock] = handler
+        self._poller.register(sock, zmq.POLLIN)
+
+    def on_fd(self, fd: int, handler: FdHandler) -> None:
+        """Call `handler()` whenever `fd` is readable (e.g. a child's pidfd)."""
+        self._fds[fd] = handler
+        self._poller.register(fd, zmq.POLLIN)
+
+    def forget(self, sock_or_fd: zmq.Socket | int) -> None:
+        """Stop polling a socket or fd; a socket is also closed."""
+        self._poller.unregister(sock_or_fd)
+        if isinstance(sock_or_fd, int):
+            self._fds.pop(sock_or_fd, None)
+            return
+        self._sockets.pop(sock_or_fd, None)
+        if sock_or_fd in self._owned:
+            self._owned.remove(sock_or_fd)
+        sock_or_fd.close(linger=0)
+
+    def decode(self, frame: bytes, source: str) -> Message | None:
+        """Decode an untrusted frame; a bad one is counted, logged once, and gives None."""
+        try:
+            return decode(frame, self.config.max_frame_bytes)
+        except ProtocolError as err:
+            self.stats["dropped_frames"] += 1
+            self.warn_once(f"drop:{source}", "%s dropped a bad frame from %s: %s", self.name, source, err)
+            return None
+
+    def warn_once(self, key: str, fmt: str, *args: object) -> None:
+        """Log at WARNING the first time `key` happens, at DEBUG after that."""
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        log.log(level, fmt, *args)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pipe = make_socket(self.ctx, zmq.PAIR)
+        pipe.connect(self._endpoint)
+        try:
+            self.setup()
+        except BaseException as err:
+            self._start_error = err
+            self._close_all()
+            pipe.send(_FAILED)
+            pipe.close()
+            return
+        pipe.send(_READY)
+        self._poller.register(pipe, zmq.POLLIN)
+        try:
+            self._loop(pipe)
+        except Exception:
+            log.exception("actor %s crashed", self.name)
+        finally:
+            try:
+                self.teardown()
+            except Exception:
+                log.exception("actor %s failed in teardown", self.name)
+            self._close_all()
+            pipe.send(_STOPPED)
+            pipe.close()
+
+    def _loop(self, pipe: zmq.Socket) -> None:
+        next_tick = self.clock()
+        while True:
+            timeout_ms = max(0, int((next_tick - self.clock()) * 1000))
+            events = dict(self._poller.poll(timeout_ms))
+            if pipe in events:
+                return
+            for sock, handler in list(self._sockets.items()):
+                if sock in events:
+                    self._drain(sock, handler)
+            for fd, fd_handler in list(self._fds.items()):
+                if fd in events:
+                    self._guard(fd_handler)
+            now = self.clock()
+            if now >= next_tick:
+                self._guard(lambda now=now: self.on_tick(now))  # type: ignore[misc]
+                next_tick = now + self.tick_interval_s
+
+    def _drain(self, sock: zmq.Socket, handler: SocketHandler) -> None:
+        for _ in range(_MAX_BATCH):
+            if sock not in self._sockets:  # a handler forgot this socket
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._guard(lambda frames=frames: handler(frames))  # type: ignore[misc]
+
+    def _guard(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception:
+            self.stats["handler_errors"] += 1
+            log.exception("actor %s: handler failed", self.name)
+
+    def _close_all(self) -> None:
+        for sock in self._owned:
+            sock.close()  # LINGER is 0 unless the actor set one to flush a last message
+        self._owned.clear()
+        self._sockets.clear()

@@ -1,0 +1,206 @@
+"""The shard-worker actor: owns one llama.cpp engine in a supervised child process.
+
+It takes up to `slots` requests at once from the router (over DEALER, identity = worker id),
+relays them to the child over a PAIR socket and relays the child's events back. When the child
+dies, every request in flight fails with `engine_failed` and the child is restarted after a
+back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import zmq
+
+from actors.runtime._actor import Actor
+from actors.runtime._supervisor import Backoff, ChildProcess
+from actors.wire._codec import Message, encode
+from actors.wire._messages import TERMINAL_TYPES, Cancel, EngineReady, ErrorReply, Generate, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+class ShardWorker(Actor):
+    """Serves `model` (a GGUF path or a `fake:` spec) with one engine child."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        worker_id: str,
+        *,
+        model: str,
+        model_id: str,
+        router_endpoint: str,
+        n_ctx: int,
+        n_threads: int,
+        slots: int = 1,
+        draft: str | None = None,
+        speculative: str = "",
+        **kwargs: object,
+    ) -> None:
+        """`draft`: a draft GGUF for speculative decoding; `speculative`: the drafter requests get
+        by default ("draft", "lookup", or "" for none)."""
+        super().__init__(ctx, worker_id, **kwargs)  # type: ignore[arg-type]
+        self.worker_id = worker_id
+        self.model = model
+        self.model_id = model_id
+        self.router_endpoint = router_endpoint
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+        self.slots = slots
+        self.draft = draft
+        self.speculative = speculative
+        self.state = "loading"
+        self.restarts = 0
+        self._failed_loads = 0
+        self._detail = ""
+        self._current: dict[str, Generate] = {}
+        self._cancel_deadlines: dict[str, float] = {}
+        self._restart_at: float | None = None
+        self._load_deadline = 0.0
+        self._child: ChildProcess | None = None
+        self._engine: zmq.Socket | None = None
+        self._router: zmq.Socket | None = None
+        self._backoff = Backoff(
+            self.config.engine_restart_backoff_s, self.config.engine_max_restart_backoff_s
+        )
+
+    def setup(self) -> None:
+        self._router = self.socket(zmq.DEALER, identity=self.worker_id.encode())
+        self._router.connect(self.router_endpoint)
+        self.on_socket(self._router, self._from_router)
+        self._spawn()
+
+    def teardown(self) -> None:
+        self._fail_current("the node is shutting down")
+        if self._child is not None:
+            self._child.close()
+
+    def on_tick(self, now: float) -> None:
+        if self._restart_at is not None and now >= self._restart_at:
+            self._restart_at = None
+            self._spawn()
+        elif self._child is not None and self.state == "loading" and now > self._load_deadline:
+            log.warning(
+                "%s: engine did not load in %.0fs; killing it",
+                self.worker_id,
+                self.config.engine_load_timeout_s,
+            )
+            self._child.kill()
+        elif self._child is not None and any(now > t for t in self._cancel_deadlines.values()):
+            log.warning("%s: engine ignored a cancel; killing it", self.worker_id)
+            self._child.kill()
+
+    # -- the engine child ---------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        engine = self.socket(zmq.PAIR)
+        port = engine.bind_to_random_port("tcp://127.0.0.1")
+        argv = [
+            sys.executable, "-m", "actors.engine._child",
+            "--endpoint", f"tcp://127.0.0.1:{port}",
+            "--model", self.model,
+            "--ctx", str(self.n_ctx),
+            "--threads", str(self.n_threads),
+            "--slots", str(self.slots),
+            "--parent-pid", str(os.getpid()),
+            "--speculative", self.speculative,
+        ]  # fmt: skip
+        if self.draft:
+            argv += ["--draft", self.draft]
+        self._child = ChildProcess(argv)
+        pid = self._child.start()
+        self._engine = engine
+        self.on_socket(engine, self._from_engine)
+        self.on_fd(self._child.exit_fd, self._on_child_exit)
+        self._load_deadline = self.clock() + self.config.engine_load_timeout_s
+        self._set_state("loading", f"engine pid {pid} loading {self.model}")
+
+    def _on_child_exit(self) -> None:
+        child, engine = self._child, self._engine
+        if child is None or engine is None:
+            return
+        code = child.exit_code()
+        self.forget(child.exit_fd)
+        self.forget(engine)
+        child.close()
+        self._child = self._engine = None
+        self._cancel_deadlines.clear()
+        self.restarts += 1
+        if self.state == "loading":
+            self._failed_loads += 1
+        # The router must see the new state before the failure frees this worker for more work.
+        if self._failed_loads >= self.config.engine_max_failed_loads:
+            self._set_state("failed", self._detail or f"engine exited with code {code} while loading")
+        else:
+            delay = self._backoff.next_delay()
+            log.warning("%s: engine exited with code %s; restarting in %.1fs", self.worker_id, code, delay)
+            self._restart_at = self.clock() + delay
+            self._set_state("loading", f"engine exited with code {code}; restarting")
+        self._fail_current(f"the engine process died (exit code {code}); it is being restarted")
+
+    def _from_engine(self, frames: list[bytes]) -> None:
+        message = self.decode(frames[-1], "engine")
+        if isinstance(message, EngineReady):
+            self._failed_loads = 0
+            self._backoff.reset()
+            self.n_ctx = message.n_ctx
+            self.slots = message.slots
+            self._set_state("ready", f"engine pid {message.pid}, {message.n_params} parameters")
+        elif isinstance(message, ErrorReply) and not message.request_id:
+            self._detail = message.message  # a failed load; the exit follows
+            log.error("%s: %s", self.worker_id, message.message)
+        elif message is not None and getattr(message, "request_id", None) in self._current:
+            rid = message.request_id
+            self._send_router(message)
+            if isinstance(message, TERMINAL_TYPES):
+                del self._current[rid]
+                self._cancel_deadlines.pop(rid, None)
+
+    # -- the router ---------------------------------------------------------------------------
+
+    def _from_router(self, frames: list[bytes]) -> None:
+        message = self.decode(frames[-1], "router")
+        if isinstance(message, Generate):
+            if len(self._current) >= self.slots or self.state != "ready" or self._engine is None:
+                why = f"worker {self.state}, {len(self._current)} of {self.slots} slots busy"
+                self._send_router(ErrorReply(request_id=message.request_id, code="not_ready", message=why))
+                return
+            self._current[message.request_id] = message
+            self._engine.send(encode(message))
+        elif isinstance(message, Cancel) and self._holds(message.request_id):
+            assert self._engine is not None  # _holds() checked it
+            self._engine.send(encode(message))
+            self._cancel_deadlines[message.request_id] = self.clock() + self.config.cancel_grace_s
+
+    def _holds(self, request_id: str) -> bool:
+        """Whether the engine works on `request_id` now."""
+        return request_id in self._current and self._engine is not None
+
+    def _send_router(self, message: Message) -> None:
+        assert self._router is not None  # set in setup, on this thread
+        self._router.send(encode(message))
+
+    def _fail_current(self, why: str) -> None:
+        """Fail every request the engine held."""
+        for rid in self._current:
+            self._send_router(ErrorReply(request_id=rid, code="engine_failed", message=why))
+        self._current.clear()
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self.state = state
+        self._detail = detail
+        self._send_router(
+            WorkerState(
+                worker_id=self.worker_id,
+                model_id=self.model_id,
+                state=state,
+                engine_pid=self._child.pid if self._child is not None else None,
+                restarts=self.restarts,
+                n_ctx=self.n_ctx,
+                detail=detail,
+                slots=self.slots,
+            )
+        )

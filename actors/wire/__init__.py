@@ -1,0 +1,57 @@
+"""Everything that crosses a socket.
+
+- `_messages`  one frozen dataclass per message kind (and the nested records they carry).
+- `_codec`     the one codec: versioned msgpack frames, validated on decode (`ProtocolError`).
+- `_sockets`   the one socket factory: every socket of the node is made (and secured) there.
+"""
+
+from actors.wire._codec import Message, decode, encode, peek_version
+from actors.wire._messages import (
+    MESSAGE_TYPES,
+    TERMINAL_TYPES,
+    Accepted,
+    Answer,
+    Cancel,
+    Chunk,
+    Drafted,
+    DraftRequest,
+    EngineReady,
+    ErrorReply,
+    Finished,
+    Generate,
+    Heartbeat,
+    MeshView,
+    PeerSeen,
+    Pending,
+    Query,
+    Started,
+    WorkerState,
+)
+from actors.wire._sockets import make_socket
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "TERMINAL_TYPES",
+    "Accepted",
+    "Answer",
+    "Cancel",
+    "Chunk",
+    "DraftRequest",
+    "Drafted",
+    "EngineReady",
+    "ErrorReply",
+    "Finished",
+    "Generate",
+    "Heartbeat",
+    "MeshView",
+    "Message",
+    "PeerSeen",
+    "Pending",
+    "Query",
+    "Started",
+    "WorkerState",
+    "decode",
+    "encode",
+    "make_socket",
+    "peek_version",
+]

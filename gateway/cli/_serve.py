@@ -1,0 +1,236 @@
+"""`mesh-llm`: run a node (its actors, plus gunicorn serving the HTTP API)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from actors import ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
+from actors.gguf._identity import check_draft, check_model
+from actors.runtime._supervisor import ChildProcess
+from discovery import MeshMembership
+from gateway.cli._models import default_model
+
+log = logging.getLogger("mesh_llm")
+_GUNICORN_START_TIMEOUT_S = 30.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mesh-llm", description="Pool machines into one OpenAI-compatible endpoint."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a node that serves a model")
+    serve.add_argument(
+        "--model", type=Path, help="GGUF to serve (default: a built-in demo model with random weights)"
+    )
+    serve.add_argument(
+        "--draft", type=Path, help="a small draft GGUF with the same vocabulary: speculative decoding"
+    )
+    serve.add_argument(
+        "--lookup",
+        action="store_true",
+        help="prompt-lookup drafting for greedy requests (without --draft; a request may ask with "
+        '"speculative": "lookup")',
+    )
+    serve.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
+    serve.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
+    serve.add_argument("--slots", type=int, default=4, help="requests decoded together (continuous batching)")
+    serve.add_argument(
+        "--queue-depth",
+        type=int,
+        default=NodeConfig().queue_depth_per_model,
+        help="waiting requests per model before 429",
+    )
+    client = sub.add_parser("client", help="run a node without a model: the API, served by the mesh")
+    for cmd in (serve, client):
+        _node_options(cmd)
+    return parser
+
+
+def _node_options(cmd: argparse.ArgumentParser) -> None:
+    """Options of every node, serving or not."""
+    cmd.add_argument("--mesh", default="default", help="mesh name; nodes join only meshes of their name")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
+    cmd.add_argument("--http-port", type=int, default=9337)
+    cmd.add_argument(
+        "--zmq-port", type=int, default=9338, help="first of three ZeroMQ ports: control, router, gossip"
+    )
+    cmd.add_argument(
+        "--peer", action="append", default=[], type=_host_port, metavar="HOST:ZMQPORT",
+        help="a node to join without mDNS (repeatable)",
+    )  # fmt: skip
+    cmd.add_argument("--no-mdns", action="store_true", help="do not advertise or browse mDNS")
+    cmd.add_argument(
+        "--advertise", type=_host_port, metavar="HOST:ZMQPORT",
+        help="where peers reach this node, if not at --host/--zmq-port (a port forward); gossip carries it",
+    )  # fmt: skip
+    cmd.add_argument(
+        "--max-rtt-ms", type=float, default=NodeConfig().max_rtt_ms, help="farther peers take no work from us"
+    )
+    cmd.add_argument("--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key")
+    cmd.add_argument(
+        "--state-dir", type=Path, help="where the node keeps its id (default ~/.local/state/mesh-llm)"
+    )
+    cmd.add_argument(
+        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"
+    )
+    cmd.add_argument("--http-threads", type=int, default=32, help="gunicorn threads serving HTTP")
+    cmd.add_argument("-v", "--verbose", action="store_true")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:ZMQPORT, got {text!r}")
+    return host, int(port)
+
+
+def node_id_for(state_dir: Path) -> str:
+    """This node's id, made once and kept in the state directory."""
+    path = state_dir / "node_id"
+    if path.exists():
+        return path.read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node_id = f"{socket.gethostname()}-{secrets.token_hex(3)}"
+    path.write_text(node_id + "\n")
+    return node_id
+
+
+def serve(args: argparse.Namespace) -> int:
+    models: list[ModelSpec] = []
+    if args.command == "serve":
+        try:
+            model = args.model or default_model()
+            model_id = check_model(model)
+            if args.draft:
+                check_draft(model, args.draft)
+            speculative = "draft" if args.draft else "lookup" if args.lookup else ""
+            draft = str(args.draft) if args.draft else None
+            models.append(
+                ModelSpec(source=str(model), model_id=model_id, draft=draft, speculative=speculative)
+            )
+        except ValueError as err:
+            print(f"mesh-llm: {err}", file=sys.stderr)
+            return 2
+    state_dir = (
+        args.state_dir or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "mesh-llm"
+    )
+    spec = NodeSpec(
+        node_id=node_id_for(state_dir),
+        mesh=args.mesh,
+        host=args.host,
+        http_port=args.http_port,
+        zmq_port=args.zmq_port,
+        models=models,
+        role="serving" if models else "client",
+        n_ctx=getattr(args, "ctx", 4096),
+        n_threads=getattr(args, "threads", 1),
+        slots=getattr(args, "slots", 1),
+        config=NodeConfig(
+            queue_depth_per_model=getattr(args, "queue_depth", NodeConfig().queue_depth_per_model),
+            max_rtt_ms=args.max_rtt_ms,
+        ),
+    )
+    mesh = MeshMembership(spec, mdns=not args.no_mdns, seeds=args.peer, advertise=args.advertise)
+    node = Node(
+        spec, more=[mesh.actor], peers_endpoint=mesh.query_endpoint, inbox_endpoint=mesh.inbox_endpoint
+    )
+    try:
+        node.start()
+    except ActorStartError as err:
+        print(f"mesh-llm: cannot start the node: {err}", file=sys.stderr)
+        return 1
+    gateway = ChildProcess(_gunicorn_argv(args), env=_gunicorn_env(args, spec))
+    try:
+        return _run(node, gateway, mesh, args)
+    finally:
+        mesh.close()
+        gateway.close()
+        node.stop()
+
+
+def _run(node: Node, gateway: ChildProcess, mesh: MeshMembership, args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        socket.create_server((args.host, args.http_port)).close()
+    except OSError as err:
+        print(f"mesh-llm: cannot listen on {args.host}:{args.http_port}: {err}", file=sys.stderr)
+        return 1
+    gateway.start()
+    if not _wait_listening(args.host, args.http_port, gateway):
+        print(f"mesh-llm: the HTTP gateway could not listen on {args.host}:{args.http_port}", file=sys.stderr)
+        return 1
+    mesh.start_discovery(node)
+    spec = node.spec
+    what = f"serving {spec.models[0].model_id}" if spec.models else "client of the mesh"
+    print(
+        f"mesh-llm node {spec.node_id} ({what}, mesh {spec.mesh}) on http://{args.host}:{args.http_port}/v1"
+        f"  (mesh-ctl --node {spec.control_endpoint} status)",
+        flush=True,
+    )
+    while not stop.wait(0.5):
+        if gateway.exit_code() is not None:
+            print(f"mesh-llm: the HTTP gateway exited with code {gateway.exit_code()}", file=sys.stderr)
+            return 1
+    log.info("stopping")
+    return 0
+
+
+def _gunicorn_argv(args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--worker-class", "gthread",
+        "--workers", "1",
+        "--threads", str(args.http_threads),
+        "--bind", f"{args.host}:{args.http_port}",
+        "--graceful-timeout", "5",
+        "--keep-alive", "5",
+        "--log-level", "debug" if args.verbose else "warning",
+        "--config", "python:gateway.http._gunicorn_conf",
+        "gateway:get_app()",
+    ]  # fmt: skip
+
+
+def _gunicorn_env(args: argparse.Namespace, spec: NodeSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        MESH_LLM_ROUTER=spec.router_endpoint,
+        MESH_LLM_NODE_ID=spec.node_id,
+        MESH_LLM_MAX_BODY_BYTES=str(args.max_body_bytes),
+        MESH_LLM_IDLE_TIMEOUT_S=str(spec.config.gateway_idle_timeout_s),
+        MESH_LLM_API_KEY=args.api_key or "",
+        MESH_LLM_PARENT_PID=str(os.getpid()),
+    )
+    return env
+
+
+def _wait_listening(host: str, port: int, gateway: ChildProcess) -> bool:
+    deadline = time.monotonic() + _GUNICORN_START_TIMEOUT_S
+    while time.monotonic() < deadline and gateway.exit_code() is None:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
+    return serve(args)

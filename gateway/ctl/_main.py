@@ -1,0 +1,263 @@
+"""`mesh-ctl`: operate a node over ZeroMQ, and the GGUF tooling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from actors import PeerUnavailable, ask
+from actors.gguf import ARCHS, PRESETS, shape_for, synthesize
+from actors.moe._analyze import (
+    CALIBRATION_PROMPTS,
+    UnsupportedModel,
+    activation_importance,
+    moe_info,
+    weight_importance,
+)
+from actors.moe._shards import Gate, split_model, stderr_progress
+
+_SHAPE_FLAGS = {
+    "vocab": "n_vocab",
+    "embd": "n_embd",
+    "layers": "n_layer",
+    "heads": "n_head",
+    "kv_heads": "n_head_kv",
+    "ff": "n_ff",
+    "ctx_train": "n_ctx_train",
+    "experts": "n_expert",
+    "experts_used": "n_expert_used",
+    "expert_ff": "n_ff_exp",
+    "shared_ff": "n_ff_shexp",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesh-ctl", description="Operate a mesh-llm node.")
+    parser.add_argument("--node", default="tcp://127.0.0.1:9338", help="the node's control endpoint")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("status", "this node and its peers"),
+        ("peers", "the peers this node knows"),
+        ("models", "models the mesh serves"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--json", action="store_true", help="print JSON")
+    model = sub.add_parser("model", help="model tooling").add_subparsers(dest="model_command", required=True)
+    synth = model.add_parser("synth", help="write a GGUF with random weights (for tests and demos)")
+    synth.add_argument("--arch", choices=ARCHS, required=True)
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="base shape (default tiny)")
+    for flag in _SHAPE_FLAGS:
+        synth.add_argument(f"--{flag.replace('_', '-')}", type=int, dest=flag)
+    synth.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16", help="weight type")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--router-skew", type=float, default=0.0, help="MoE: make each layer's router favour a few experts"
+    )
+    _moe_commands(sub)
+    return parser
+
+
+def _moe_commands(sub: Any) -> None:
+    moe = sub.add_parser("moe", help="Mixture-of-Experts tooling").add_subparsers(
+        dest="moe_command", required=True
+    )
+    analyze = moe.add_parser("analyze", help="per-layer expert importance from real activations")
+    analyze.add_argument("model", type=Path)
+    analyze.add_argument("--json", action="store_true", help="print JSON")
+    split = moe.add_parser("split", help="one GGUF per node, each with a share of the experts")
+    split.add_argument("model", type=Path)
+    split.add_argument("--nodes", type=int, required=True, help="how many shards (nodes)")
+    split.add_argument("--out", type=Path, required=True, help="directory for the shards and manifest.json")
+    split.add_argument(
+        "--replicate", type=float, default=0.25, help="fraction of hottest experts put on every node (0.25)"
+    )
+    split.add_argument("--min-agreement", type=float, default=Gate().min_agreement, help="gate: top-1 floor")
+    split.add_argument("--max-kl", type=float, default=Gate().max_kl, help="gate: mean KL ceiling (nats)")
+    split.add_argument("--force", action="store_true", help="keep a split that fails the gate")
+    for cmd in (analyze, split):
+        cmd.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: built in)")
+        cmd.add_argument("--weights-only", action="store_true", help="estimate importance from weights only")
+        cmd.add_argument("--threads", type=int, default=2)
+
+
+def query(node: str, what: str, timeout_s: float) -> dict[str, Any]:
+    ctx = zmq.Context()
+    try:
+        return ask(ctx, node, what, timeout_s=timeout_s)
+    finally:
+        ctx.term()
+
+
+def print_status(data: dict[str, Any]) -> None:
+    print(f"node     {data['node_id']}  (mesh {data['mesh']}, role {data['role']}, v{data['version']})")
+    print(
+        f"address  http://{data['host']}:{data['http_port']}  zmq {data['zmq_port']}  up {data['uptime_s']}s"
+    )
+    print(f"models   {', '.join(data['models']) or '-'}   ready: {'yes' if data['ready'] else 'no'}")
+    for w in data["workers"]:
+        print(
+            f"  {w['worker_id']:<10} {w['model']:<28} {w['state']:<8} pid {w['engine_pid']}"
+            f"  restarts {w['restarts']}  active {w['active']}/{w['slots']}"
+        )
+    reqs = data["requests"]
+    print("requests " + "  ".join(f"{k} {v}" for k, v in reqs.items()) + f"  in-flight {data['in_flight']}")
+    spec = data.get("speculative") or {}
+    if spec.get("drafted_tokens"):
+        print(
+            f"drafting {spec['drafted_tokens']} tokens drafted, {spec['accepted_tokens']} accepted"
+            f" ({spec['acceptance_rate']:.0%})"
+        )
+    print_peers(data["peers"])
+
+
+def print_peers(peers: list[dict[str, Any]]) -> None:
+    if not peers:
+        print("peers    none")
+        return
+    print(f"{'PEER':<24} {'HOST':<16} {'STATE':<8} {'RTT ms':>7}  {'ROLE':<8} MODELS")
+    for p in peers:
+        models = ", ".join(p["models"])
+        rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}"
+        print(f"{p['node_id']:<24} {p['host']:<16} {p['state']:<8} {rtt:>7}  {p['role']:<8} {models}")
+
+
+def print_models(models: list[dict[str, Any]]) -> None:
+    print(f"{'MODEL':<32} NODES")
+    for m in models:
+        print(f"{m['id']:<32} {', '.join(m['nodes'])}")
+
+
+def run_node_command(args: argparse.Namespace) -> int:
+    try:
+        data = query(args.node, args.command, args.timeout)
+    except PeerUnavailable as err:
+        print(f"mesh-ctl: {err} (is a node running there?)", file=sys.stderr)
+        return 1
+    if "error" in data:
+        print(f"mesh-ctl: {data['error']}", file=sys.stderr)
+        return 1
+    shown = {"status": data, "peers": data.get("peers"), "models": data.get("models")}[args.command]
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        {"status": print_status, "peers": print_peers, "models": print_models}[args.command](shown)  # type: ignore[operator]
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    overrides = {field: getattr(args, flag) for flag, field in _SHAPE_FLAGS.items()}
+    try:
+        shape = shape_for(args.arch, args.preset, **overrides)
+        path = synthesize(
+            args.arch, args.out, shape, dtype=args.type, seed=args.seed, router_skew=args.router_skew
+        )
+    except ValueError as err:
+        print(f"mesh-ctl: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.arch}, RANDOM WEIGHTS: for tests and demos)"
+    )
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts is None:
+        return list(CALIBRATION_PROMPTS)
+    prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts} holds no prompts (one per line)")
+    return prompts
+
+
+def run_moe(args: argparse.Namespace) -> int:
+    try:
+        if not args.model.is_file():
+            raise ValueError(f"model file {args.model} does not exist")
+        prompts = _prompts(args)
+        if args.moe_command == "analyze":
+            return _analyze(args, prompts)
+        result = split_model(
+            args.model,
+            args.out,
+            nodes=args.nodes,
+            replicate=args.replicate,
+            gate=Gate(min_agreement=args.min_agreement, max_kl=args.max_kl),
+            prompts=prompts,
+            weights_only=args.weights_only,
+            force=args.force,
+            n_threads=args.threads,
+            progress=stderr_progress,
+        )
+    except (UnsupportedModel, ValueError, OSError) as err:
+        print(f"mesh-ctl: {err}", file=sys.stderr)
+        return 2
+    m = result.manifest
+    print(f"\nsplit {m['source_model_id']} into {m['nodes']} shards ({m['importance']})")
+    print(f"{'SHARD':<40} {'EXPERTS':>7} {'TOP-1':>6} {'KL':>7}  GATE")
+    for row in m["shards"]:
+        verdict = "pass" if row["passes"] else "FAIL"
+        print(
+            f"{row['file']:<40} {row['experts_per_layer']:>7} {row['top1_agreement']:>6.3f}"
+            f" {row['mean_kl']:>7.3f}  {verdict}"
+        )
+    if not result.accepted and not args.force:
+        gate = m["gate"]
+        print(
+            f"mesh-ctl: refused: a shard is below the fidelity floor (top-1 >= {gate['min_agreement']}, "
+            f"KL <= {gate['max_kl']}); use fewer nodes or a larger --replicate, or --force. "
+            f"Figures in {args.out / 'manifest.json'}",
+            file=sys.stderr,
+        )
+        return 3
+    print(f"manifest: {args.out / 'manifest.json'}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace, prompts: list[str]) -> int:
+    info = moe_info(args.model)
+    method = "weights"
+    if args.weights_only:
+        importance = weight_importance(args.model)
+    else:
+        try:
+            importance = activation_importance(args.model, prompts, n_threads=args.threads)
+            method = "activations"
+        except RuntimeError as err:
+            print(f"mesh-ctl: activation analysis failed ({err}); using weights only", file=sys.stderr)
+            importance = weight_importance(args.model)
+    if args.json:
+        doc = {
+            "model": info.model_id,
+            "arch": info.arch,
+            "n_expert": info.n_expert,
+            "n_expert_used": info.n_expert_used,
+            "method": method,
+            "prompts": len(prompts) if method == "activations" else 0,
+            "importance": [[round(float(x), 5) for x in row] for row in importance],
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    note = "" if method == "activations" else "  (WEIGHT-ONLY ESTIMATE: no activations measured)"
+    print(f"{info.model_id}: {info.arch}, {info.n_expert} experts, {info.n_expert_used} used per token{note}")
+    print(f"importance by {method}" + (f" over {len(prompts)} prompts" if method == "activations" else ""))
+    for layer, row in enumerate(importance):
+        top = sorted(range(len(row)), key=lambda e: -row[e])[:4]
+        shares = "  ".join(f"e{e}:{row[e]:.2f}" for e in top)
+        print(f"  layer {layer:>3}  top: {shares}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "model":
+        return run_synth(args)
+    if args.command == "moe":
+        return run_moe(args)
+    return run_node_command(args)

@@ -1,0 +1,187 @@
+"""HTTP resources: each parses, calls the backend, and formats the answer (OpenAI shapes)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import falcon
+
+from actors import Accepted, Chunk, EngineFailed, Finished, RequestError, Started
+from gateway.http._backend import Backend, EventStream
+from gateway.http._errors import ApiError, to_api_error
+from gateway.http._requests import Parsed, parse_chat, parse_completion, read_json
+
+
+class Health:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            ready = self.backend.query("health")["ready"]
+        except RequestError as err:
+            resp.status, resp.media = 503, {"status": "unavailable", "detail": str(err)}
+            return
+        resp.status = 200 if ready else 503
+        resp.media = {"status": "ok"} if ready else {"status": "loading"}
+
+
+class Models:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        models = self.backend.query("models")["models"]
+        resp.media = {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mesh-llm"} for m in models],
+        }
+
+
+class _Completions:
+    """Shared flow of the two generation endpoints; subclasses shape the bodies."""
+
+    prefix = ""
+    object_name = ""
+    chunk_object = ""
+
+    def __init__(self, backend: Backend, max_body_bytes: int) -> None:
+        self.backend = backend
+        self.max_body_bytes = max_body_bytes
+
+    def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
+        raise NotImplementedError
+
+    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        parsed = self.parse(read_json(read_body(req, self.max_body_bytes)), req.get_header("X-Session-Id"))
+        events = self.backend.stream(parsed.generate)
+        try:
+            accepted, started = next(events), next(events)
+            if not isinstance(accepted, Accepted) or not isinstance(started, Started):
+                raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
+        except BaseException:
+            events.close()
+            raise
+        req.context.mesh_node = started.node_id or accepted.node_id  # who generates it
+        meta = {
+            "id": f"{self.prefix}-{parsed.generate.request_id}",
+            "created": int(time.time()),
+            "model": parsed.generate.model,
+        }
+        if parsed.stream:
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.stream = self.sse(events, meta, parsed)
+            return
+        text: list[str] = []
+        for event in events:
+            if isinstance(event, Chunk):
+                text.append(event.text)
+            elif isinstance(event, Finished):
+                resp.media = {
+                    **meta,
+                    "object": self.object_name,
+                    "choices": [self.choice("".join(text), event.finish_reason)],
+                    "usage": usage(event),
+                }
+                return
+        raise EngineFailed("the node ended the response without finishing it")
+
+    def sse(self, events: EventStream, meta: dict[str, Any], parsed: Parsed) -> Iterator[bytes]:
+        """The SSE body; an error after the headers went out becomes an `error` event."""
+        base = {**meta, "object": self.chunk_object}
+        usage_null = {"usage": None} if parsed.include_usage else {}
+        first = True
+        try:
+            for event in events:
+                if isinstance(event, Chunk):
+                    if not event.text and not first:
+                        continue
+                    yield _sse({**base, "choices": [self.delta(event.text, first, None)], **usage_null})
+                    first = False
+                elif isinstance(event, Finished):
+                    yield _sse(
+                        {**base, "choices": [self.delta("", first, event.finish_reason)], **usage_null}
+                    )
+                    if parsed.include_usage:
+                        yield _sse({**base, "choices": [], "usage": usage(event)})
+                    yield b"data: [DONE]\n\n"
+        except Exception as err:
+            yield b"event: error\ndata: " + json.dumps(to_api_error(err).body).encode() + b"\n\n"
+        finally:
+            events.close()
+
+
+class ChatCompletions(_Completions):
+    prefix, object_name, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
+        return parse_chat(body, session_header)
+
+    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text}
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+
+    def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+        if finish is not None:
+            delta = {"role": "assistant", "content": ""} if first else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+class Completions(_Completions):
+    prefix, object_name, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
+        return parse_completion(body, session_header)
+
+    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
+        return self.choice(text, finish)
+
+
+def usage(done: Finished) -> dict[str, Any]:
+    """OpenAI's usage object; with speculative decoding, an extension `speculative` object."""
+    out: dict[str, Any] = {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+    if done.drafter:
+        rate = done.accepted_tokens / done.drafted_tokens if done.drafted_tokens else None
+        out["speculative"] = {
+            "drafter": done.drafter,
+            "drafted_tokens": done.drafted_tokens,
+            "accepted_tokens": done.accepted_tokens,
+            "acceptance_rate": round(rate, 4) if rate is not None else None,
+        }
+    return out
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The request body, or 413 when it is larger than `limit` bytes."""
+    if req.content_length is not None and req.content_length > limit:
+        raise ApiError(
+            413,
+            f"Request body of {req.content_length} bytes exceeds the limit of {limit} bytes.",
+            code="request_too_large",
+        )
+    raw = req.bounded_stream.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+    return raw

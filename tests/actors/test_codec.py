@@ -1,0 +1,78 @@
+"""The wire codec: every kind round-trips; garbage raises ProtocolError and nothing else."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from actors import PROTOCOL_VERSION, ProtocolError, decode, encode
+from actors.wire._messages import MESSAGE_TYPES, Chunk, ErrorReply, Generate, WorkerState
+
+SAMPLES = [
+    Generate(request_id="r1", model="m", prompt="hi", max_tokens=3, temperature=0.0, seed=7, stop=["\n"]),
+    Generate(request_id="r2", model="m", messages=[{"role": "user", "content": "yo"}]),
+    Chunk(request_id="r1", text="héllo ✓", n_tokens=2),
+    ErrorReply(request_id="r1", code="overloaded", message="full", details={"retry_after": 2}),
+    WorkerState(worker_id="w", model_id="m", state="ready", engine_pid=None),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.KIND)
+def test_every_sample_round_trips_unchanged(message: object) -> None:
+    assert decode(encode(message)) == message
+
+
+def test_every_message_kind_has_a_sample_or_defaults_that_round_trip() -> None:
+    kinds = {m.KIND for m in SAMPLES}
+    assert len({cls.KIND for cls in MESSAGE_TYPES}) == len(MESSAGE_TYPES), "kinds must be unique"
+    assert kinds <= {cls.KIND for cls in MESSAGE_TYPES}
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xc1",  # a msgpack byte that is never valid
+        b"not msgpack at all",
+        msgpack.packb([PROTOCOL_VERSION + 1, "chunk", {"request_id": "r", "text": "t", "n_tokens": 1}]),
+        msgpack.packb([PROTOCOL_VERSION, "no-such-kind", {}]),
+        msgpack.packb([PROTOCOL_VERSION, "chunk", ["not", "a", "map"]]),
+        msgpack.packb([PROTOCOL_VERSION, "chunk", {"request_id": "r", "text": 5, "n_tokens": 1}]),
+        msgpack.packb([PROTOCOL_VERSION, "chunk", {"request_id": "r", "text": "t"}]),
+        msgpack.packb([PROTOCOL_VERSION, "chunk", {"request_id": "r", "text": "t", "n_tokens": 1, "x": 1}]),
+        msgpack.packb([PROTOCOL_VERSION, "chunk", {"request_id": "r", "text": "t", "n_tokens": True}]),
+        msgpack.packb([PROTOCOL_VERSION, "generate", {"request_id": "r", "model": "m", "stop": [1]}]),
+        msgpack.packb({"a": 1}),
+        msgpack.packb([PROTOCOL_VERSION, "chunk"]),
+        msgpack.packb([PROTOCOL_VERSION, 12, {}]),
+        msgpack.packb([PROTOCOL_VERSION, "chunk", {1: 2}]),
+    ],
+)
+def test_malformed_frames_raise_protocol_error(frame: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(frame)
+
+
+def test_oversized_frames_are_refused_before_parsing() -> None:
+    frame = encode(Chunk(request_id="r", text="x" * 1000, n_tokens=1))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(frame, max_bytes=100)
+
+
+def test_random_and_mutated_bytes_never_raise_anything_but_protocol_error() -> None:
+    rng = random.Random(1234)
+    valid = [encode(m) for m in SAMPLES]
+    for i in range(5000):
+        if i % 2:
+            frame = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+        else:
+            frame = bytearray(rng.choice(valid))
+            for _ in range(rng.randrange(1, 4)):
+                frame[rng.randrange(len(frame))] = rng.randrange(256)
+            frame = bytes(frame)
+        try:
+            decode(frame)
+        except ProtocolError:
+            pass

@@ -1,0 +1,78 @@
+"""The llama.cpp engine's continuous batching, on a real (synthesized) model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors import ContextOverflow, Finished, Generate
+from actors.engine import EngineEvent
+from actors.engine._llama import LlamaEngine
+from actors.gguf import shape_for, synthesize
+from tests.support.engines import run_all, texts
+
+pytestmark = pytest.mark.slow
+
+
+def greedy(rid: str, prompt: str, n: int = 24) -> Generate:
+    return Generate(request_id=rid, model="m", prompt=prompt, max_tokens=n, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> LlamaEngine:
+    path = synthesize("llama", tmp_path_factory.mktemp("m") / "m.gguf", shape_for("llama", "tiny"), seed=5)
+    return LlamaEngine(str(path), n_ctx=256, n_threads=1, slots=3)
+
+
+def test_greedy_text_is_the_same_alone_and_batched_with_others(engine: LlamaEngine) -> None:
+    alone = texts(run_all(engine, [greedy("a", "the model node")]))["a"]
+    batched = run_all(
+        engine, [greedy("a", "the model node"), greedy("b", "x y"), greedy("c", "hello mesh", 10)]
+    )
+    assert texts(batched)["a"] == alone
+    done = {e.request_id: e for e in batched if isinstance(e, Finished)}
+    assert {rid: d.completion_tokens for rid, d in done.items()} == {"a": 24, "b": 24, "c": 10}
+
+
+def test_a_prompt_extending_a_cached_one_gives_the_same_text_as_from_scratch(engine: LlamaEngine) -> None:
+    run_all(engine, [greedy("t1", "the model node mesh", 4)])
+    extended = texts(run_all(engine, [greedy("t2", "the model node mesh token layer")]))["t2"]
+    fresh = LlamaEngine(engine.llm.model_path, n_ctx=256, n_threads=1, slots=1)
+    assert texts(run_all(fresh, [greedy("t3", "the model node mesh token layer")]))["t3"] == extended
+
+
+def test_a_seed_fixes_a_sample(engine: LlamaEngine) -> None:
+    def sample() -> str:
+        request = Generate(request_id="s", model="m", prompt="hi", max_tokens=12, temperature=1.0, seed=11)
+        return texts(run_all(engine, [request]))["s"]
+
+    assert sample() == sample()
+
+
+def test_a_cancelled_request_frees_its_slot_and_the_others_go_on(engine: LlamaEngine) -> None:
+    for request in (greedy("keep", "a b"), greedy("drop", "c d", 200)):
+        engine.admit(request)
+    engine.step()
+    assert engine.cancel("drop") and not engine.cancel("drop")
+    events: list[EngineEvent] = []
+    while engine.active:
+        events += engine.step()
+    assert {e.request_id for e in events} == {"keep"}
+
+
+def test_a_full_engine_and_an_oversized_prompt_are_refused(engine: LlamaEngine) -> None:
+    with pytest.raises(ContextOverflow):
+        engine.admit(greedy("big", "word " * 300))
+    for i in range(3):
+        engine.admit(greedy(f"f{i}", "x"))
+    with pytest.raises(Exception, match="slots are busy"):
+        engine.admit(greedy("one-more", "x"))
+    for i in range(3):
+        engine.cancel(f"f{i}")
+    assert engine.active == 0
+
+
+def test_synthesized_models_run_to_max_tokens_under_greedy(engine: LlamaEngine, tmp_path: Path) -> None:
+    done = [e for e in run_all(engine, [greedy("long", "x", 200)]) if isinstance(e, Finished)]
+    assert done[0].finish_reason == "length" and done[0].completion_tokens == 200

@@ -1,0 +1,243 @@
+"""A node's router and shard-worker, in process, with fake engines in real child processes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from actors import (
+    TERMINAL_TYPES,
+    Accepted,
+    Cancel,
+    Chunk,
+    ErrorReply,
+    Finished,
+    Generate,
+    ModelSpec,
+    Node,
+    NodeConfig,
+    NodeSpec,
+    Started,
+    ask,
+    decode,
+    encode,
+    make_socket,
+)
+from tests.support.nodes import free_port_pair
+
+FAST = NodeConfig(
+    queue_depth_per_model=2, engine_restart_backoff_s=0.05, cancel_grace_s=0.5, keepalive_interval_s=0.2
+)
+
+
+def make_node(spec: str, **config: object) -> Node:
+    cfg = NodeConfig(**{**{f: getattr(FAST, f) for f in FAST.__slots__}, **config})  # type: ignore[arg-type]
+    node_spec = NodeSpec(
+        node_id="test-node",
+        zmq_port=free_port_pair(),
+        models=[ModelSpec(source=spec, model_id="fake")],
+        config=cfg,
+    )
+    return Node(node_spec)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+class Client:
+    """A gateway stand-in: one DEALER to the router."""
+
+    def __init__(self, ctx: zmq.Context, node: Node) -> None:
+        self.sock = make_socket(ctx, zmq.DEALER)
+        self.sock.connect(node.spec.router_endpoint)
+
+    def send(self, **fields: object) -> str:
+        rid = uuid.uuid4().hex
+        self.sock.send(encode(Generate(request_id=rid, model="fake", **fields)))  # type: ignore[arg-type]
+        return rid
+
+    def next(self, timeout_s: float = 10.0) -> object:
+        assert self.sock.poll(int(timeout_s * 1000)), "no message in time"
+        return decode(self.sock.recv())
+
+    def until_terminal(self, rid: str, timeout_s: float = 10.0) -> list[object]:
+        return self.until_all_terminal([rid], timeout_s)[rid]
+
+    def until_all_terminal(self, rids: list[str], timeout_s: float = 10.0) -> dict[str, list[object]]:
+        out: dict[str, list[object]] = {rid: [] for rid in rids}
+        open_rids = set(rids)
+        while open_rids:
+            message = self.next(timeout_s)
+            rid = getattr(message, "request_id", None)
+            if rid in open_rids:
+                out[rid].append(message)
+                if isinstance(message, TERMINAL_TYPES):
+                    open_rids.discard(rid)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_ready(ctx: zmq.Context, node: Node, timeout_s: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        if status["ready"] and not any(w["busy"] for w in status["workers"]):
+            return status
+        time.sleep(0.02)
+    raise AssertionError(f"not ready: {status}")
+
+
+def test_a_request_streams_accepted_started_chunks_and_finished(ctx: zmq.Context) -> None:
+    with make_node("fake:delay_ms=1") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        events = client.until_terminal(client.send(prompt="a b c", max_tokens=3))
+        assert [type(e) for e in events] == [Accepted, Started, Chunk, Chunk, Chunk, Finished]
+        assert "".join(e.text for e in events if isinstance(e, Chunk)) == " w0 w1 w2"
+        assert events[-1].completion_tokens == 3 and events[-1].prompt_tokens == 3
+        client.close()
+
+
+def test_a_full_queue_answers_overloaded_with_retry_after(ctx: zmq.Context) -> None:
+    with make_node("fake:delay_ms=20") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        rids = [client.send(prompt="x", max_tokens=20) for _ in range(4)]  # 1 running + 2 queued + 1
+        results = {rid: events[-1] for rid, events in client.until_all_terminal(rids).items()}
+        overloaded = [r for r in results.values() if isinstance(r, ErrorReply)]
+        assert len(overloaded) == 1 and overloaded[0].code == "overloaded"
+        assert overloaded[0].details["retry_after"] == FAST.retry_after_s
+        assert sum(isinstance(r, Finished) for r in results.values()) == 3
+        client.close()
+
+
+def test_an_unknown_model_is_refused_with_model_not_found(ctx: zmq.Context) -> None:
+    with make_node("fake:") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        rid = uuid.uuid4().hex
+        client.sock.send(encode(Generate(request_id=rid, model="nope", prompt="x")))
+        (reply,) = client.until_terminal(rid)
+        assert isinstance(reply, ErrorReply) and reply.code == "model_not_found"
+        client.close()
+
+
+def test_a_prompt_longer_than_the_context_fails_with_the_token_counts(ctx: zmq.Context) -> None:
+    with make_node("fake:n_ctx=8") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        events = client.until_terminal(client.send(prompt="one two three four five six", max_tokens=5))
+        error = events[-1]
+        assert isinstance(error, ErrorReply) and error.code == "context_length_exceeded"
+        assert error.details == {"n_ctx": 8, "prompt_tokens": 6, "max_tokens": 5}
+        client.close()
+
+
+def test_cancel_stops_generation_and_frees_the_worker_for_the_next_request(ctx: zmq.Context) -> None:
+    with make_node("fake:delay_ms=5,n_ctx=1000000") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        rid = client.send(prompt="x", max_tokens=100000)
+        while not isinstance(client.next(), Chunk):
+            pass
+        cancelled_at = time.monotonic()
+        client.sock.send(encode(Cancel(request_id=rid)))
+        wait_ready(ctx, node)
+        assert time.monotonic() - cancelled_at < 1.0
+        events = client.until_terminal(client.send(prompt="x", max_tokens=2))
+        assert isinstance(events[-1], Finished)
+        status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        assert status["requests"]["cancelled"] == 1 and status["workers"][0]["restarts"] == 0
+        client.close()
+
+
+def test_an_engine_that_ignores_cancel_is_killed_and_restarted(ctx: zmq.Context) -> None:
+    with make_node("fake:hang_after=0") as node:  # hangs as in a long prompt evaluation
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        rid = client.send(prompt="x", max_tokens=10)
+        assert isinstance(client.next(), Accepted)
+        client.sock.send(encode(Cancel(request_id=rid)))
+        status = wait_ready(ctx, node)
+        assert status["workers"][0]["restarts"] == 1, str(status)
+        client.close()
+
+
+def test_an_engine_crash_fails_the_request_cleanly_and_the_next_one_succeeds(ctx: zmq.Context) -> None:
+    with make_node("fake:crash_after=3") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        events = client.until_terminal(client.send(prompt="x", max_tokens=10))
+        assert isinstance(events[-1], ErrorReply) and events[-1].code == "engine_failed"
+        assert "engine process died" in events[-1].message
+        wait_ready(ctx, node)
+        events = client.until_terminal(client.send(prompt="x", max_tokens=2))
+        assert isinstance(events[-1], Finished)
+        client.close()
+
+
+def test_a_model_that_never_loads_marks_the_worker_failed_and_requests_fail_fast(ctx: zmq.Context) -> None:
+    with make_node("fake:fail_load=1", engine_max_failed_loads=2) as node:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+            if status["workers"] and status["workers"][0]["state"] == "failed":
+                break
+            time.sleep(0.05)
+        assert status["workers"][0]["state"] == "failed"
+        assert "fail loading" in status["workers"][0]["detail"]
+        client = Client(ctx, node)
+        (reply,) = client.until_terminal(client.send(prompt="x"))
+        assert isinstance(reply, ErrorReply) and reply.code == "engine_failed"
+        client.close()
+
+
+def test_stopping_the_node_fails_requests_in_flight_instead_of_dropping_them(ctx: zmq.Context) -> None:
+    node = make_node("fake:delay_ms=50,n_ctx=100000").start()
+    try:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        rid = client.send(prompt="x", max_tokens=1000)
+        assert isinstance(client.next(), Accepted)
+    finally:
+        node.stop()
+    events = client.until_terminal(rid)
+    assert isinstance(events[-1], ErrorReply) and "shutting down" in events[-1].message
+    client.close()
+
+
+def test_the_router_keeps_a_waiting_client_informed_with_pending(ctx: zmq.Context) -> None:
+    with make_node("fake:delay_ms=400") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        client.send(prompt="x", max_tokens=2)
+        kinds = {type(client.next()).__name__ for _ in range(4)}
+        assert "Pending" in kinds
+        client.close()
+
+
+def test_a_worker_with_two_slots_runs_two_requests_at_once_and_queues_the_third(ctx: zmq.Context) -> None:
+    with make_node("fake:delay_ms=10,slots=2,n_ctx=100000") as node:
+        wait_ready(ctx, node)
+        client = Client(ctx, node)
+        a, b, c = (client.send(prompt="x", max_tokens=20) for _ in range(3))
+        log: list[tuple[str, str]] = []  # (request, kind) in arrival order
+        while sum(kind in ("Finished", "ErrorReply") for _, kind in log) < 3:
+            message = client.next()
+            log.append((message.request_id, type(message).__name__))  # type: ignore[attr-defined]
+        first_finish = min(log.index((r, "Finished")) for r in (a, b))
+        assert log.index((a, "Chunk")) < first_finish and log.index((b, "Chunk")) < first_finish
+        assert log.index((c, "Started")) > first_finish, "the third waits for a free slot"
+        status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        assert status["workers"][0]["slots"] == 2 and status["requests"]["completed"] == 3
+        client.close()

@@ -1,0 +1,99 @@
+"""Nodes on separate hosts — network namespaces on a bridge — find each other by mDNS across real
+interfaces, notice a partition, and heal. Skipped, with the reason, where namespaces cannot be made."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.netns import Lan, can_make_namespaces
+from tests.support.nodes import BIN, eventually, stop_process
+
+WHY_NOT = can_make_namespaces()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.netns,
+    pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""),
+]
+ZMQ_PORT, HTTP_PORT = 9338, 9337  # every host has its own network: the default ports are free
+
+
+@dataclass
+class Host:
+    ns: str
+    address: str
+    proc: subprocess.Popen[bytes]
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            str(BIN / "mesh-ctl"),
+            "--node",
+            f"tcp://{self.address}:{ZMQ_PORT}",
+        ]
+        return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
+
+    def peers(self) -> dict[str, str]:
+        out = self.ctl("peers", "--json")
+        if out.returncode != 0:
+            return {"mesh-ctl failed": out.stderr.strip()[-200:]}
+        return {p["host"]: p["state"] for p in json.loads(out.stdout)}
+
+
+@pytest.fixture
+def lan() -> Iterator[Lan]:
+    network = Lan()
+    try:
+        yield network
+    finally:
+        network.close()
+
+
+@pytest.fixture
+def hosts(lan: Lan, tiny_model: Path, tmp_path: Path) -> Iterator[list[Host]]:
+    made: list[Host] = []
+    try:
+        for i in range(3):
+            ns, address = lan.add_host()
+            argv = [
+                "ip", "netns", "exec", ns, str(BIN / "mesh-llm"), "serve", "--model", str(tiny_model),
+                "--host", address, "--mesh", "lan", "--threads", "1", "--state-dir", str(tmp_path / f"s{i}"),
+            ]  # fmt: skip
+            with (tmp_path / f"host{i}.log").open("wb") as log:
+                made.append(Host(ns, address, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+        yield made
+    finally:
+        for host in made:
+            stop_process(host.proc)
+
+
+def test_hosts_on_a_lan_find_each_other_by_mdns_across_their_interfaces(hosts: list[Host]) -> None:
+    for host in hosts:
+        others = {h.address for h in hosts if h is not host}
+        eventually(
+            lambda host=host, others=others: host.peers() == dict.fromkeys(others, "alive"), 45, host.peers
+        )
+
+
+def test_a_partitioned_host_is_declared_dead_and_comes_back_alive_when_the_link_heals(
+    hosts: list[Host], lan: Lan
+) -> None:
+    a, b, c = hosts
+    views = lambda: {"a": a.peers(), "b": b.peers(), "c": c.peers()}  # noqa: E731
+    for host in hosts:
+        others = {h.address for h in hosts if h is not host}
+        eventually(lambda host=host, others=others: host.peers() == dict.fromkeys(others, "alive"), 45, views)
+    lan.unplug(c.ns)
+    eventually(lambda: a.peers().get(c.address) == "dead" and b.peers().get(c.address) == "dead", 45, views)
+    eventually(lambda: set(c.peers().values()) == {"dead"}, 45, views)  # the other side of the partition
+    lan.plug(c.ns)
+    healed = {a.address: "alive", b.address: "alive"}
+    eventually(lambda: a.peers().get(c.address) == "alive" and c.peers() == healed, 45, views)
