@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 2  # 2: heartbeats carry RTTs; Finished carries speculative counts
+PROTOCOL_VERSION = 3  # 3: typed nested records (load, view rows, echoes), token ids in chunks
+
+MAX_FRAME_BYTES = 4 * 1024 * 1024 + 64 * 1024  # the default frame limit: a 4 MiB body plus framing
 
 # Port layout above --zmq-port (the node's first ZeroMQ port).
 CONTROL_PORT_OFFSET = 0  # mesh-ctl talks to the control actor here (default 9338)
@@ -19,7 +21,7 @@ GOSSIP_PORT_OFFSET = 2  # the node publishes its heartbeats here (9340)
 class NodeConfig:
     """Every tunable of one node. Defaults suit a LAN of ordinary machines."""
 
-    max_frame_bytes: int = 4 * 1024 * 1024  # larger frames are dropped and counted
+    max_frame_bytes: int = MAX_FRAME_BYTES  # larger frames are dropped (and counted)
     queue_depth_per_model: int = 16  # requests waiting per model before 429
     retry_after_s: int = 2  # advertised in Retry-After when a queue is full
     actor_start_timeout_s: float = 10.0  # setup (binding sockets) must finish in this
@@ -41,3 +43,8 @@ class NodeConfig:
     rtt_window: int = 9  # RTT is the median of this many samples: one hiccup moves nothing
     leave_flush_s: float = 0.5  # how long a stopping node waits for its `left` to go out
     hello_interval_s: float = 2.0  # a seed (or a peer that does not hear us) is greeted this often
+    # Bounds on what the network can make a node hold (a hostile host meets these, not our RAM).
+    max_peers: int = 256  # members (tombstones included) a node keeps; newcomers past it are refused
+    max_gossip_frame_bytes: int = 1024 * 1024  # heartbeats larger than this are dropped by ZeroMQ
+    max_sessions: int = 65536  # sessions whose node the router remembers (least recent forgotten)
+    max_warn_keys: int = 1024  # distinct warn-once keys an actor remembers

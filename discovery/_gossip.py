@@ -9,23 +9,26 @@ protocol version are ignored and counted. On stop it publishes `left` and flushe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import secrets
 import statistics
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, Actor, Answer, Query, encode
-from actors.wire._codec import peek_version
-from actors.wire._messages import Heartbeat, MeshView, PeerSeen
+from actors.wire import Heartbeat, MeshView, PeerSeen, peek_version
+from actors.wire._messages import Echo, Load, PeerRow, ViewRow
 from discovery._mdns import Advert
 from discovery._membership import Change, Membership
 
 log = logging.getLogger(__name__)
+_REARM_EVERY_S = 10.0  # how often the gossip connection of a member held dead is made afresh
 
 
 @dataclass(slots=True)
@@ -35,7 +38,7 @@ class _Peer:
     http_port: int = 0
     role: str = "unknown"
     models: tuple[str, ...] = ()
-    load: dict[str, Any] | None = None
+    load: Load | None = None
     rtt_samples: deque[float] = field(default_factory=deque)
     rtts: dict[str, float] = field(default_factory=dict)  # what it measures to its peers (ms)
 
@@ -46,6 +49,7 @@ class _Peer:
     knows_us: bool = False  # their last heartbeat's view had us in it
     their_sent_at: float = 0.0  # their clock, last heartbeat we heard
     heard_at: float = 0.0  # our clock, when we heard it
+    rearmed_at: float = 0.0  # our clock, when we last reconnected to it while it was dead
 
 
 def gossip_endpoint(host: str, zmq_port: int) -> str:
@@ -65,8 +69,11 @@ class Gossip(Actor):
         inbox_endpoint: str,
         seeds: Sequence[tuple[str, int]] = (),
         bind_endpoint: str | None = None,
+        on_collision: Callable[[str], None] | None = None,
         **kwargs: Any,
     ) -> None:
+        """`on_collision(why)` is called (on this actor's thread) when another live node process
+        uses our node id and we are the one that must take a fresh id."""
         super().__init__(ctx, "gossip", **kwargs)
         self.me = me
         self.tick_interval_s = self.config.heartbeat_interval_s
@@ -75,6 +82,9 @@ class Gossip(Actor):
         self.inbox_endpoint = inbox_endpoint
         self.seeds = list(seeds)
         self.bind_endpoint = bind_endpoint or gossip_endpoint(me.host, me.zmq_port)
+        self.instance = secrets.token_hex(8)  # this process: tells a clone of our id from us
+        self.on_collision = on_collision
+        self.collision: str | None = None
         # A higher incarnation after every restart: a restarted node is never taken for its ghost.
         self.membership = Membership(
             me.node_id,
@@ -86,7 +96,7 @@ class Gossip(Actor):
         self._connected: set[str] = set()
         self._models: list[str] = []
         self.far = False  # over the RTT limit to every serving peer: an API client only
-        self._load: dict[str, Any] = {}
+        self._load = Load()
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
         self._router: zmq.Socket | None = None
@@ -100,6 +110,8 @@ class Gossip(Actor):
         self._pub.bind(self.bind_endpoint)
         self._sub = self.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # ZeroMQ drops (and disconnects) a sender of a larger frame before we ever unpack it.
+        self._sub.setsockopt(zmq.MAXMSGSIZE, self.config.max_gossip_frame_bytes)
         self.on_socket(self._sub, self._on_heartbeat)
         self._router = self.socket(zmq.DEALER)
         self._router.connect(self.router_endpoint)
@@ -122,6 +134,7 @@ class Gossip(Actor):
     def on_tick(self, now: float) -> None:
         for change in self.membership.tick(now):
             self._log_change(change)
+        self._prune()
         self._update_latency_class()
         self._publish()
         assert self._router is not None
@@ -140,13 +153,14 @@ class Gossip(Actor):
 
     def _on_router(self, frames: list[bytes]) -> None:
         answer = self.decode(frames[-1], "router")
-        if isinstance(answer, Answer):
-            self._models = list(answer.data.get("local_ready", []))
-            self._load = {
-                "in_flight": answer.data.get("in_flight", 0),
-                "queued": sum(answer.data.get("queues", {}).values()),
-                "slots": sum(w.get("slots", 0) for w in answer.data.get("workers", [])),
-            }
+        if isinstance(answer, Answer):  # our own router's status (in-process, trusted)
+            data = answer.data
+            self._models = list(data["local_ready"])
+            self._load = Load(
+                in_flight=data["in_flight"],
+                queued=sum(data["queues"].values()),
+                slots=sum(w["slots"] for w in data["workers"]),
+            )
 
     def _on_heartbeat(self, frames: list[bytes]) -> None:
         frame = frames[-1]
@@ -156,20 +170,31 @@ class Gossip(Actor):
             self.warn_once("version", "gossip: ignoring heartbeats of protocol version %s", version)
             return
         beat = self.decode(frame, "gossip")
-        if not isinstance(beat, Heartbeat) or beat.node_id == self.me.node_id:
+        if not isinstance(beat, Heartbeat):
             return
         if beat.mesh != self.me.mesh:
             self.stats["other_mesh"] += 1
             return
+        if beat.node_id == self.me.node_id:
+            if beat.instance != self.instance:
+                self._collide(beat)
+            return
+        if not _valid_address(beat.host, beat.zmq_port):
+            self.stats["bad_heartbeats"] += 1
+            return
         now = self.clock()
+        changes = self.membership.heard(beat.node_id, beat.incarnation, now)
+        if beat.node_id not in self.membership.members():
+            self.stats["refused_peers"] += 1  # the table is full
+            return
         news = self._remember(beat, now)
-        for change in self.membership.heard(beat.node_id, beat.incarnation, now):
+        for change in changes:
             self._log_change(change)
             news = True
         if news:  # a node joined or changed what it serves: tell the router now, not next tick
             self._send_view()
         for row in beat.view:
-            self._hear_rumor(row, now)
+            self._hear_rumor(row, now, own_word=row.node_id == beat.node_id)
 
     def _remember(self, beat: Heartbeat, now: float) -> bool:
         """Take in a peer's heartbeat; True if it changed the models or role we knew it by."""
@@ -177,14 +202,15 @@ class Gossip(Actor):
         news = (peer.models, peer.role) != (tuple(beat.models), beat.role)
         peer.host, peer.zmq_port, peer.http_port = beat.host, beat.zmq_port, beat.http_port
         peer.role, peer.models, peer.load = beat.role, tuple(beat.models), beat.load
+        members = self.membership.members()
         peer.rtts = {
-            str(n): float(ms) for n, ms in beat.rtts.items() if isinstance(ms, int | float) and ms >= 0
+            n: ms for n, ms in beat.rtts.items() if ms >= 0 and (n in members or n == self.me.node_id)
         }
         peer.their_sent_at, peer.heard_at = beat.sent_at, now
-        peer.knows_us = any(row and row[0] == self.me.node_id for row in beat.view)
+        peer.knows_us = any(row.node_id == self.me.node_id for row in beat.view)
         echo = beat.echoes.get(self.me.node_id)
-        if echo is not None and len(echo) == 2:
-            sample_ms = max(0.0, (now - echo[0] - echo[1]) * 1000)
+        if echo is not None:
+            sample_ms = max(0.0, (now - echo.sent_at - echo.held_s) * 1000)
             peer.rtt_samples.append(sample_ms)
             if len(peer.rtt_samples) > self.config.rtt_window:
                 peer.rtt_samples.popleft()
@@ -195,29 +221,62 @@ class Gossip(Actor):
         assert self._router is not None
         self._router.send(encode(MeshView(peers=self.peers())))
 
-    def _hear_rumor(self, row: list[Any], now: float) -> None:
-        try:
-            node_id, state, incarnation, host, zmq_port = row
-            if state not in ("alive", "suspect", "dead", "left") or not isinstance(incarnation, int):
-                raise ValueError(state)
-        except (TypeError, ValueError):
-            self.stats["bad_view_rows"] += 1
-            return
-        for change in self.membership.rumor(str(node_id), state, incarnation, now):
+    def _hear_rumor(self, row: ViewRow, now: float, *, own_word: bool) -> None:
+        for change in self.membership.rumor(row.node_id, row.state, row.incarnation, now, own_word=own_word):
             self._log_change(change)
         if (
-            state == "alive"
-            and node_id != self.me.node_id
-            and isinstance(host, str)
-            and isinstance(zmq_port, int)
+            row.state == "alive"
+            and row.node_id != self.me.node_id
+            and row.node_id in self.membership.members()
+            and _valid_address(row.host, row.zmq_port)
         ):
-            self._peers.setdefault(str(node_id), _Peer(host=host, zmq_port=zmq_port))
-            self._subscribe(host, zmq_port)
+            self._peers.setdefault(row.node_id, _Peer(host=row.host, zmq_port=row.zmq_port))
+            self._subscribe(row.host, row.zmq_port)
+
+    def _collide(self, beat: Heartbeat) -> None:
+        """Another live process gossips with our node id (a copied state dir, say). The one that
+        started later (higher incarnation; the instance breaks a tie) takes a fresh id."""
+        ours, theirs = (self.membership.incarnation, self.instance), (beat.incarnation, beat.instance)
+        why = (
+            f"another node at {beat.host}:{beat.zmq_port} uses our node id {self.me.node_id} "
+            f"(a copied state directory?)"
+        )
+        self.warn_once(f"collision:{beat.instance}", "NODE ID COLLISION: %s", why)
+        if ours > theirs and self.collision is None:
+            self.collision = why
+            if self.on_collision is not None:
+                self.on_collision(why)
+
+    def _prune(self) -> None:
+        """Forget peers that membership no longer holds (expired or evicted tombstones), and
+        their gossip connections: nothing the network told us outlives the membership table."""
+        members = self.membership.members()
+        for node_id in [n for n in self._peers if n not in members]:
+            peer = self._peers.pop(node_id)
+            endpoint = gossip_endpoint(peer.host, peer.zmq_port)
+            if endpoint in self._connected and self._sub is not None:
+                self._sub.disconnect(endpoint)
+                self._connected.discard(endpoint)
+        wanted = set(self.seeds) | {(p.host, p.zmq_port) for p in self._peers.values()}
+        for address in [a for a in self._hellos if a not in wanted]:
+            self.forget(self._hellos.pop(address))
 
     def _on_query(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         query = self.decode(frames[-1], "control")
         if isinstance(query, Query):
-            data = {"peers": self.peers(), "role": self.role}
+            m = self.membership
+            stats = {
+                **self.stats,
+                "ignored_rumors": m.ignored_rumors,
+                "refused_members": m.refused_members,
+                "refutations": m.refutations,
+            }
+            data = {
+                "peers": [dataclasses.asdict(p) for p in self.peers()],
+                "role": self.role,
+                "stats": stats,
+                "collision": self.collision,
+            }
             sock.send_multipart([frames[0], encode(Answer(request_id=query.request_id, data=data))])
 
     # -- latency class ------------------------------------------------------------------------
@@ -259,28 +318,40 @@ class Gossip(Actor):
 
     # -- outputs ------------------------------------------------------------------------------
 
-    def peers(self) -> list[dict[str, Any]]:
+    def peers(self) -> list[PeerRow]:
         """Every node we know but ourselves, as `mesh-ctl peers --json` shows them."""
         rows = []
         now = self.clock()
         for node_id, member in sorted(self.membership.members().items()):
             peer = self._peers.get(node_id)
+            if peer is None:
+                rows.append(
+                    PeerRow(
+                        node_id=node_id,
+                        host="",
+                        state=member.state,
+                        rtt_ms=None,
+                        role="unknown",
+                        models=[],
+                        incarnation=member.incarnation,
+                    )
+                )
+                continue
             rows.append(
-                {
-                    "node_id": node_id,
-                    "host": peer.host if peer else "",
-                    "state": member.state,
-                    "rtt_ms": _rounded(peer.rtt_ms) if peer else None,
-                    "role": peer.role if peer else "unknown",
-                    "models": list(peer.models) if peer else [],
-                    "incarnation": member.incarnation,
-                    "zmq_port": peer.zmq_port if peer else None,
-                    "http_port": peer.http_port if peer else None,
-                    "load": peer.load if peer else None,
-                    "rtts": dict(peer.rtts) if peer else {},
-                    # how old `load` is: the router discounts what it saw end since
-                    "heard_s_ago": round(now - peer.heard_at, 3) if peer and peer.heard_at else None,
-                }
+                PeerRow(
+                    node_id=node_id,
+                    host=peer.host,
+                    state=member.state,
+                    rtt_ms=_rounded(peer.rtt_ms),
+                    role=peer.role,
+                    models=list(peer.models),
+                    incarnation=member.incarnation,
+                    zmq_port=peer.zmq_port,
+                    http_port=peer.http_port,
+                    load=peer.load,
+                    rtts=dict(peer.rtts),
+                    heard_s_ago=round(now - peer.heard_at, 3) if peer.heard_at else None,
+                )
             )
         return rows
 
@@ -295,9 +366,12 @@ class Gossip(Actor):
                 if node_id == self.me.node_id
                 else ((peer.host, peer.zmq_port) if peer else ("", 0))
             )
-            view.append([node_id, state, incarnation, host, port])
+            view.append(
+                ViewRow(node_id=node_id, state=state, incarnation=incarnation, host=host, zmq_port=port)
+            )
         beat = Heartbeat(
             node_id=self.me.node_id,
+            instance=self.instance,
             mesh=self.me.mesh,
             incarnation=self.membership.incarnation,
             host=self.me.host,
@@ -307,7 +381,11 @@ class Gossip(Actor):
             models=[] if self.far else self._models,
             load=self._load,
             sent_at=now,
-            echoes={n: [p.their_sent_at, now - p.heard_at] for n, p in self._peers.items() if p.heard_at},
+            echoes={
+                n: Echo(sent_at=p.their_sent_at, held_s=now - p.heard_at)
+                for n, p in self._peers.items()
+                if p.heard_at
+            },
             view=view,
             rtts={n: round(p.rtt_ms, 2) for n, p in self._peers.items() if p.rtt_ms is not None},
         )
@@ -319,6 +397,7 @@ class Gossip(Actor):
         heard = {(p.host, p.zmq_port) for p in self._peers.values() if p.heard_at}
         targets = {seed for seed in self.seeds if seed not in heard}
         targets |= {(p.host, p.zmq_port) for p in self._peers.values() if p.heard_at and not p.knows_us}
+        self._rearm_dead()
         hello = encode(PeerSeen(host=self.me.host, zmq_port=self.me.zmq_port, node_id=self.me.node_id))
         for address in targets:
             sock = self._hellos.get(address)
@@ -330,11 +409,30 @@ class Gossip(Actor):
             except zmq.Again:
                 pass  # not up yet, or not reachable: the next greeting tries again
 
+    def _rearm_dead(self) -> None:
+        """Reconnect now and then to members we hold dead. ZeroMQ retries a lost connection by
+        itself, but never one it cut for a protocol error (an oversized frame, say): if that peer
+        comes back, re-arming lets us hear it again."""
+        now = self.clock()
+        members = self.membership.members()
+        for node_id, peer in self._peers.items():
+            member = members.get(node_id)
+            if member is None or member.state != "dead" or now - peer.rearmed_at < _REARM_EVERY_S:
+                continue
+            peer.rearmed_at = now
+            endpoint = gossip_endpoint(peer.host, peer.zmq_port)
+            if endpoint in self._connected and self._sub is not None:
+                self._sub.disconnect(endpoint)
+                self._sub.connect(endpoint)
+
     def _subscribe(self, host: str, zmq_port: int) -> None:
         if (host, zmq_port) == (self.me.host, self.me.zmq_port) or not host:
             return
         endpoint = gossip_endpoint(host, zmq_port)
         if endpoint in self._connected:
+            return
+        if len(self._connected) >= self.config.max_peers:
+            self.stats["refused_subscriptions"] += 1
             return
         assert self._sub is not None
         self._sub.connect(endpoint)
@@ -354,3 +452,10 @@ class Gossip(Actor):
 
 def _rounded(ms: float | None) -> float | None:
     return round(ms, 2) if ms is not None else None
+
+
+def _valid_address(host: str, port: int) -> bool:
+    """A host and ZeroMQ port a peer could really listen on (no endpoint injection)."""
+    if not 0 < port < 65536 - GOSSIP_PORT_OFFSET or not host or len(host) > 253:
+        return False
+    return all(c.isalnum() or c in ".-:[]" for c in host)

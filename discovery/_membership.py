@@ -13,6 +13,13 @@ Rules (as in SWIM and memberlist), for a member known at incarnation `k`:
   its incarnation, which its next heartbeat carries;
 - silence: alive becomes suspect after `suspect_after_s`, suspect becomes dead after
   `dead_after_s` more. A slow node has that long to be heard or to refute.
+
+Beyond SWIM, for a LAN where not every host is a friend: only a node raises its own incarnation,
+so a rumour about us at a higher incarnation than ours is forged and ignored (refuting it would
+let a forger push our incarnation past what the wire can carry); no rumour makes a member we hear
+directly suspect, dead or left; a member's own heartbeat outranks a rumour's higher incarnation
+that was never heard from the member itself; and the table holds at most `max_peers` members
+(the oldest tombstones make room; past that, newcomers are refused and counted).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class Member:
     incarnation: int
     since: float  # when it entered this state
     last_heard: float  # last direct heartbeat
+    direct_incarnation: int = -1  # the highest incarnation heard from the member itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +62,8 @@ class Membership:
         self.config = config or NodeConfig()
         self.left = False
         self.refutations = 0
+        self.ignored_rumors = 0  # rumours against members we hear directly, or forged about us
+        self.refused_members = 0  # newcomers refused because the table was full
         self._members: dict[str, Member] = {}
         self._created = now
 
@@ -63,20 +73,42 @@ class Membership:
         """A heartbeat straight from `node_id`: it is alive at `incarnation`."""
         if node_id == self.me:
             return []
+        known = self._members.get(node_id)
+        if known is not None and known.incarnation > incarnation >= known.direct_incarnation:
+            # The higher incarnation only ever came from gossip: the member itself outranks it.
+            self._members[node_id] = replace(known, incarnation=incarnation - 1)
         changes = self._apply(node_id, "alive", incarnation, now)
         member = self._members.get(node_id)
         if member is not None and member.incarnation == incarnation and member.state in ("alive", "suspect"):
-            self._members[node_id] = replace(member, last_heard=now)
+            self._members[node_id] = replace(
+                member, last_heard=now, direct_incarnation=max(member.direct_incarnation, incarnation)
+            )
         return changes
 
-    def rumor(self, node_id: str, state: State, incarnation: int, now: float) -> list[Change]:
-        """Gossip from a third party about `node_id`."""
+    def rumor(
+        self, node_id: str, state: State, incarnation: int, now: float, *, own_word: bool = False
+    ) -> list[Change]:
+        """Gossip about `node_id`: from a third party, or (`own_word`) the row a member's own
+        heartbeat carries about itself, which may say it is leaving."""
         if node_id == self.me:
             self._hear_about_me(state, incarnation)
+            return []
+        known = self._members.get(node_id)
+        if (
+            not own_word
+            and state != "alive"
+            and known is not None
+            and known.direct_incarnation >= 0
+            and now - known.last_heard < self.config.suspect_after_s
+        ):
+            self.ignored_rumors += 1  # we hear it ourselves: only its own word can change that
             return []
         return self._apply(node_id, state, incarnation, now)
 
     def _hear_about_me(self, state: State, incarnation: int) -> None:
+        if incarnation > self.incarnation:
+            self.ignored_rumors += 1  # only we raise our incarnation: this is forged
+            return
         if self.left or state == "alive" or incarnation < self.incarnation:
             return
         self.incarnation = incarnation + 1  # refute: our next heartbeat says we are alive
@@ -85,19 +117,35 @@ class Membership:
     def _apply(self, node_id: str, state: State, incarnation: int, now: float) -> list[Change]:
         known = self._members.get(node_id)
         if known is None:
-            if state in _FINAL:  # remember the tombstone, but it is news to nobody
-                self._members[node_id] = Member(node_id, state, incarnation, now, now)
+            if not self._make_room():
+                self.refused_members += 1
                 return []
             self._members[node_id] = Member(node_id, state, incarnation, now, now)
+            if state in _FINAL:  # remember the tombstone, but it is news to nobody
+                return []
             return [Change(node_id, None, state, incarnation)]
         if not _wins(state, incarnation, known.state, known.incarnation):
             return []
-        self._members[node_id] = Member(
-            node_id, state, incarnation, now, now if state == "alive" else known.last_heard
+        self._members[node_id] = replace(
+            known,
+            state=state,
+            incarnation=incarnation,
+            since=now,
+            last_heard=now if state == "alive" else known.last_heard,
         )
         if state == known.state:
             return []
         return [Change(node_id, known.state, state, incarnation)]
+
+    def _make_room(self) -> bool:
+        """Whether one more member fits, dropping the oldest tombstone if the table is full."""
+        if len(self._members) < self.config.max_peers:
+            return True
+        tombstones = [m for m in self._members.values() if m.state in _FINAL]
+        if not tombstones:
+            return False
+        del self._members[min(tombstones, key=lambda m: m.since).node_id]
+        return True
 
     # -- time -----------------------------------------------------------------------------------
 

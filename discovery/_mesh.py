@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
@@ -30,8 +30,11 @@ class MeshMembership:
         mdns: bool,
         seeds: Sequence[tuple[str, int]] = (),
         advertise: tuple[str, int] | None = None,
+        on_collision: Callable[[str], None] | None = None,
     ) -> None:
-        """`advertise`: the (host, zmq_port) peers reach us at, when not the bound ones."""
+        """`advertise`: the (host, zmq_port) peers reach us at, when not the bound ones;
+        `on_collision`: called (on the gossip thread) when we must give up our node id."""
+        self.on_collision = on_collision
         self.spec = spec
         host, zmq_port = advertise or (spec.host, spec.zmq_port)
         self.identity = Advert(
@@ -58,6 +61,7 @@ class MeshMembership:
             inbox_endpoint=self.inbox_endpoint,
             seeds=self.seeds,
             bind_endpoint=gossip_endpoint(self.spec.host, self.spec.zmq_port),
+            on_collision=self.on_collision,
             config=node.spec.config,
         )
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 
 from actors.gguf import shape_for, synthesize
 
@@ -29,6 +30,19 @@ def no_leaked_threads() -> Iterator[None]:
             return
         time.sleep(0.02)
     pytest.fail(f"leaked threads: {[t.name for t in leaked]}")
+
+
+@pytest.fixture
+def zmq_ctx() -> Iterator[zmq.Context]:
+    """A ZeroMQ context that must terminate cleanly after the test: `term()` waits for every
+    socket of the context to be closed, so a socket a test or an actor leaked fails the test."""
+    ctx = zmq.Context()
+    yield ctx
+    done = threading.Event()
+    threading.Thread(target=lambda: (ctx.term(), done.set()), name="zmq-term", daemon=True).start()
+    if not done.wait(5.0):
+        ctx.destroy(linger=0)
+        pytest.fail("leaked ZeroMQ sockets: the context did not terminate within 5 s of the test")
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,18 @@ from __future__ import annotations
 from actors.engine._engine import Engine
 from actors.engine._fake import FakeEngine
 from actors.engine._llama import LlamaEngine
+from actors.wire._messages import EngineSpec
 
 
-def load_engine(
-    model: str, *, n_ctx: int, n_threads: int, slots: int, draft: str | None = None, speculative: str = ""
-) -> Engine:
-    """The engine for a model spec: a GGUF path, or `fake:...` for tests; `draft` and
-    `speculative` set up speculative decoding (llama.cpp engines only)."""
-    if model.startswith("fake:"):
-        return FakeEngine(model)
+def load_engine(spec: EngineSpec) -> Engine:
+    """The engine a spec describes: llama.cpp for a GGUF path, the fake for `fake:...`."""
+    if spec.model.startswith("fake:"):
+        return FakeEngine(spec.model)
     return LlamaEngine(
-        model, n_ctx=n_ctx, n_threads=n_threads, slots=slots, draft=draft, speculative=speculative
+        spec.model,
+        n_ctx=spec.n_ctx,
+        n_threads=spec.n_threads,
+        slots=spec.slots,
+        draft=spec.draft,
+        speculative=spec.speculative,
     )

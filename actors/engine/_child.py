@@ -1,6 +1,6 @@
 """The engine child process: loads one model and serves the shard-worker over a PAIR socket.
 
-Run as `python -m actors.engine._child --endpoint E --model SPEC ...`. It announces itself with
+Run as `python -m actors.engine._child --endpoint E --parent-pid P --spec SPEC`. It announces itself with
 `EngineReady` (or an `ErrorReply` if loading fails, then exits), admits up to `slots` requests,
 and between decode steps takes in new requests and cancels. It dies with its parent
 (PR_SET_PDEATHSIG).
@@ -9,6 +9,7 @@ and between decode steps takes in new requests and cancels. It dies with its par
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from actors.engine._build import load_engine
 from actors.engine._engine import Engine
 from actors.runtime._supervisor import die_with_parent
 from actors.wire._codec import decode, encode
-from actors.wire._messages import Cancel, EngineReady, ErrorReply, Finished, Generate
+from actors.wire._messages import Cancel, EngineReady, EngineSpec, ErrorReply, Finished, Generate
 from actors.wire._sockets import make_socket
 
 log = logging.getLogger("mesh_llm.engine")
@@ -70,50 +71,35 @@ def _drain(sock: zmq.Socket) -> list[object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mesh-llm-engine")
-    parser.add_argument("--endpoint", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--ctx", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--endpoint", required=True, help="the shard-worker's PAIR socket")
     parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--draft", help="a draft GGUF for speculative decoding")
-    parser.add_argument("--speculative", default="", help="the default drafter: draft, lookup or none")
+    parser.add_argument("--spec", required=True, help="an encoded EngineSpec frame, base64")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s"
     )
     die_with_parent(args.parent_pid)
+    spec = decode(base64.b64decode(args.spec))
+    if not isinstance(spec, EngineSpec):
+        raise SystemExit(f"mesh-llm-engine: --spec holds a {type(spec).__name__}, not an EngineSpec")
     ctx = zmq.Context()
     sock = make_socket(ctx, zmq.PAIR)
     sock.connect(args.endpoint)
     try:
-        engine = load_engine(
-            args.model,
-            n_ctx=args.ctx,
-            n_threads=args.threads,
-            slots=args.slots,
-            draft=args.draft,
-            speculative=args.speculative,
-        )
+        engine = load_engine(spec)
     except Exception as err:
-        sock.send(
-            encode(
-                ErrorReply(request_id="", code="engine_failed", message=f"cannot load {args.model}: {err}")
-            )
-        )
+        failed = ErrorReply(request_id="", code="engine_failed", message=f"cannot load {spec.model}: {err}")
+        sock.send(encode(failed))
         sock.close(linger=1000)
         return 3
-    sock.send(
-        encode(
-            EngineReady(
-                model_id=engine.model_id,
-                n_ctx=engine.n_ctx,
-                n_params=engine.n_params,
-                pid=os.getpid(),
-                slots=engine.slots,
-            )
-        )
+    ready = EngineReady(
+        model_id=engine.model_id,
+        n_ctx=engine.n_ctx,
+        n_params=engine.n_params,
+        pid=os.getpid(),
+        slots=engine.slots,
     )
+    sock.send(encode(ready))
     serve(sock, engine)
     return 0
 

@@ -7,9 +7,9 @@ from typing import Any, Protocol
 
 from actors._errors import ContextOverflow, InvalidRequest
 from actors.engine._textstream import TextStream
-from actors.wire._messages import Chunk, Finished, Generate, Started
+from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started
 
-EngineEvent = Started | Chunk | Finished
+EngineEvent = Started | Chunk | Finished | ErrorReply  # an ErrorReply ends that request
 
 
 class Engine(Protocol):
@@ -75,12 +75,12 @@ def render_chat(template: str, messages: list[dict[str, Any]], bos: str, eos: st
 
 
 def closing_events(
-    rid: str, stream: TextStream, n_unsent: int, reason: str, n_prompt: int, n_done: int
+    rid: str, stream: TextStream, unsent: list[int], reason: str, n_prompt: int, n_done: int
 ) -> list[EngineEvent]:
     """The last events of a request: withheld text (if any), then `Finished`."""
     events: list[EngineEvent] = []
     tail = stream.flush()
-    if tail or n_unsent:
-        events.append(Chunk(request_id=rid, text=tail, n_tokens=n_unsent))
+    if tail or unsent:
+        events.append(Chunk(request_id=rid, text=tail, n_tokens=len(unsent), tokens=unsent))
     done = Finished(request_id=rid, finish_reason=reason, prompt_tokens=n_prompt, completion_tokens=n_done)
     return [*events, done]

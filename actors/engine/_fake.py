@@ -20,6 +20,7 @@ class _FakeRun:
     stream: TextStream
     n_prompt: int
     n_done: int = 0
+    first: int = 0  # the id (and word number) of its first token
 
 
 class FakeEngine:
@@ -55,13 +56,16 @@ class FakeEngine:
             time.sleep(3600)
 
     def admit(self, request: Generate) -> list[EngineEvent]:
-        text = (request.prompt if request.prompt is not None else str(request.messages)) + request.resume_text
-        n_prompt = len(text.split())
+        text = request.prompt if request.prompt is not None else str(request.messages)
+        n_prompt = len(text.split()) + len(request.resume_tokens)
         max_tokens = check_context(self.n_ctx, n_prompt, request.max_tokens)
         if len(self._runs) >= self.slots:
             raise InvalidRequest(f"all {self.slots} slots are busy")
         self._misbehave_at(0)
-        self._runs[request.request_id] = _FakeRun(request, max_tokens, TextStream(request.stop), n_prompt)
+        first = request.resume_tokens[-1] + 1 if request.resume_tokens else 0  # token k is " wk"
+        self._runs[request.request_id] = _FakeRun(
+            request, max_tokens, TextStream(request.stop), n_prompt, first=first
+        )
         return [Started(request_id=request.request_id, prompt_tokens=n_prompt)]
 
     def cancel(self, request_id: str) -> bool:
@@ -72,11 +76,12 @@ class FakeEngine:
         events: list[EngineEvent] = []
         for rid, run in list(self._runs.items()):
             self._misbehave_at(run.n_done + 1)
-            piece, stopped = run.stream.feed(f" w{run.n_done}".encode())
+            token = run.first + run.n_done
+            piece, stopped = run.stream.feed(f" w{token}".encode())
             run.n_done += 1
-            events.append(Chunk(request_id=rid, text=piece, n_tokens=1))
+            events.append(Chunk(request_id=rid, text=piece, n_tokens=1, tokens=[token]))
             if stopped or run.n_done >= run.max_tokens:
                 reason = "stop" if stopped else "length"
-                events += closing_events(rid, run.stream, 0, reason, run.n_prompt, run.n_done)
+                events += closing_events(rid, run.stream, [], reason, run.n_prompt, run.n_done)
                 del self._runs[rid]
         return events

@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors._errors import InvalidRequest
+from actors._errors import ContextOverflow, InvalidRequest
 from actors.engine._drafter import DraftClient, DraftModel, SpeculativeDrafter
 from actors.engine._engine import EngineEvent, check_context, closing_events, render_chat
 from actors.engine._llamacpp import add_token, open_context, vocabulary_mismatch
 from actors.engine._speculative import DraftLength, Governor, NgramIndex
 from actors.engine._textstream import TextStream
 from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
-from actors.wire._messages import Chunk, Finished, Generate, Started
+from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started
 
 DRAFTERS = ("draft", "lookup")
 
@@ -41,7 +41,7 @@ class _Slot:
     todo: list[int] = field(default_factory=list)  # tokens to feed before the next sample
     max_tokens: int = 0
     n_done: int = 0
-    n_unsent: int = 0
+    unsent: list[int] = field(default_factory=list)  # generated ids whose text is not sent yet
     n_prompt: int = 0
     sampler: Any = None
     stream: TextStream | None = None
@@ -87,6 +87,9 @@ class LlamaEngine:
         self._template = meta.get("tokenizer.chat_template")
         self._vocab = lib.llama_model_get_vocab(self.llm.model)
         self._bos = self._piece(self.llm.token_bos())
+        self._max_piece_bytes = max(
+            len(self.llm.detokenize([t], special=True)) for t in range(self.llm.n_vocab())
+        )
         self._eos = self._piece(self.llm.token_eos())
         self._ctx, self._memory, self._batch = open_context(
             lib, self.llm.model, n_ctx=n_ctx, slots=slots, n_batch=n_batch, n_threads=n_threads
@@ -154,8 +157,22 @@ class LlamaEngine:
 
     def admit(self, request: Generate) -> list[EngineEvent]:
         """Take a request into a free slot; raises `RequestError` if it cannot be served."""
-        text = self.render(request) + request.resume_text
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        text = self.render(request).encode("utf-8")
+        if len(text) > self.n_ctx * self._max_piece_bytes:
+            # More bytes than n_ctx of our longest tokens can spell: no need to tokenize it all
+            # (a 4 MiB prompt would cost seconds of this engine's time before its 400).
+            raise ContextOverflow(
+                f"This model's maximum context length is {self.n_ctx} tokens; the prompt of "
+                f"{len(text)} bytes is longer than that whatever its tokens.",
+                n_ctx=self.n_ctx,
+            )
+        tokens = self.llm.tokenize(text, add_bos=True, special=True) + list(request.resume_tokens)
+        if not tokens:
+            raise InvalidRequest(
+                "The prompt is empty, and this model's tokenizer adds no BOS token: there is nothing "
+                "to generate from.",
+                param="prompt" if request.prompt is not None else "messages",
+            )
         max_tokens = check_context(self.n_ctx, len(tokens), request.max_tokens)
         free = [s for s in self._slots if s.request is None]
         if not free:
@@ -172,7 +189,8 @@ class LlamaEngine:
         slot.todo = tokens[keep:]
         slot.request = request
         slot.max_tokens = max_tokens
-        slot.n_done = slot.n_unsent = 0
+        slot.n_done = 0
+        slot.unsent = []
         slot.n_prompt = len(tokens)
         slot.sampler = self._sampler(request)
         slot.stream = TextStream(request.stop)
@@ -234,11 +252,11 @@ class LlamaEngine:
             budget -= len(take) + len(extra)
             if budget <= 0:
                 break
+        events: list[EngineEvent] = self._end_stalled(sampled)
         if batch.n_tokens == 0:
-            return []
+            return events
         if lib.llama_decode(self._ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
-        events: list[EngineEvent] = []
         emitted = 0
         for slot, index, extra in sampled:
             tokens = self._verify(slot, index, extra)
@@ -246,6 +264,24 @@ class LlamaEngine:
             events += self._advance(slot, tokens)
         if decoding_only and any(slot.drafter for slot, _, _ in sampled):
             self.governor.record(emitted, time.perf_counter() - started, len(sampled))
+        return events
+
+    def _end_stalled(self, sampled: list[tuple[_Slot, int, list[int]]]) -> list[EngineEvent]:
+        """End, with an error, any request this step neither fed nor sampled: it could never
+        produce a token and would hold its slot forever. (Admission refuses the known cases;
+        this keeps the promise that every admitted request ends.)"""
+        fed = {slot.seq_id for slot, _, _ in sampled}
+        events: list[EngineEvent] = []
+        for slot in self._slots:
+            if slot.request is not None and not slot.todo and slot.seq_id not in fed:
+                events.append(
+                    ErrorReply(
+                        request_id=slot.request.request_id,
+                        code="engine_failed",
+                        message="the engine could not make progress on this request",
+                    )
+                )
+                self._release(slot)
         return events
 
     def _plan_drafts(self) -> dict[int, list[int]]:
@@ -312,13 +348,14 @@ class LlamaEngine:
             if self._lib.llama_vocab_is_eog(self._vocab, token):
                 return events + self._finish(slot, "stop")
             slot.n_done += 1
-            slot.n_unsent += 1
+            slot.unsent.append(token)
             if slot.lookup is not None:
                 slot.lookup.add(token)
             text, stopped = slot.stream.feed(self.llm.detokenize([token]))
             if text:
-                events.append(Chunk(request_id=slot.request.request_id, text=text, n_tokens=slot.n_unsent))
-                slot.n_unsent = 0
+                rid, sent = slot.request.request_id, slot.unsent
+                events.append(Chunk(request_id=rid, text=text, n_tokens=len(sent), tokens=sent))
+                slot.unsent = []
             if stopped:
                 return events + self._finish(slot, "stop")
             if slot.n_done >= slot.max_tokens:
@@ -329,7 +366,7 @@ class LlamaEngine:
     def _finish(self, slot: _Slot, reason: str) -> list[EngineEvent]:
         request, stream = slot.request, slot.stream
         assert request is not None and stream is not None
-        events = closing_events(request.request_id, stream, slot.n_unsent, reason, slot.n_prompt, slot.n_done)
+        events = closing_events(request.request_id, stream, slot.unsent, reason, slot.n_prompt, slot.n_done)
         if slot.drafter:
             done = events[-1]
             assert isinstance(done, Finished)

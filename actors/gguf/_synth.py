@@ -85,6 +85,7 @@ def synthesize(
     quiet_from: int | None = None,
     quiet_scale: float = 1.0,
     router_skew: float = 0.0,
+    add_bos: bool = True,
 ) -> Path:
     """Write a loadable GGUF of `arch` and `shape` with random weights to `out`.
 
@@ -94,7 +95,8 @@ def synthesize(
     of `quiet_from` layers and the same seed is a close approximation of this one (a speculative
     draft model that agrees with it strongly). `router_skew` > 0 makes an MoE router favour a few
     experts of each layer, as trained MoEs do: expert rows of `ffn_gate_inp` are scaled by
-    exp(skew x a rank from 1 down to 0), in a random order per layer."""
+    exp(skew x a rank from 1 down to 0), in a random order per layer. `add_bos=False` makes a
+    tokenizer that adds no BOS token, as the Qwen2 family's does."""
     import gguf
 
     if arch not in ARCHS:
@@ -105,7 +107,7 @@ def synthesize(
     gguf_arch = "qwen2moe" if arch == "qwen2moe" else "llama"
     writer = gguf.GGUFWriter(str(out), gguf_arch)
     _write_metadata(writer, arch, shape, out.stem, dtype)
-    _write_tokenizer(writer, shape.n_vocab)
+    _write_tokenizer(writer, shape.n_vocab, add_bos=add_bos)
     for name, dims in _tensor_shapes(arch, shape):
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         scale = 1.0
@@ -195,7 +197,7 @@ def _filler() -> Iterator[str]:
             yield "".join(combo)
 
 
-def _write_tokenizer(writer: object, n_vocab: int) -> None:
+def _write_tokenizer(writer: object, n_vocab: int, *, add_bos: bool) -> None:
     tokens, scores, types = vocabulary(n_vocab)
     w = writer
     w.add_tokenizer_model("llama")  # type: ignore[attr-defined]
@@ -206,7 +208,7 @@ def _write_tokenizer(writer: object, n_vocab: int) -> None:
     w.add_bos_token_id(_BOS)  # type: ignore[attr-defined]
     w.add_eos_token_id(_EOS)  # type: ignore[attr-defined]
     w.add_eot_token_id(_IM_END)  # type: ignore[attr-defined]
-    w.add_add_bos_token(True)  # type: ignore[attr-defined]
+    w.add_add_bos_token(add_bos)  # type: ignore[attr-defined]
     w.add_add_eos_token(False)  # type: ignore[attr-defined]
     w.add_chat_template(CHATML_TEMPLATE)  # type: ignore[attr-defined]
 

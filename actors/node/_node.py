@@ -15,6 +15,7 @@ from actors.node._control import Control
 from actors.routing._router import Router
 from actors.runtime._actor import Actor
 from actors.shard._worker import ShardWorker
+from actors.wire._messages import EngineSpec
 
 log = logging.getLogger(__name__)
 ActorFactory = Callable[["Node"], Actor]
@@ -44,6 +45,18 @@ class NodeSpec:
     slots: int = 1  # requests each engine serves at once (continuous batching)
     role: str = "serving"
     config: NodeConfig = field(default_factory=NodeConfig)
+
+    def engine_spec(self, model: ModelSpec) -> EngineSpec:
+        """What the engine child serving `model` on this node needs."""
+        return EngineSpec(
+            model=model.source,
+            model_id=model.model_id,
+            n_ctx=self.n_ctx,
+            n_threads=self.n_threads,
+            slots=self.slots,
+            draft=model.draft,
+            speculative=model.speculative,
+        )
 
     @property
     def control_endpoint(self) -> str:
@@ -76,24 +89,13 @@ class Node:
         self.router = Router(
             self.ctx,
             node_id=spec.node_id,
-            frontend_endpoints=[spec.router_endpoint, local],
+            frontend_endpoints=[spec.router_endpoint],
             backend_endpoint=backend,
+            inside_endpoint=local,
             **kw,
         )
         self.workers = [
-            ShardWorker(
-                self.ctx,
-                f"worker-{i}",
-                model=m.source,
-                model_id=m.model_id,
-                router_endpoint=backend,
-                n_ctx=spec.n_ctx,
-                n_threads=spec.n_threads,
-                slots=spec.slots,
-                draft=m.draft,
-                speculative=m.speculative,
-                **kw,
-            )
+            ShardWorker(self.ctx, f"worker-{i}", spec=spec.engine_spec(m), router_endpoint=backend, **kw)
             for i, m in enumerate(spec.models)
         ]
         info = {

@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
 from actors.wire._messages import Generate, WorkerState
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who asked: the router socket it came in on (public or inside) and its routing identity."""
+
+    sock: zmq.Socket
+    identity: bytes
 
 
 @dataclass(slots=True)
@@ -40,7 +50,7 @@ class WorkerSlots:
 class Flight:
     """A request the router answers for: who asked, which worker has it (None while queued)."""
 
-    client: bytes
+    client: Client
     request: Generate
     worker: bytes | None = None
     last_sent: float = 0.0
@@ -50,7 +60,7 @@ class Flight:
     tried: set[str] = field(default_factory=set)  # nodes it was placed on
     started: bool = False  # the client has seen `Started`: a retry must resume, not restart
     prompt_tokens: int = 0  # as the first `Started` said
-    sent_text: list[str] = field(default_factory=list)  # what the client has received
+    sent_ids: list[int] = field(default_factory=list)  # token ids of the text the client has
     sent_tokens: int = 0
     base_tokens: int = 0  # tokens sent before the current placement (after a resume)
     grace_until: float = 0.0  # after a node failed it: wait this long for another to appear
@@ -60,21 +70,22 @@ class Flight:
 class Counters:
     """What the router did, as `mesh-ctl status` reports it."""
 
-    admitted: int = 0
-    rejected_overload: int = 0
+    rejected_overload: int = 0  # 429s: counted apart from admitted requests
     completed: int = 0
     failed: int = 0
-    cancelled: int = 0
+    cancelled: int = 0  # each request ends in exactly one of these three, or is still in flight
     retried: int = 0  # placed again after a peer failed before the first token
     resumed: int = 0  # continued on another node after a peer failed mid-stream
     drafted: int = 0  # speculative decoding on this node's workers: tokens drafted
     accepted: int = 0  # ... and accepted by the target model
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, in_flight: int) -> dict[str, Any]:
+        """`admitted = completed + failed + cancelled + in_flight`, by construction."""
         rate = round(self.accepted / self.drafted, 4) if self.drafted else None
         return {
             "requests": {
-                "admitted": self.admitted,
+                "admitted": self.completed + self.failed + self.cancelled + in_flight,
+                "in_flight": in_flight,
                 "completed": self.completed,
                 "failed": self.failed,
                 "cancelled": self.cancelled,

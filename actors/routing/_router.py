@@ -1,20 +1,24 @@
 """The router actor: admission, queueing and forwarding of requests to shard-workers.
 
-Frontend: a ROUTER socket that gateways (and the control actor) talk to with DEALER sockets.
-Backend: a ROUTER socket on inproc that shard-workers connect to. Each model has a bounded FIFO;
-a worker takes up to its `slots` requests at once; events flow back to whoever asked, as they come.
+Frontend: a public ROUTER socket (TCP) that gateways and peer routers talk to with DEALER sockets:
+generation, cancels and queries only. Inside: a ROUTER on inproc for this node's own actors — the
+only way a mesh view reaches the router. Backend: a ROUTER on inproc that shard-workers connect to.
+Each model has a bounded FIFO; a worker takes up to its `slots` requests at once; events flow back
+to whoever asked, as they come. Every flight's handling is guarded: an exception ends that request
+with an error reply, and a sweep fails any flight nothing would ever answer.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import replace
 
 import zmq
 
 from actors._config import ROUTER_PORT_OFFSET
-from actors.routing._flight import Counters, Flight, WorkerSlots
+from actors.routing._flight import Client, Counters, Flight, WorkerSlots
 from actors.routing._peers import PeerTable
 from actors.routing._placement import choose
 from actors.runtime._actor import Actor
@@ -37,7 +41,6 @@ from actors.wire._messages import (
 
 log = logging.getLogger(__name__)
 # A peer's refusals that another node may not share: try the next node before telling the client.
-_MAX_HOMES = 65536  # sessions whose node this router remembers (least recently used forgotten)
 _RETRYABLE = ("overloaded", "not_ready", "engine_failed", "peer_unavailable", "model_not_found")
 
 
@@ -51,12 +54,14 @@ class Router(Actor):
         node_id: str,
         frontend_endpoints: list[str],
         backend_endpoint: str,
+        inside_endpoint: str | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(ctx, "router", **kwargs)  # type: ignore[arg-type]
         self.node_id = node_id
         self.frontend_endpoints = frontend_endpoints
         self.backend_endpoint = backend_endpoint
+        self.inside_endpoint = inside_endpoint
         self.counters = Counters()
         self._workers: dict[bytes, WorkerSlots] = {}
         self._queues: dict[str, deque[str]] = {}
@@ -64,6 +69,7 @@ class Router(Actor):
         self._homes: OrderedDict[tuple[str, str], str] = OrderedDict()  # (session, model) -> node
         self._flights: dict[str, Flight] = {}
         self._front: zmq.Socket | None = None
+        self._inside: zmq.Socket | None = None
         self._back: zmq.Socket | None = None
         self.peers = PeerTable(self.config)
         self._links: dict[str, zmq.Socket] = {}  # DEALER to each such peer's router
@@ -71,21 +77,27 @@ class Router(Actor):
 
     def setup(self) -> None:
         self._front = self.socket(zmq.ROUTER)
+        self._front.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
         for endpoint in self.frontend_endpoints:
             self._front.bind(endpoint)
+        self.on_socket(self._front, lambda frames: self._from_client(self._front, frames, inside=False))
+        if self.inside_endpoint is not None:
+            inside = self._inside = self.socket(zmq.ROUTER)
+            inside.bind(self.inside_endpoint)
+            self.on_socket(inside, lambda frames: self._from_client(inside, frames, inside=True))
         self._back = self.socket(zmq.ROUTER)
         self._back.bind(self.backend_endpoint)
-        self.on_socket(self._front, self._from_client)
         self.on_socket(self._back, self._from_worker)
 
     def teardown(self) -> None:
         for rid in list(self._flights):
-            self._finish(
+            self._end(
                 rid, ErrorReply(request_id=rid, code="engine_failed", message="the node is shutting down")
             )
 
     def on_tick(self, now: float) -> None:
         self._place_held()
+        self._sweep_orphans()
         for rid, flight in list(self._flights.items()):
             if flight.remote is not None and now - flight.remote_heard > self.config.remote_silence_s:
                 self._remote_failed(rid, f"node {flight.remote} went silent")
@@ -94,24 +106,63 @@ class Router(Actor):
 
     # -- clients ------------------------------------------------------------------------------
 
-    def _from_client(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
+    def _from_client(self, sock: zmq.Socket | None, frames: list[bytes], *, inside: bool) -> None:
+        if len(frames) != 2 or sock is None:
             self.stats["dropped_frames"] += 1
             return
         client, frame = frames
-        message = self.decode(frame, "client")
+        message = self.decode(frame, "node" if inside else "client")
         if isinstance(message, Generate):
-            self._admit(client, message)
+            self._admit(Client(sock, client), message)
         elif isinstance(message, Cancel):
             flight = self._flights.get(message.request_id)
-            if flight is not None and flight.client == client:  # only whoever asked may cancel
-                self._cancel(message.request_id)
+            if flight is not None and flight.client == Client(sock, client):  # only whoever asked
+                self._guarded(message.request_id, lambda: self._cancel(message.request_id))
         elif isinstance(message, Query):
-            self._reply(client, Answer(request_id=message.request_id, data=self.snapshot(message.what)))
-        elif isinstance(message, MeshView):
+            self._send(
+                Client(sock, client), Answer(request_id=message.request_id, data=self.snapshot(message.what))
+            )
+        elif isinstance(message, MeshView) and inside:
             self._on_mesh_view(message)
+        elif message is not None:
+            self.stats["refused_frames"] += 1  # a kind this port does not take from outside
+            self.warn_once("refused", "router: refused a %s from outside the node", type(message).__name__)
 
-    def _admit(self, client: bytes, request: Generate) -> None:
+    def _guarded(self, rid: str, call: Callable[[], None]) -> None:
+        """Run one flight's handling; if it raises, that request ends with an error reply (and
+        is removed) instead of living forever."""
+        try:
+            call()
+        except Exception as err:
+            self.stats["handler_errors"] += 1
+            log.exception("router: request %s failed in the router", rid)
+            if rid in self._flights:
+                self._drop_from_queues(rid)
+                self._end(
+                    rid, ErrorReply(request_id=rid, code="internal_error", message=f"router error: {err}")
+                )
+
+    def _sweep_orphans(self) -> None:
+        """Fail any flight that nothing will ever answer: not queued, held, at a worker or at a
+        peer (a safety net under `_guarded`)."""
+        queued = {rid for q in self._queues.values() for rid in q} | set(self._held)
+        for rid, flight in list(self._flights.items()):
+            if flight.worker is None and flight.remote is None and rid not in queued:
+                self.stats["orphans"] += 1
+                log.error("router: request %s was orphaned; failing it", rid)
+                self._end(
+                    rid,
+                    ErrorReply(request_id=rid, code="internal_error", message="request lost by the router"),
+                )
+
+    def _drop_from_queues(self, rid: str) -> None:
+        if rid in self._held:
+            self._held.remove(rid)
+        for queue in self._queues.values():
+            if rid in queue:
+                queue.remove(rid)
+
+    def _admit(self, client: Client, request: Generate) -> None:
         rid = request.request_id
         local = [w for w in self._workers.values() if w.state.model_id == request.model]
         remote = self._remote_nodes(request)
@@ -133,12 +184,11 @@ class Router(Actor):
                 message=f"model failed to load: {local[0].state.detail}",
             )
         if error is not None:
-            self._reply(client, error)
+            self._send(client, error)
             return
-        self.counters.admitted += 1
         self._flights[rid] = Flight(client=client, request=request, last_sent=self.clock())
-        self._reply(client, Accepted(request_id=rid, node_id=self.node_id))
-        self._place(rid)
+        self._send(client, Accepted(request_id=rid, node_id=self.node_id))
+        self._guarded(rid, lambda: self._place(rid))
 
     def _place(self, rid: str, why: str = "") -> None:
         """Send an admitted request to its session's node: this one (queue) or a peer (forward)."""
@@ -159,7 +209,7 @@ class Router(Actor):
         if choice is not None and request.session:
             self._homes[(request.session, request.model)] = choice
             self._homes.move_to_end((request.session, request.model))
-            while len(self._homes) > _MAX_HOMES:
+            while len(self._homes) > self.config.max_sessions:
                 self._homes.popitem(last=False)
         if flexible and choice is not None and len(nodes) > 1 and not self._has_room(choice, request.model):
             # Every node is busy: wait here for whichever frees first (still in the session's
@@ -169,14 +219,12 @@ class Router(Actor):
             self._held.append(rid)  # the mesh view may be a heartbeat behind: wait for the next
         elif choice is None:
             reason = f"{why}; no other node can serve it" if why else "no node can serve it now"
-            self.counters.failed += 1
-            self._finish(rid, ErrorReply(request_id=rid, code="peer_unavailable", message=reason))
+            self._end(rid, ErrorReply(request_id=rid, code="peer_unavailable", message=reason))
         elif choice != self.node_id:
             self._forward(rid, choice)
         elif len(self._queues.setdefault(request.model, deque())) >= self.config.queue_depth_per_model:
-            self.counters.rejected_overload += 1
             depth = self.config.queue_depth_per_model
-            self._finish(
+            self._end(
                 rid,
                 ErrorReply(
                     request_id=rid,
@@ -200,8 +248,7 @@ class Router(Actor):
 
     def _hold(self, rid: str) -> None:
         if len(self._held) >= self.config.queue_depth_per_model:
-            self.counters.rejected_overload += 1
-            self._finish(
+            self._end(
                 rid,
                 ErrorReply(
                     request_id=rid,
@@ -228,13 +275,13 @@ class Router(Actor):
                 continue
             if not nodes or any(self._has_room(n, flight.request.model) for n in nodes):
                 self._held.remove(rid)
-                self._place(rid)
+                self._guarded(rid, lambda rid=rid: self._place(rid))  # type: ignore[misc]
 
     def _cancel(self, rid: str) -> None:
         flight = self._flights.get(rid)
         if flight is None or flight.cancelled:
             return
-        self.counters.cancelled += 1
+        self.counters.cancelled += 1  # its outcome: whatever the engine says after this
         if flight.remote is not None:
             self._to_peer(flight.remote, Cancel(request_id=rid))
             self.peers.ended(flight.remote, self.clock())
@@ -301,7 +348,7 @@ class Router(Actor):
                 return  # a resumed request: the client had its `Started`
             flight.started, flight.prompt_tokens = True, message.prompt_tokens
         elif isinstance(message, Chunk):
-            flight.sent_text.append(message.text)
+            flight.sent_ids += message.tokens
             flight.sent_tokens += message.n_tokens
         elif isinstance(message, Finished):
             message = replace(
@@ -310,9 +357,7 @@ class Router(Actor):
                 completion_tokens=flight.base_tokens + message.completion_tokens,
             )
         if isinstance(message, TERMINAL_TYPES):
-            self.counters.failed += isinstance(message, ErrorReply)
-            self.counters.completed += isinstance(message, Finished)
-            self._finish(rid, message)
+            self._end(rid, message)
         else:
             self._to_client(rid, message)
 
@@ -334,7 +379,7 @@ class Router(Actor):
     def _fail_queue(self, model: str, why: str) -> None:
         for rid in list(self._queues.get(model, ())):
             self._queues[model].remove(rid)
-            self._finish(
+            self._end(
                 rid, ErrorReply(request_id=rid, code="engine_failed", message=f"model failed to load: {why}")
             )
 
@@ -368,7 +413,8 @@ class Router(Actor):
                 self.forget(self._links.pop(node))
         for rid, flight in list(self._flights.items()):
             if flight.remote is not None and flight.remote not in live:
-                self._remote_failed(rid, f"node {flight.remote} left the mesh or is no longer reachable")
+                why = f"node {flight.remote} left the mesh or is no longer reachable"
+                self._guarded(rid, lambda rid=rid, why=why: self._remote_failed(rid, why))  # type: ignore[misc]
         self._place_held()
 
     def _forward(self, rid: str, node: str) -> None:
@@ -389,9 +435,9 @@ class Router(Actor):
         if isinstance(message, Accepted | Pending):
             return  # the client heard ours already
         if isinstance(message, ErrorReply) and message.code in _RETRYABLE:
-            self._remote_failed(rid, message.message)
+            self._guarded(rid, lambda: self._remote_failed(rid, message.message))
             return
-        self._relay(rid, message)
+        self._guarded(rid, lambda: self._relay(rid, message))
 
     def _remote_failed(self, rid: str, why: str) -> None:
         """A peer failed a forwarded request: place it again — from the start if the client saw
@@ -406,7 +452,7 @@ class Router(Actor):
             self.counters.resumed += 1
             request = flight.request
             left = None if request.max_tokens is None else request.max_tokens - flight.sent_tokens
-            flight.request = replace(request, resume_text="".join(flight.sent_text), max_tokens=left)
+            flight.request = replace(request, resume_tokens=list(flight.sent_ids), max_tokens=left)
             flight.base_tokens = flight.sent_tokens
             if left is not None and left < 1:
                 self._relay(
@@ -419,14 +465,15 @@ class Router(Actor):
     def _peer_disconnected(self, node: str) -> None:
         for rid, flight in list(self._flights.items()):
             if flight.remote == node:
-                self._remote_failed(rid, f"lost the connection to node {node}")
+                why = f"lost the connection to node {node}"
+                self._guarded(rid, lambda rid=rid, why=why: self._remote_failed(rid, why))  # type: ignore[misc]
 
     def _to_peer(self, node: str, message: Message) -> None:
         link = self._links.get(node)
         if link is None:
             peer = self.peers.live[node]
             link = self.socket(zmq.DEALER)
-            link.connect(f"tcp://{peer['host']}:{peer['zmq_port'] + ROUTER_PORT_OFFSET}")
+            link.connect(f"tcp://{peer.host}:{(peer.zmq_port or 0) + ROUTER_PORT_OFFSET}")
             self.on_socket(link, lambda frames, node=node: self._from_peer(node, frames))  # type: ignore[misc]
             # A peer process that dies closes its TCP connections at once: hear of it at once.
             monitor = self.adopt(link.get_monitor_socket(zmq.EVENT_DISCONNECTED))
@@ -440,9 +487,16 @@ class Router(Actor):
 
     # -- sending ------------------------------------------------------------------------------
 
-    def _finish(self, rid: str, message: Message) -> None:
+    def _end(self, rid: str, message: Message) -> None:
+        """The last word on a request: count its outcome, tell its client, forget it."""
         flight = self._flights.get(rid)
-        if flight is not None and not flight.cancelled:
+        if flight is not None and not flight.cancelled:  # a cancelled one was counted already
+            if isinstance(message, Finished):
+                self.counters.completed += 1
+            elif isinstance(message, ErrorReply) and message.code == "overloaded":
+                self.counters.rejected_overload += 1
+            else:
+                self.counters.failed += 1
             self._to_client(rid, message)
         self._flights.pop(rid, None)
         if flight is not None and flight.remote is not None:
@@ -453,13 +507,12 @@ class Router(Actor):
     def _to_client(self, rid: str, message: Message) -> None:
         flight = self._flights[rid]
         flight.last_sent = self.clock()
-        if not self._reply(flight.client, message) and not isinstance(message, TERMINAL_TYPES):
+        if not self._send(flight.client, message) and not isinstance(message, TERMINAL_TYPES):
             self._cancel(rid)  # the client's socket is gone: stop generating for nobody
 
-    def _reply(self, client: bytes, message: Message) -> bool:
-        assert self._front is not None
+    def _send(self, client: Client, message: Message) -> bool:
         try:
-            self._front.send_multipart([client, encode(message)], zmq.NOBLOCK)
+            client.sock.send_multipart([client.identity, encode(message)], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as err:  # EHOSTUNREACH (client gone) or EAGAIN (client not reading)
             self.warn_once("client-send", "router: cannot reach a client: %s", err)
@@ -495,6 +548,7 @@ class Router(Actor):
             "workers": workers,
             "queues": {m: len(q) for m, q in self._queues.items()},
             "in_flight": sum(1 for f in self._flights.values() if f.worker is not None),
-            **self.counters.snapshot(),
+            **self.counters.snapshot(in_flight=len(self._flights)),
             "dropped_frames": self.stats["dropped_frames"],
+            "actor_stats": {self.name: dict(self.stats)},
         }

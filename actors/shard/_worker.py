@@ -8,6 +8,7 @@ back-off.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import sys
@@ -17,42 +18,35 @@ import zmq
 from actors.runtime._actor import Actor
 from actors.runtime._supervisor import Backoff, ChildProcess
 from actors.wire._codec import Message, encode
-from actors.wire._messages import TERMINAL_TYPES, Cancel, EngineReady, ErrorReply, Generate, WorkerState
+from actors.wire._messages import (
+    TERMINAL_TYPES,
+    Cancel,
+    EngineReady,
+    EngineSpec,
+    ErrorReply,
+    Generate,
+    WorkerState,
+    WorkerStateName,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ShardWorker(Actor):
-    """Serves `model` (a GGUF path or a `fake:` spec) with one engine child."""
+    """Serves one `EngineSpec` (a GGUF path or a `fake:` model) with one engine child."""
 
     def __init__(
-        self,
-        ctx: zmq.Context,
-        worker_id: str,
-        *,
-        model: str,
-        model_id: str,
-        router_endpoint: str,
-        n_ctx: int,
-        n_threads: int,
-        slots: int = 1,
-        draft: str | None = None,
-        speculative: str = "",
-        **kwargs: object,
+        self, ctx: zmq.Context, worker_id: str, *, spec: EngineSpec, router_endpoint: str, **kwargs: object
     ) -> None:
-        """`draft`: a draft GGUF for speculative decoding; `speculative`: the drafter requests get
-        by default ("draft", "lookup", or "" for none)."""
         super().__init__(ctx, worker_id, **kwargs)  # type: ignore[arg-type]
         self.worker_id = worker_id
-        self.model = model
-        self.model_id = model_id
+        self.spec = spec
+        self.model = spec.model
+        self.model_id = spec.model_id
         self.router_endpoint = router_endpoint
-        self.n_ctx = n_ctx
-        self.n_threads = n_threads
-        self.slots = slots
-        self.draft = draft
-        self.speculative = speculative
-        self.state = "loading"
+        self.n_ctx = spec.n_ctx
+        self.slots = spec.slots
+        self.state: WorkerStateName = "loading"
         self.restarts = 0
         self._failed_loads = 0
         self._detail = ""
@@ -101,15 +95,9 @@ class ShardWorker(Actor):
         argv = [
             sys.executable, "-m", "actors.engine._child",
             "--endpoint", f"tcp://127.0.0.1:{port}",
-            "--model", self.model,
-            "--ctx", str(self.n_ctx),
-            "--threads", str(self.n_threads),
-            "--slots", str(self.slots),
             "--parent-pid", str(os.getpid()),
-            "--speculative", self.speculative,
+            "--spec", base64.b64encode(encode(self.spec)).decode(),
         ]  # fmt: skip
-        if self.draft:
-            argv += ["--draft", self.draft]
         self._child = ChildProcess(argv)
         pid = self._child.start()
         self._engine = engine
@@ -189,7 +177,7 @@ class ShardWorker(Actor):
             self._send_router(ErrorReply(request_id=rid, code="engine_failed", message=why))
         self._current.clear()
 
-    def _set_state(self, state: str, detail: str) -> None:
+    def _set_state(self, state: WorkerStateName, detail: str) -> None:
         self.state = state
         self._detail = detail
         self._send_router(

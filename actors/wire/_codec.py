@@ -1,32 +1,47 @@
 """The one codec: messages ⇄ versioned msgpack frames `[version, kind, {field: value}]`.
 
-`decode` treats its input as untrusted: anything but a well-formed frame of a known kind with
-fields of the declared types raises `ProtocolError`, never another exception.
+`decode` treats its input as untrusted: anything but a well-formed frame of a known kind whose
+fields match their declared types — recursively, into the nested records a message carries — raises
+`ProtocolError`, never another exception. Integers must fit a signed 64-bit value, floats must be
+finite, and a frame is measured before it is unpacked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgpack
 
-from actors._config import PROTOCOL_VERSION
+from actors._config import MAX_FRAME_BYTES, PROTOCOL_VERSION
 from actors._errors import ProtocolError
 from actors.wire._messages import MESSAGE_TYPES
 
 Message = Any  # any instance of a class in MESSAGE_TYPES
-DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_FRAME_BYTES = MAX_FRAME_BYTES
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # what every peer can encode back
 
 _BY_KIND: dict[str, type] = {cls.KIND: cls for cls in MESSAGE_TYPES}  # type: ignore[attr-defined]
 
 
 def encode(message: Message) -> bytes:
     """Pack a message into one frame."""
-    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    fields = {f.name: _plain(getattr(message, f.name)) for f in dataclasses.fields(message)}
     return msgpack.packb([PROTOCOL_VERSION, message.KIND, fields], use_bin_type=True)
+
+
+def _plain(value: Any) -> Any:
+    """Nested records become maps; everything else msgpack packs as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict) and value and dataclasses.is_dataclass(next(iter(value.values()))):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
@@ -34,7 +49,8 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
     if len(frame) > max_bytes:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        version, kind, fields = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        head = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        version, kind, fields = head
     except Exception as err:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"undecodable frame: {err}") from err
     if version != PROTOCOL_VERSION:
@@ -42,9 +58,12 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
     cls = _BY_KIND.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
-    if not isinstance(fields, dict):
-        raise ProtocolError(f"{kind}: fields must be a map")
-    return _build(cls, fields)
+    try:
+        return _record(cls, fields, cls.KIND)  # type: ignore[attr-defined]
+    except ProtocolError:
+        raise
+    except Exception as err:  # a validation path we did not foresee: still the peer's fault
+        raise ProtocolError(f"{kind}: {type(err).__name__}: {err}") from err
 
 
 def peek_version(frame: bytes) -> int | None:
@@ -56,18 +75,19 @@ def peek_version(frame: bytes) -> int | None:
     return head[0] if isinstance(head, list) and head and isinstance(head[0], int) else None
 
 
-def _build(cls: type, fields: dict[str, Any]) -> Message:
+def _record(cls: type, fields: Any, where: str) -> Any:
+    """Build a (message or nested) dataclass from a decoded map, checking every field."""
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{where}: fields must be a map")
     hints = _hints(cls)
     unknown = fields.keys() - hints.keys()
     if unknown:
-        raise ProtocolError(f"{cls.KIND}: unknown fields {sorted(unknown)}")  # type: ignore[attr-defined]
-    for name, value in fields.items():
-        if not _matches(value, hints[name]):
-            raise ProtocolError(f"{cls.KIND}.{name}: {type(value).__name__} is not {hints[name]}")  # type: ignore[attr-defined]
+        raise ProtocolError(f"{where}: unknown fields {sorted(map(str, unknown))}")
+    values = {name: _convert(value, hints[name], f"{where}.{name}") for name, value in fields.items()}
     try:
-        return cls(**fields)
+        return cls(**values)
     except TypeError as err:  # a required field is missing
-        raise ProtocolError(f"{cls.KIND}: {err}") from err  # type: ignore[attr-defined]
+        raise ProtocolError(f"{where}: {err}") from err
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -80,22 +100,54 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Shallow runtime check of a decoded value against a field's annotation."""
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """`value` checked against the annotation `hint` (nested records built); raises
+    `ProtocolError` naming the field."""
     origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
     if hint is Any:
-        return True
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _convert(value, arg, where)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{where}: {_kind(value)} is not {hint}")
+    if origin is Literal:
+        if value in typing.get_args(hint) and isinstance(value, str):
+            return value
+        raise ProtocolError(f"{where}: {value!r} is not one of {typing.get_args(hint)}")
     if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint)
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_MIN <= value <= INT_MAX:
+                raise ProtocolError(f"{where}: {value} does not fit 64 bits")
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ProtocolError(f"{where}: {value} is not a finite number")
+            return value
+    elif hint is str or hint is bytes:
+        if isinstance(value, hint):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(hint)
+            return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key, item = typing.get_args(hint)
+            return {_convert(k, key, where): _convert(v, item, f"{where}[{k!r}]") for k, v in value.items()}
+    elif dataclasses.is_dataclass(hint):
+        return _record(hint, value, where)  # type: ignore[arg-type]
+    raise ProtocolError(f"{where}: {_kind(value)} is not {getattr(hint, '__name__', hint)}")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__

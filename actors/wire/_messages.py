@@ -7,7 +7,11 @@ Request ids are chosen by whoever starts a request and travel with every answer 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+# Closed sets, spelled once.
+MemberState = Literal["alive", "suspect", "dead", "left"]
+WorkerStateName = Literal["loading", "ready", "failed"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,7 +30,7 @@ class Generate:
     stop: list[str] = field(default_factory=list)
     session: str = ""  # requests of one session go to the same node (rendezvous hashing)
     speculative: str = ""  # "" the node's default, "off", "lookup" (prompt lookup) or "draft"
-    resume_text: str = ""  # text already streamed to the client: continue after it (failover)
+    resume_tokens: list[int] = field(default_factory=list)  # ids already streamed: continue after them
     forwarded: bool = False  # already placed by another node's router: serve it here
 
 
@@ -73,6 +77,7 @@ class Chunk:
     request_id: str
     text: str
     n_tokens: int
+    tokens: list[int] = field(default_factory=list)  # their ids: a failover resumes after them
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +125,21 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EngineSpec:
+    """Everything an engine child needs to load and serve its model: the one value a shard-worker
+    hands its child (on its command line, as one encoded frame)."""
+
+    KIND: ClassVar[str] = "engine_spec"
+    model: str  # a GGUF path, or `fake:...` in tests
+    model_id: str
+    n_ctx: int = 4096
+    n_threads: int = 1
+    slots: int = 1  # requests it serves at once (continuous batching)
+    draft: str | None = None  # a draft GGUF for speculative decoding
+    speculative: str = ""  # the drafter requests get by default: "draft", "lookup" or "" (none)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EngineReady:
     """An engine child loaded its model and takes requests."""
 
@@ -138,7 +158,7 @@ class WorkerState:
     KIND: ClassVar[str] = "worker_state"
     worker_id: str
     model_id: str
-    state: str  # "loading" | "ready" | "failed"
+    state: WorkerStateName
     engine_pid: int | None = None
     restarts: int = 0
     n_ctx: int = 0
@@ -147,19 +167,47 @@ class WorkerState:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Load:
+    """A node's load as its heartbeat says it."""
+
+    in_flight: int = 0  # requests its engines work on
+    queued: int = 0  # requests waiting in its queues
+    slots: int = 0  # requests its engines can work on at once
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ViewRow:
+    """One member in a node's gossiped view: membership news, and where to reach the member."""
+
+    node_id: str
+    state: MemberState
+    incarnation: int
+    host: str = ""
+    zmq_port: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Echo:
+    """Our echo of a peer's last heartbeat: its `sent_at` and how long we held it."""
+
+    sent_at: float
+    held_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """What a node publishes on its gossip socket several times a second.
 
-    `view` rows are `[node_id, state, incarnation, host, zmq_port]`: membership gossip that also
-    tells peers where to reach nodes they have not discovered themselves. `echoes` maps a peer's
-    id to `[that peer's sent_at, seconds we held it]`, so the peer can measure its RTT to us;
-    `rtts` gossips the RTTs we measured, so every node sees which peers are near each other.
-    `role` is "client" for a node with no model or too far from every serving peer (then it
-    also lists no models: it takes no inference work).
+    `view` is membership gossip that also tells peers where to reach nodes they have not
+    discovered themselves. `echoes` lets each peer measure its RTT to us; `rtts` gossips the RTTs
+    we measured, so every node sees which peers are near each other. `role` is "client" for a node
+    with no model or too far from every serving peer (then it lists no models). `instance` is
+    new with every start of a node process: two live processes with one node id differ in it.
     """
 
     KIND: ClassVar[str] = "heartbeat"
     node_id: str
+    instance: str
     mesh: str  # a hash of the mesh name
     incarnation: int
     host: str
@@ -167,10 +215,10 @@ class Heartbeat:
     http_port: int
     role: str
     models: list[str]
-    load: dict[str, Any]
+    load: Load
     sent_at: float
-    echoes: dict[str, list[float]]
-    view: list[list[Any]]
+    echoes: dict[str, Echo]
+    view: list[ViewRow]
     rtts: dict[str, float] = field(default_factory=dict)  # our measured RTT (ms) to each peer
 
 
@@ -185,11 +233,29 @@ class PeerSeen:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PeerRow:
+    """One other node as this node sees it (a row of `mesh-ctl peers`)."""
+
+    node_id: str
+    host: str
+    state: MemberState
+    rtt_ms: float | None
+    role: str
+    models: list[str]
+    incarnation: int
+    zmq_port: int | None = None
+    http_port: int | None = None
+    load: Load | None = None
+    rtts: dict[str, float] = field(default_factory=dict)
+    heard_s_ago: float | None = None  # how old `load` is: the router discounts what it saw end since
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MeshView:
-    """The gossip actor's picture of the other nodes, for the router (rows as `mesh-ctl peers`)."""
+    """The gossip actor's picture of the other nodes, for its own node's router (in-process only)."""
 
     KIND: ClassVar[str] = "mesh_view"
-    peers: list[dict[str, Any]]
+    peers: list[PeerRow]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,6 +287,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     ErrorReply,
     Query,
     Answer,
+    EngineSpec,
     EngineReady,
     WorkerState,
     Heartbeat,

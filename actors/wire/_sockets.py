@@ -1,4 +1,11 @@
-"""The one place sockets are made, so that socket options (and later CURVE/ZAP) apply to all."""
+"""The one place sockets are made, so that socket options (and later CURVE/ZAP) apply to all.
+
+Every TCP connection carries ZMTP heartbeats: a peer that stops answering (a partition, a host
+that vanished) is noticed in `_HEARTBEAT_TIMEOUT_MS`, the connection is dropped and ZeroMQ
+reconnects every `_RECONNECT_MAX_MS` at most, each attempt bounded by `_CONNECT_TIMEOUT_MS` —
+so a healed link carries traffic again within about two seconds instead of waiting out TCP's
+retransmission back-off.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,11 @@ import zmq
 # Queues are bounded so that a stuck peer costs memory we chose, not all of it.
 _HWM = 10_000
 _KEEPALIVE_IDLE_S = 30  # TCP keepalive so a vanished host's connection is noticed
+_HEARTBEAT_IVL_MS = 1000  # ZMTP PING this often on an idle connection
+_HEARTBEAT_TIMEOUT_MS = 3000  # no traffic for this long after a PING: the connection is dead
+_RECONNECT_IVL_MS = 100  # first reconnect attempt after a connection is lost
+_RECONNECT_MAX_MS = 1000  # attempts back off to at most this interval
+_CONNECT_TIMEOUT_MS = 1000  # a connect that does not complete in this long is retried
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, identity: bytes | None = None) -> zmq.Socket:
@@ -17,6 +29,12 @@ def make_socket(ctx: zmq.Context, kind: int, *, identity: bytes | None = None) -
     sock.setsockopt(zmq.RCVHWM, _HWM)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, _HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     if kind == zmq.ROUTER:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -18,9 +17,11 @@ from actors.gguf._identity import check_draft, check_model
 from actors.runtime._supervisor import ChildProcess
 from discovery import MeshMembership
 from gateway.cli._models import default_model
+from gateway.cli._state import StateDir, StateDirError, default_state_dir
 
 log = logging.getLogger("mesh_llm")
 _GUNICORN_START_TIMEOUT_S = 30.0
+_RESTART = -1  # `_serve` asks to be run again (with a fresh node id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,12 +79,17 @@ def _node_options(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument("--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key")
     cmd.add_argument(
-        "--state-dir", type=Path, help="where the node keeps its id (default ~/.local/state/mesh-llm)"
+        "--state-dir",
+        type=Path,
+        help="where the node keeps its id, one per running node "
+        "(default ~/.local/state/mesh-llm/node-ZMQPORT)",
     )
     cmd.add_argument(
         "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"
     )
-    cmd.add_argument("--http-threads", type=int, default=32, help="gunicorn threads serving HTTP")
+    cmd.add_argument(
+        "--http-connections", type=int, default=1024, help="open HTTP connections before new ones get 503"
+    )
     cmd.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -92,17 +98,6 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:ZMQPORT, got {text!r}")
     return host, int(port)
-
-
-def node_id_for(state_dir: Path) -> str:
-    """This node's id, made once and kept in the state directory."""
-    path = state_dir / "node_id"
-    if path.exists():
-        return path.read_text().strip()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    node_id = f"{socket.gethostname()}-{secrets.token_hex(3)}"
-    path.write_text(node_id + "\n")
-    return node_id
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -121,11 +116,25 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"mesh-llm: {err}", file=sys.stderr)
             return 2
-    state_dir = (
-        args.state_dir or Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "mesh-llm"
-    )
+    try:
+        state = StateDir(args.state_dir or default_state_dir(args.zmq_port))
+        node_id = state.node_id()
+    except StateDirError as err:
+        print(f"mesh-llm: {err}", file=sys.stderr)
+        return 1
+    try:
+        rc = _serve(args, models, node_id)
+        if rc == _RESTART:  # another live node has our id: take a fresh one and start again
+            print(f"mesh-llm: node id {node_id} is in use elsewhere; taking a fresh id", file=sys.stderr)
+            state.renew_node_id()
+        return rc
+    finally:
+        state.close()
+
+
+def _serve(args: argparse.Namespace, models: list[ModelSpec], node_id: str) -> int:
     spec = NodeSpec(
-        node_id=node_id_for(state_dir),
+        node_id=node_id,
         mesh=args.mesh,
         host=args.host,
         http_port=args.http_port,
@@ -140,7 +149,14 @@ def serve(args: argparse.Namespace) -> int:
             max_rtt_ms=args.max_rtt_ms,
         ),
     )
-    mesh = MeshMembership(spec, mdns=not args.no_mdns, seeds=args.peer, advertise=args.advertise)
+    collided = threading.Event()
+    mesh = MeshMembership(
+        spec,
+        mdns=not args.no_mdns,
+        seeds=args.peer,
+        advertise=args.advertise,
+        on_collision=lambda _: collided.set(),
+    )
     node = Node(
         spec, more=[mesh.actor], peers_endpoint=mesh.query_endpoint, inbox_endpoint=mesh.inbox_endpoint
     )
@@ -151,14 +167,20 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     gateway = ChildProcess(_gunicorn_argv(args), env=_gunicorn_env(args, spec))
     try:
-        return _run(node, gateway, mesh, args)
+        return _run(node, gateway, mesh, args, collided)
     finally:
         mesh.close()
         gateway.close()
         node.stop()
 
 
-def _run(node: Node, gateway: ChildProcess, mesh: MeshMembership, args: argparse.Namespace) -> int:
+def _run(
+    node: Node,
+    gateway: ChildProcess,
+    mesh: MeshMembership,
+    args: argparse.Namespace,
+    collided: threading.Event,
+) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -180,6 +202,8 @@ def _run(node: Node, gateway: ChildProcess, mesh: MeshMembership, args: argparse
         flush=True,
     )
     while not stop.wait(0.5):
+        if collided.is_set():
+            return _RESTART
         if gateway.exit_code() is not None:
             print(f"mesh-llm: the HTTP gateway exited with code {gateway.exit_code()}", file=sys.stderr)
             return 1
@@ -190,9 +214,8 @@ def _run(node: Node, gateway: ChildProcess, mesh: MeshMembership, args: argparse
 def _gunicorn_argv(args: argparse.Namespace) -> list[str]:
     return [
         sys.executable, "-m", "gunicorn",
-        "--worker-class", "gthread",
+        "--worker-class", "gateway.http._worker.MeshWorker",
         "--workers", "1",
-        "--threads", str(args.http_threads),
         "--bind", f"{args.host}:{args.http_port}",
         "--graceful-timeout", "5",
         "--keep-alive", "5",
@@ -209,6 +232,8 @@ def _gunicorn_env(args: argparse.Namespace, spec: NodeSpec) -> dict[str, str]:
         MESH_LLM_NODE_ID=spec.node_id,
         MESH_LLM_MAX_BODY_BYTES=str(args.max_body_bytes),
         MESH_LLM_IDLE_TIMEOUT_S=str(spec.config.gateway_idle_timeout_s),
+        MESH_LLM_MAX_FRAME_BYTES=str(spec.config.max_frame_bytes),
+        MESH_LLM_HTTP_CONNECTIONS=str(args.http_connections),
         MESH_LLM_API_KEY=args.api_key or "",
         MESH_LLM_PARENT_PID=str(os.getpid()),
     )
@@ -233,4 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
-    return serve(args)
+    while (rc := serve(args)) == _RESTART:
+        pass
+    return rc

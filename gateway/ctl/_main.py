@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--router-skew", type=float, default=0.0, help="MoE: make each layer's router favour a few experts"
     )
+    synth.add_argument(
+        "--no-bos", action="store_true", help="a tokenizer that adds no BOS token (as Qwen2's does)"
+    )
     _moe_commands(sub)
     return parser
 
@@ -156,7 +159,13 @@ def run_synth(args: argparse.Namespace) -> int:
     try:
         shape = shape_for(args.arch, args.preset, **overrides)
         path = synthesize(
-            args.arch, args.out, shape, dtype=args.type, seed=args.seed, router_skew=args.router_skew
+            args.arch,
+            args.out,
+            shape,
+            dtype=args.type,
+            seed=args.seed,
+            router_skew=args.router_skew,
+            add_bos=not args.no_bos,
         )
     except ValueError as err:
         print(f"mesh-ctl: {err}", file=sys.stderr)

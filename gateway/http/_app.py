@@ -1,19 +1,32 @@
-"""The Falcon app: `create_app(backend, ...)` for tests, `get_app()` for gunicorn."""
+"""The ASGI app: `create_app(backend, ...)` for tests, `get_app()` for the HTTP server.
+
+It runs under gunicorn with uvicorn workers: every connection is a coroutine, so clients that
+trickle their headers or body, or read slowly, hold no thread and lock nobody out.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
-import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import falcon
+import falcon.asgi
 
+from actors._config import MAX_FRAME_BYTES
 from gateway.http._backend import Backend, RouterClient
 from gateway.http._errors import ApiError, handle_error
 from gateway.http._resources import ChatCompletions, Completions, Health, Models
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 _OPEN_PATHS = ("/health",)
+DISCONNECTED = "mesh.disconnected"  # scope key: an asyncio.Event set when the client has gone
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class _MeshHeaders:
@@ -23,29 +36,57 @@ class _MeshHeaders:
         self.node_id = node_id
         self.api_key = api_key.encode() if api_key else None
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.mesh_node = self.node_id
-        _no_delay(req.env.get("gunicorn.socket"))
         if self.api_key is None or req.path in _OPEN_PATHS:
             return
         scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    def process_response(
-        self, req: falcon.Request, resp: falcon.Response, resource: object, ok: bool
+    async def process_response(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, ok: bool
     ) -> None:
         resp.set_header("X-Mesh-Node", req.context.mesh_node)
 
 
-def _no_delay(sock: socket.socket | None) -> None:
-    """Send each token as soon as it is written: Nagle's algorithm would hold small writes back
-    until the client's (delayed) ACK, adding up to 40 ms to the first token of a stream."""
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+class WatchDisconnect:
+    """ASGI wrapper: once the request body has been read, watch the connection and set
+    `scope["mesh.disconnected"]` the moment the client goes — so a request that is waiting for
+    its first token (streaming or not) is cancelled at once, not when it next writes."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gone = scope[DISCONNECTED] = asyncio.Event()
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        async def body_then_watch() -> Mapping[str, Any]:
+            nonlocal watcher
+            if watcher is not None:  # the body was read: later readers learn of the disconnect
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                gone.set()
+            elif not event.get("more_body", False):
+                watcher = asyncio.get_running_loop().create_task(watch())
+            return event
+
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # the client already left; the response write will notice
+            await self.app(scope, body_then_watch, send)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
 
 def create_app(
@@ -54,9 +95,9 @@ def create_app(
     node_id: str,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-) -> falcon.App:
-    """The OpenAI-compatible API over `backend`."""
-    app = falcon.App(middleware=[_MeshHeaders(node_id, api_key)])
+) -> WatchDisconnect:
+    """The OpenAI-compatible API over `backend`, as an ASGI app."""
+    app = falcon.asgi.App(middleware=[_MeshHeaders(node_id, api_key)])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, handle_error)
     app.add_error_handler(falcon.HTTPError, handle_error)
@@ -64,14 +105,16 @@ def create_app(
     app.add_route("/v1/models", Models(backend))
     app.add_route("/v1/chat/completions", ChatCompletions(backend, max_body_bytes))
     app.add_route("/v1/completions", Completions(backend, max_body_bytes))
-    return app
+    return WatchDisconnect(app)
 
 
-def get_app() -> falcon.App:
-    """The app gunicorn serves, configured by the `MESH_LLM_*` variables `mesh-llm serve` sets."""
+def get_app() -> WatchDisconnect:
+    """The app the HTTP server serves, configured by the `MESH_LLM_*` variables `mesh-llm serve` sets."""
     env = os.environ
     backend = RouterClient(
-        env["MESH_LLM_ROUTER"], idle_timeout_s=float(env.get("MESH_LLM_IDLE_TIMEOUT_S", "15"))
+        env["MESH_LLM_ROUTER"],
+        idle_timeout_s=float(env.get("MESH_LLM_IDLE_TIMEOUT_S", "15")),
+        max_frame_bytes=int(env.get("MESH_LLM_MAX_FRAME_BYTES", MAX_FRAME_BYTES)),
     )
     return create_app(
         backend,

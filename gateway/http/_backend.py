@@ -1,16 +1,21 @@
 """The gateway's side of the router: a `Backend` protocol (the seam tests fake) and
-`RouterClient`, which talks to a node's router over one DEALER socket per thread.
+`RouterClient`, which talks to a node's router over one ZeroMQ DEALER per HTTP worker process.
+
+Everything here runs on the HTTP worker's event loop. One reader task takes every frame the
+router sends and hands it to the request it belongs to, so thousands of open requests cost one
+socket and no threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import threading
 import uuid
-from collections.abc import Generator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 import zmq
+import zmq.asyncio
 
 from actors import (
     TERMINAL_TYPES,
@@ -18,6 +23,7 @@ from actors import (
     Cancel,
     ErrorReply,
     Generate,
+    InvalidRequest,
     Message,
     PeerUnavailable,
     Pending,
@@ -28,85 +34,115 @@ from actors import (
     make_socket,
     request_error,
 )
+from actors.wire._codec import DEFAULT_MAX_FRAME_BYTES
 
-EventStream = Generator[Message, None, None]
+EventStream = AsyncGenerator[Message, None]
+
+
+class RequestTooLarge(InvalidRequest):
+    """The request does not fit one frame to the router (413)."""
+
+    code = "request_too_large"
 
 
 class Backend(Protocol):
-    """What the HTTP app needs from a node. Methods block the calling (request) thread."""
+    """What the HTTP app needs from a node; coroutines on the worker's event loop."""
 
     def stream(self, request: Generate) -> EventStream:
         """`Accepted`, `Started`, `Chunk`s, then `Finished`; raises `RequestError` on failure.
 
-        Closing the generator before `Finished` cancels the request.
+        Closing the stream (`aclose()`, or cancelling the task reading it) before `Finished`
+        cancels the request.
         """
         ...
 
-    def query(self, what: str) -> dict[str, Any]:
+    async def query(self, what: str) -> dict[str, Any]:
         """A router snapshot ("models", "health", "status")."""
         ...
 
 
 class RouterClient:
-    """`Backend` over ZeroMQ. Safe to share between threads and across a fork (lazy context)."""
+    """`Backend` over ZeroMQ: one DEALER socket and one reader task per process and event loop
+    (made on first use, so after gunicorn forked the worker)."""
 
-    def __init__(self, endpoint: str, *, idle_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self, endpoint: str, *, idle_timeout_s: float = 15.0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    ) -> None:
         self.endpoint = endpoint
         self.idle_timeout_s = idle_timeout_s
-        self._local = threading.local()
-        self._ctx: zmq.Context | None = None
-        self._pid = -1
-        self._lock = threading.Lock()
+        self.max_frame_bytes = max_frame_bytes
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._owner: tuple[int, asyncio.AbstractEventLoop] | None = None
+        self._inboxes: dict[str, asyncio.Queue[Message]] = {}
 
-    def _socket(self) -> zmq.Socket:
-        with self._lock:
-            if self._pid != os.getpid():  # first use, or first use after gunicorn forked us
-                self._ctx = zmq.Context()
-                self._pid = os.getpid()
-                self._local = threading.local()
-        sock: zmq.Socket | None = getattr(self._local, "sock", None)
-        if sock is None:
-            assert self._ctx is not None
-            sock = make_socket(self._ctx, zmq.DEALER)
-            sock.connect(self.endpoint)
-            self._local.sock = sock
-        return sock
+    def _socket(self) -> zmq.asyncio.Socket:
+        owner = (os.getpid(), asyncio.get_running_loop())
+        if self._owner != owner:  # first use, or a new process or loop
+            if self._sock is not None and self._owner is not None and self._owner[0] == owner[0]:
+                self._sock.close(linger=0)  # a loop that ended (tests): its socket goes with it
+                assert self._ctx is not None
+                self._ctx.term()
+            self._ctx = zmq.asyncio.Context()
+            self._sock = make_socket(self._ctx, zmq.DEALER)  # type: ignore[assignment]
+            assert self._sock is not None
+            self._sock.connect(self.endpoint)
+            self._inboxes = {}
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._sock))
+            self._owner = owner
+        assert self._sock is not None
+        return self._sock
 
-    def close(self) -> None:
-        """Close every socket and the context; call once no request is running any more."""
-        with self._lock:
-            if self._ctx is not None and self._pid == os.getpid():
-                self._ctx.destroy(linger=0)
-            self._ctx = None
-            self._pid = -1
-
-    def _receive(self, sock: zmq.Socket, rid: str) -> Message:
-        """The next message for `rid`, skipping leftovers of earlier requests on this socket."""
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        """Hand every frame from the router to the request waiting for it; drop the rest."""
         while True:
-            if not sock.poll(int(self.idle_timeout_s * 1000)):
-                self._drop_socket()
-                raise PeerUnavailable(f"the node's router did not answer within {self.idle_timeout_s:g}s")
+            frame = await sock.recv()
             try:
-                message = decode(sock.recv())
+                message = decode(frame, self.max_frame_bytes)
             except ProtocolError:
                 continue
-            if getattr(message, "request_id", None) == rid:
-                return message
+            inbox = self._inboxes.get(getattr(message, "request_id", ""))
+            if inbox is not None:
+                inbox.put_nowait(message)
 
-    def _drop_socket(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        if sock is not None:
-            sock.close(linger=0)
-            self._local.sock = None
+    async def close(self) -> None:
+        """Stop the reader and close the socket; call once no request is running any more."""
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+        self._ctx = self._sock = self._reader = self._owner = None
 
-    def stream(self, request: Generate) -> EventStream:
-        sock = self._socket()
+    async def _send(self, message: Message) -> None:
+        frame = encode(message)
+        if len(frame) > self.max_frame_bytes:
+            raise RequestTooLarge(
+                f"The request is {len(frame)} bytes once encoded, over the node's limit of "
+                f"{self.max_frame_bytes} bytes."
+            )
+        await self._socket().send(frame)
+
+    async def _receive(self, inbox: asyncio.Queue[Message]) -> Message:
+        try:
+            return await asyncio.wait_for(inbox.get(), self.idle_timeout_s)
+        except TimeoutError:
+            raise PeerUnavailable(
+                f"the node's router did not answer within {self.idle_timeout_s:g}s"
+            ) from None
+
+    async def stream(self, request: Generate) -> EventStream:
         rid = request.request_id
-        sock.send(encode(request))
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._socket()
+        self._inboxes[rid] = inbox
         done = False
         try:
+            await self._send(request)
             while True:
-                message = self._receive(sock, rid)
+                message = await self._receive(inbox)
                 if isinstance(message, Pending):
                     continue
                 if isinstance(message, ErrorReply):
@@ -116,18 +152,27 @@ class RouterClient:
                 yield message
                 if done:
                     return
-        except PeerUnavailable:
+        except (PeerUnavailable, RequestTooLarge):
             done = True
             raise
         finally:
-            if not done:  # the HTTP client went away (generator closed): stop the work
-                self._socket().send(encode(Cancel(request_id=rid)))
+            self._inboxes.pop(rid, None)
+            if not done and self._sock is not None:  # the client went away: stop the work
+                try:
+                    self._sock.send(encode(Cancel(request_id=rid)), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the router is gone too; it has nothing to cancel
 
-    def query(self, what: str) -> dict[str, Any]:
-        sock = self._socket()
+    async def query(self, what: str) -> dict[str, Any]:
         rid = uuid.uuid4().hex
-        sock.send(encode(Query(request_id=rid, what=what)))
-        answer = self._receive(sock, rid)
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._socket()
+        self._inboxes[rid] = inbox
+        try:
+            await self._send(Query(request_id=rid, what=what))
+            answer = await self._receive(inbox)
+        finally:
+            self._inboxes.pop(rid, None)
         if not isinstance(answer, Answer):
             raise PeerUnavailable(f"router answered a query with {type(answer).__name__}")
         return answer.data

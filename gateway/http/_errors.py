@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import falcon
+import falcon.asgi
 
 from actors import (
     ActorStopped,
@@ -17,6 +19,8 @@ from actors import (
     PeerUnavailable,
     RequestError,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -63,6 +67,8 @@ def to_api_error(err: Exception) -> ApiError:
         return ApiError(503, f"the node is stopping: {err}", type="server_error", code="node_stopping")
     if isinstance(err, RequestError):
         status, kind = _STATUS.get(type(err), (500, "server_error"))
+        if err.code == "request_too_large":
+            status = 413
         param = err.details.get("param")
         api = ApiError(status, err.message, type=kind, param=param, code=err.code)
         extra = {k: v for k, v in err.details.items() if k not in ("param", "retry_after")}
@@ -70,10 +76,15 @@ def to_api_error(err: Exception) -> ApiError:
         if "retry_after" in err.details:
             api.headers["Retry-After"] = str(err.details["retry_after"])
         return api
-    return ApiError(500, f"internal error: {err}", type="server_error", code="internal_error")
+    log.error("internal error answering a request", exc_info=err)
+    return ApiError(
+        500, f"internal error: {type(err).__name__}: {err}", type="server_error", code="internal_error"
+    )
 
 
-def handle_error(req: falcon.Request, resp: falcon.Response, err: Exception, params: dict[str, Any]) -> None:
+async def handle_error(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, err: Exception, params: dict[str, Any]
+) -> None:
     """Falcon error handler: every error leaves as an OpenAI error object."""
     if isinstance(err, falcon.HTTPError):
         status = err.status_code
@@ -81,6 +92,7 @@ def handle_error(req: falcon.Request, resp: falcon.Response, err: Exception, par
         if status == 404:
             message = f"Unknown request URL: {req.method} {req.path}"
         api = ApiError(status, message, code=str(err.title).lower().replace(" ", "_") if err.title else None)
+        api.headers.update(err.headers or {})  # e.g. `Allow` on a 405
     else:
         api = to_api_error(err)
     resp.status = api.status

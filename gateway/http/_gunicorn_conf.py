@@ -12,3 +12,9 @@ def on_starting(server: object) -> None:
     parent = os.environ.get("MESH_LLM_PARENT_PID")
     if parent:
         die_with_parent(int(parent))
+
+
+def post_fork(server: object, worker: object) -> None:
+    """In each HTTP worker: die with the gunicorn master (uvicorn workers, unlike gunicorn's own,
+    do not watch for it), so that a killed node leaves no HTTP worker behind."""
+    die_with_parent(os.getppid())

@@ -12,6 +12,7 @@ from actors import Generate
 from gateway.http._errors import ApiError
 
 _MAX_STOPS = 4
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what the wire carries
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,13 +25,22 @@ class Parsed:
 
 
 def read_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; 400 for anything else, including what Python's parser takes but
+    JSON forbids or nothing downstream can carry (NaN, lone surrogates, absurd nesting)."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
+        body = json.loads(raw, parse_constant=_no_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates cannot be UTF-8
+    except RecursionError:
+        raise ApiError(400, "The JSON body of your request is nested too deeply.") from None
+    except (ValueError, UnicodeError) as err:
         raise ApiError(400, f"We could not parse the JSON body of your request: {err}") from err
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def session_key(body: dict[str, Any], header: str | None, what: dict[str, Any]) -> str:
@@ -91,8 +101,8 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' must be a non-empty string.", param="model")
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n is not None and n != 1:
         raise ApiError(400, "Only n=1 is supported.", param="n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     stream = _typed(body, "stream", bool, False)
@@ -101,16 +111,18 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
         raise ApiError(
             400, "'stream_options' must be an object, and only with stream=true.", param="stream_options"
         )
-    speculative = body.get("speculative", "")
+    speculative = body.get("speculative") or ""
     if speculative not in ("", "off", "lookup", "draft"):
         raise ApiError(400, "'speculative' must be one of off, lookup or draft.", param="speculative")
     generate = Generate(
         request_id=uuid.uuid4().hex,
         model=model,
-        max_tokens=_number(max_tokens, "max_tokens", int, 1, None) if max_tokens is not None else None,
-        temperature=_number(body.get("temperature", 1.0), "temperature", float, 0.0, 2.0),
-        top_p=_number(body.get("top_p", 1.0), "top_p", float, 0.0, 1.0),
-        seed=_number(body["seed"], "seed", int, None, None) if body.get("seed") is not None else None,
+        max_tokens=_number(max_tokens, "max_tokens", int, 1, _INT64_MAX) if max_tokens is not None else None,
+        temperature=_number(_or(body, "temperature", 1.0), "temperature", float, 0.0, 2.0),
+        top_p=_number(_or(body, "top_p", 1.0), "top_p", float, 0.0, 1.0),
+        seed=_number(body["seed"], "seed", int, _INT64_MIN, _INT64_MAX)
+        if body.get("seed") is not None
+        else None,
         stop=_stops(body.get("stop")),
         session=session_key(body, session_header, what),
         speculative=speculative,
@@ -120,6 +132,12 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
         options and _typed(options, "include_usage", bool, False, "stream_options.include_usage")
     )
     return Parsed(generate=generate, stream=stream, include_usage=include_usage)
+
+
+def _or(body: dict[str, Any], key: str, default: Any) -> Any:
+    """An optional parameter: absent and `null` both mean the default (as in OpenAI's schema)."""
+    value = body.get(key)
+    return default if value is None else value
 
 
 def _typed(body: dict[str, Any], key: str, kind: type, default: Any, param: str | None = None) -> Any:
@@ -133,7 +151,7 @@ def _typed(body: dict[str, Any], key: str, kind: type, default: Any, param: str 
 
 def _number(value: Any, param: str, kind: type, low: float | None, high: float | None) -> Any:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok and kind is int and not float(value).is_integer():
+    if ok and kind is int and isinstance(value, float) and not value.is_integer():
         ok = False
     if not ok:
         raise ApiError(400, f"'{param}' must be {'an integer' if kind is int else 'a number'}.", param=param)

@@ -1,44 +1,75 @@
-"""HTTP resources: each parses, calls the backend, and formats the answer (OpenAI shapes)."""
+"""HTTP resources: each parses, calls the backend, and formats the answer (OpenAI shapes).
+
+Responders are coroutines on the worker's event loop. A client that disconnects cancels its
+request at once, streaming or not (`scope["mesh.disconnected"]`, set by `WatchDisconnect`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import falcon
+import falcon.asgi
 
-from actors import Accepted, Chunk, EngineFailed, Finished, RequestError, Started
+from actors import Accepted, Chunk, EngineFailed, Finished, Message, RequestError, Started
 from gateway.http._backend import Backend, EventStream
 from gateway.http._errors import ApiError, to_api_error
 from gateway.http._requests import Parsed, parse_chat, parse_completion, read_json
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while we waited for its answer."""
 
 
 class Health:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         try:
-            ready = self.backend.query("health")["ready"]
+            ready = (await self.backend.query("health"))["ready"]
         except RequestError as err:
             resp.status, resp.media = 503, {"status": "unavailable", "detail": str(err)}
             return
         resp.status = 200 if ready else 503
         resp.media = {"status": "ok"} if ready else {"status": "loading"}
 
+    async def on_head(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        await self.on_get(req, resp)
+
 
 class Models:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        models = self.backend.query("models")["models"]
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        models = (await self.backend.query("models"))["models"]
         resp.media = {
             "object": "list",
             "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mesh-llm"} for m in models],
         }
+
+
+async def next_event(events: EventStream, gone: asyncio.Event) -> Message:
+    """The stream's next event, or `ClientGone` as soon as the client disconnects (the read is
+    cancelled, which closes the stream and so cancels the request)."""
+    if gone.is_set():
+        raise ClientGone
+    step = asyncio.ensure_future(events.__anext__())
+    watch = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait((step, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if step.done():
+        return step.result()  # raises StopAsyncIteration or the stream's error, if any
+    step.cancel()
+    await asyncio.gather(step, return_exceptions=True)
+    raise ClientGone
 
 
 class _Completions:
@@ -61,48 +92,64 @@ class _Completions:
     def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
         raise NotImplementedError
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        parsed = self.parse(read_json(read_body(req, self.max_body_bytes)), req.get_header("X-Session-Id"))
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        raw = await read_body(req, self.max_body_bytes)
+        parsed = self.parse(read_json(raw), req.get_header("X-Session-Id"))
+        gone: asyncio.Event = req.scope.get("mesh.disconnected") or asyncio.Event()
         events = self.backend.stream(parsed.generate)
         try:
-            accepted, started = next(events), next(events)
+            accepted, started = await next_event(events, gone), await next_event(events, gone)
             if not isinstance(accepted, Accepted) or not isinstance(started, Started):
                 raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
+            req.context.mesh_node = started.node_id or accepted.node_id  # who generates it
+            meta = {
+                "id": f"{self.prefix}-{parsed.generate.request_id}",
+                "created": int(time.time()),
+                "model": parsed.generate.model,
+            }
+            if parsed.stream:
+                resp.content_type = "text/event-stream"
+                resp.set_header("Cache-Control", "no-cache")
+                resp.stream = self.sse(events, meta, parsed, gone)
+                return
+            resp.media = await self.whole(events, meta, gone)
+        except ClientGone:  # nobody is listening; the request was cancelled with the stream
+            resp.status, resp.text = 499, ""
         except BaseException:
-            events.close()
+            await events.aclose()
             raise
-        req.context.mesh_node = started.node_id or accepted.node_id  # who generates it
-        meta = {
-            "id": f"{self.prefix}-{parsed.generate.request_id}",
-            "created": int(time.time()),
-            "model": parsed.generate.model,
-        }
-        if parsed.stream:
-            resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-cache")
-            resp.stream = self.sse(events, meta, parsed)
-            return
+        await events.aclose()
+
+    async def whole(self, events: EventStream, meta: dict[str, Any], gone: asyncio.Event) -> dict[str, Any]:
         text: list[str] = []
-        for event in events:
+        while True:
+            try:
+                event = await next_event(events, gone)
+            except StopAsyncIteration:
+                raise EngineFailed("the node ended the response without finishing it") from None
             if isinstance(event, Chunk):
                 text.append(event.text)
             elif isinstance(event, Finished):
-                resp.media = {
+                return {
                     **meta,
                     "object": self.object_name,
                     "choices": [self.choice("".join(text), event.finish_reason)],
                     "usage": usage(event),
                 }
-                return
-        raise EngineFailed("the node ended the response without finishing it")
 
-    def sse(self, events: EventStream, meta: dict[str, Any], parsed: Parsed) -> Iterator[bytes]:
+    async def sse(
+        self, events: EventStream, meta: dict[str, Any], parsed: Parsed, gone: asyncio.Event
+    ) -> AsyncIterator[bytes]:
         """The SSE body; an error after the headers went out becomes an `error` event."""
         base = {**meta, "object": self.chunk_object}
         usage_null = {"usage": None} if parsed.include_usage else {}
         first = True
         try:
-            for event in events:
+            while True:
+                try:
+                    event = await next_event(events, gone)
+                except StopAsyncIteration:
+                    raise EngineFailed("the node ended the stream without finishing it") from None
                 if isinstance(event, Chunk):
                     if not event.text and not first:
                         continue
@@ -115,10 +162,13 @@ class _Completions:
                     if parsed.include_usage:
                         yield _sse({**base, "choices": [], "usage": usage(event)})
                     yield b"data: [DONE]\n\n"
+                    return
+        except ClientGone:
+            return
         except Exception as err:
             yield b"event: error\ndata: " + json.dumps(to_api_error(err).body).encode() + b"\n\n"
         finally:
-            events.close()
+            await events.aclose()
 
 
 class ChatCompletions(_Completions):
@@ -173,15 +223,19 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def read_body(req: falcon.Request, limit: int) -> bytes:
-    """The request body, or 413 when it is larger than `limit` bytes."""
+async def read_body(req: falcon.asgi.Request, limit: int) -> bytes:
+    """The request body, with or without Content-Length (chunked), or 413 past `limit` bytes."""
     if req.content_length is not None and req.content_length > limit:
         raise ApiError(
             413,
             f"Request body of {req.content_length} bytes exceeds the limit of {limit} bytes.",
             code="request_too_large",
         )
-    raw = req.bounded_stream.read(limit + 1)
-    if len(raw) > limit:
-        raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
-    return raw
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in req.stream:
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors import ContextOverflow, Finished, Generate
+from actors import Chunk, ContextOverflow, Finished, Generate, InvalidRequest
 from actors.engine import EngineEvent
 from actors.engine._llama import LlamaEngine
 from actors.gguf import shape_for, synthesize
@@ -76,3 +76,39 @@ def test_a_full_engine_and_an_oversized_prompt_are_refused(engine: LlamaEngine) 
 def test_synthesized_models_run_to_max_tokens_under_greedy(engine: LlamaEngine, tmp_path: Path) -> None:
     done = [e for e in run_all(engine, [greedy("long", "x", 200)]) if isinstance(e, Finished)]
     assert done[0].finish_reason == "length" and done[0].completion_tokens == 200
+
+
+def test_a_resumed_request_continues_from_the_generated_token_ids_exactly(engine: LlamaEngine) -> None:
+    """Failover resumes from token ids, not re-tokenized text: the rest is what the uninterrupted
+    run would have produced."""
+    events = run_all(engine, [greedy("whole", "the node", 40)])
+    ids = [t for e in events if isinstance(e, Chunk) for t in e.tokens]
+    assert len(ids) == 40
+    resumed = Generate(
+        request_id="rest", model="m", prompt="the node", max_tokens=25, temperature=0, resume_tokens=ids[:15]
+    )
+    rest = run_all(engine, [resumed])
+    assert [t for e in rest if isinstance(e, Chunk) for t in e.tokens] == ids[15:]
+    assert texts(events)["whole"].endswith(texts(rest)["rest"])
+
+
+def test_a_prompt_of_no_tokens_on_a_model_without_bos_is_refused_and_holds_no_slot(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Wave 1: `"prompt": ""` on a tokenizer that adds no BOS (the Qwen2 family) held its slot
+    forever; four of them hung the node."""
+    path = synthesize(
+        "llama", tmp_path_factory.mktemp("nobos") / "nobos.gguf", shape_for("llama", "tiny"), add_bos=False
+    )
+    engine = LlamaEngine(str(path), n_ctx=128, n_threads=1, slots=2)
+    for i in range(4):
+        with pytest.raises(InvalidRequest, match="empty"):
+            engine.admit(greedy(f"empty{i}", ""))
+    assert engine.active == 0
+    assert texts(run_all(engine, [greedy("ok", "hello", 4)]))["ok"]
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(engine: LlamaEngine) -> None:
+    with pytest.raises(ContextOverflow, match="bytes"):
+        engine.admit(greedy("huge", "x" * (4 * 1024 * 1024)))
+    assert engine.active == 0

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
-import pytest
 import zmq
 
 from actors import (
@@ -45,18 +43,11 @@ def make_node(spec: str, **config: object) -> Node:
     return Node(node_spec)
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 class Client:
     """A gateway stand-in: one DEALER to the router."""
 
-    def __init__(self, ctx: zmq.Context, node: Node) -> None:
-        self.sock = make_socket(ctx, zmq.DEALER)
+    def __init__(self, zmq_ctx: zmq.Context, node: Node) -> None:
+        self.sock = make_socket(zmq_ctx, zmq.DEALER)
         self.sock.connect(node.spec.router_endpoint)
 
     def send(self, **fields: object) -> str:
@@ -87,20 +78,20 @@ class Client:
         self.sock.close()
 
 
-def wait_ready(ctx: zmq.Context, node: Node, timeout_s: float = 20.0) -> dict:
+def wait_ready(zmq_ctx: zmq.Context, node: Node, timeout_s: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
         if status["ready"] and not any(w["busy"] for w in status["workers"]):
             return status
         time.sleep(0.02)
     raise AssertionError(f"not ready: {status}")
 
 
-def test_a_request_streams_accepted_started_chunks_and_finished(ctx: zmq.Context) -> None:
+def test_a_request_streams_accepted_started_chunks_and_finished(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:delay_ms=1") as node:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         events = client.until_terminal(client.send(prompt="a b c", max_tokens=3))
         assert [type(e) for e in events] == [Accepted, Started, Chunk, Chunk, Chunk, Finished]
         assert "".join(e.text for e in events if isinstance(e, Chunk)) == " w0 w1 w2"
@@ -108,10 +99,10 @@ def test_a_request_streams_accepted_started_chunks_and_finished(ctx: zmq.Context
         client.close()
 
 
-def test_a_full_queue_answers_overloaded_with_retry_after(ctx: zmq.Context) -> None:
+def test_a_full_queue_answers_overloaded_with_retry_after(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:delay_ms=20") as node:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         rids = [client.send(prompt="x", max_tokens=20) for _ in range(4)]  # 1 running + 2 queued + 1
         results = {rid: events[-1] for rid, events in client.until_all_terminal(rids).items()}
         overloaded = [r for r in results.values() if isinstance(r, ErrorReply)]
@@ -121,10 +112,10 @@ def test_a_full_queue_answers_overloaded_with_retry_after(ctx: zmq.Context) -> N
         client.close()
 
 
-def test_an_unknown_model_is_refused_with_model_not_found(ctx: zmq.Context) -> None:
+def test_an_unknown_model_is_refused_with_model_not_found(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:") as node:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         rid = uuid.uuid4().hex
         client.sock.send(encode(Generate(request_id=rid, model="nope", prompt="x")))
         (reply,) = client.until_terminal(rid)
@@ -132,10 +123,10 @@ def test_an_unknown_model_is_refused_with_model_not_found(ctx: zmq.Context) -> N
         client.close()
 
 
-def test_a_prompt_longer_than_the_context_fails_with_the_token_counts(ctx: zmq.Context) -> None:
+def test_a_prompt_longer_than_the_context_fails_with_the_token_counts(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:n_ctx=8") as node:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         events = client.until_terminal(client.send(prompt="one two three four five six", max_tokens=5))
         error = events[-1]
         assert isinstance(error, ErrorReply) and error.code == "context_length_exceeded"
@@ -143,70 +134,72 @@ def test_a_prompt_longer_than_the_context_fails_with_the_token_counts(ctx: zmq.C
         client.close()
 
 
-def test_cancel_stops_generation_and_frees_the_worker_for_the_next_request(ctx: zmq.Context) -> None:
+def test_cancel_stops_generation_and_frees_the_worker_for_the_next_request(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:delay_ms=5,n_ctx=1000000") as node:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         rid = client.send(prompt="x", max_tokens=100000)
         while not isinstance(client.next(), Chunk):
             pass
         cancelled_at = time.monotonic()
         client.sock.send(encode(Cancel(request_id=rid)))
-        wait_ready(ctx, node)
+        wait_ready(zmq_ctx, node)
         assert time.monotonic() - cancelled_at < 1.0
         events = client.until_terminal(client.send(prompt="x", max_tokens=2))
         assert isinstance(events[-1], Finished)
-        status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
         assert status["requests"]["cancelled"] == 1 and status["workers"][0]["restarts"] == 0
         client.close()
 
 
-def test_an_engine_that_ignores_cancel_is_killed_and_restarted(ctx: zmq.Context) -> None:
+def test_an_engine_that_ignores_cancel_is_killed_and_restarted(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:hang_after=0") as node:  # hangs as in a long prompt evaluation
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         rid = client.send(prompt="x", max_tokens=10)
         assert isinstance(client.next(), Accepted)
         client.sock.send(encode(Cancel(request_id=rid)))
-        status = wait_ready(ctx, node)
+        status = wait_ready(zmq_ctx, node)
         assert status["workers"][0]["restarts"] == 1, str(status)
         client.close()
 
 
-def test_an_engine_crash_fails_the_request_cleanly_and_the_next_one_succeeds(ctx: zmq.Context) -> None:
+def test_an_engine_crash_fails_the_request_cleanly_and_the_next_one_succeeds(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:crash_after=3") as node:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         events = client.until_terminal(client.send(prompt="x", max_tokens=10))
         assert isinstance(events[-1], ErrorReply) and events[-1].code == "engine_failed"
         assert "engine process died" in events[-1].message
-        wait_ready(ctx, node)
+        wait_ready(zmq_ctx, node)
         events = client.until_terminal(client.send(prompt="x", max_tokens=2))
         assert isinstance(events[-1], Finished)
         client.close()
 
 
-def test_a_model_that_never_loads_marks_the_worker_failed_and_requests_fail_fast(ctx: zmq.Context) -> None:
+def test_a_model_that_never_loads_marks_the_worker_failed_and_requests_fail_fast(
+    zmq_ctx: zmq.Context,
+) -> None:
     with make_node("fake:fail_load=1", engine_max_failed_loads=2) as node:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+            status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
             if status["workers"] and status["workers"][0]["state"] == "failed":
                 break
             time.sleep(0.05)
         assert status["workers"][0]["state"] == "failed"
         assert "fail loading" in status["workers"][0]["detail"]
-        client = Client(ctx, node)
+        client = Client(zmq_ctx, node)
         (reply,) = client.until_terminal(client.send(prompt="x"))
         assert isinstance(reply, ErrorReply) and reply.code == "engine_failed"
         client.close()
 
 
-def test_stopping_the_node_fails_requests_in_flight_instead_of_dropping_them(ctx: zmq.Context) -> None:
+def test_stopping_the_node_fails_requests_in_flight_instead_of_dropping_them(zmq_ctx: zmq.Context) -> None:
     node = make_node("fake:delay_ms=50,n_ctx=100000").start()
     try:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         rid = client.send(prompt="x", max_tokens=1000)
         assert isinstance(client.next(), Accepted)
     finally:
@@ -216,20 +209,20 @@ def test_stopping_the_node_fails_requests_in_flight_instead_of_dropping_them(ctx
     client.close()
 
 
-def test_the_router_keeps_a_waiting_client_informed_with_pending(ctx: zmq.Context) -> None:
+def test_the_router_keeps_a_waiting_client_informed_with_pending(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:delay_ms=400") as node:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         client.send(prompt="x", max_tokens=2)
         kinds = {type(client.next()).__name__ for _ in range(4)}
         assert "Pending" in kinds
         client.close()
 
 
-def test_a_worker_with_two_slots_runs_two_requests_at_once_and_queues_the_third(ctx: zmq.Context) -> None:
+def test_a_worker_with_two_slots_runs_two_requests_at_once_and_queues_the_third(zmq_ctx: zmq.Context) -> None:
     with make_node("fake:delay_ms=10,slots=2,n_ctx=100000") as node:
-        wait_ready(ctx, node)
-        client = Client(ctx, node)
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
         a, b, c = (client.send(prompt="x", max_tokens=20) for _ in range(3))
         log: list[tuple[str, str]] = []  # (request, kind) in arrival order
         while sum(kind in ("Finished", "ErrorReply") for _, kind in log) < 3:
@@ -238,6 +231,6 @@ def test_a_worker_with_two_slots_runs_two_requests_at_once_and_queues_the_third(
         first_finish = min(log.index((r, "Finished")) for r in (a, b))
         assert log.index((a, "Chunk")) < first_finish and log.index((b, "Chunk")) < first_finish
         assert log.index((c, "Started")) > first_finish, "the third waits for a free slot"
-        status = ask(ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
         assert status["workers"][0]["slots"] == 2 and status["requests"]["completed"] == 3
         client.close()

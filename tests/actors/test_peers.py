@@ -6,11 +6,12 @@ from typing import Any
 
 from actors import NodeConfig
 from actors.routing._peers import PeerTable
-from actors.wire._messages import MeshView
+from actors.wire._messages import Load, MeshView, PeerRow
 
 
-def row(node: str, rtt: float | None = 1.0, models: tuple[str, ...] = ("m",), **extra: Any) -> dict[str, Any]:
-    return {"node_id": node, "state": "alive", "rtt_ms": rtt, "models": list(models), **extra}
+def row(node: str, rtt: float | None = 1.0, models: tuple[str, ...] = ("m",), **extra: Any) -> PeerRow:
+    fields: dict[str, Any] = {"state": "alive", "role": "serving", "incarnation": 1, "host": "h", **extra}
+    return PeerRow(node_id=node, rtt_ms=rtt, models=list(models), **fields)
 
 
 def test_near_peers_serve_first_and_far_ones_only_when_no_near_one_or_this_node_can() -> None:
@@ -37,9 +38,9 @@ def test_dead_and_departed_peers_leave_the_table_and_suspects_stay() -> None:
     table = PeerTable(NodeConfig())
     peers = [
         row("a"),
-        {**row("b"), "state": "suspect"},
-        {**row("c"), "state": "dead"},
-        {**row("d"), "state": "left"},
+        row("b", state="suspect"),
+        row("c", state="dead"),
+        row("d", state="left"),
     ]
     table.update(MeshView(peers=peers), now=0)
     assert set(table.live) == {"a", "b"}
@@ -47,7 +48,7 @@ def test_dead_and_departed_peers_leave_the_table_and_suspects_stay() -> None:
 
 def test_room_counts_our_forwards_and_discounts_those_that_ended_after_the_gossiped_figure() -> None:
     table = PeerTable(NodeConfig())
-    busy = {"in_flight": 1, "queued": 0, "slots": 1}
+    busy = Load(in_flight=1, queued=0, slots=1)
     table.update(MeshView(peers=[row("a", rtt=10, load=busy, heard_s_ago=0.2)]), now=10.0)  # measured ~9.79
     assert not table.has_room("a", ours=0, now=10.0)
     table.ended("a", now=9.5)  # ended before the figure was measured: already in it

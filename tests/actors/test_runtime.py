@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 import zmq
@@ -15,8 +14,8 @@ from actors.runtime._supervisor import Backoff
 class Echo(Actor):
     """Binds a ROUTER and echoes every decodable message back; fails on `boom` text."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
-        super().__init__(ctx, "echo")
+    def __init__(self, zmq_ctx: zmq.Context, endpoint: str) -> None:
+        super().__init__(zmq_ctx, "echo")
         self.endpoint = endpoint
         self.stopped_with: list[str] = []
 
@@ -36,23 +35,16 @@ class Echo(Actor):
         self.stopped_with.append(threading.current_thread().name)
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.term()  # hangs (and the test times out) if any socket was left open
-
-
-def client(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    sock = make_socket(ctx, zmq.DEALER)
+def client(zmq_ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = make_socket(zmq_ctx, zmq.DEALER)
     sock.connect(endpoint)
     return sock
 
 
-def test_an_actor_starts_answers_and_stops_in_its_own_thread(ctx: zmq.Context) -> None:
-    with Echo(ctx, "inproc://echo-1") as actor:
+def test_an_actor_starts_answers_and_stops_in_its_own_thread(zmq_ctx: zmq.Context) -> None:
+    with Echo(zmq_ctx, "inproc://echo-1") as actor:
         assert actor.running
-        sock = client(ctx, "inproc://echo-1")
+        sock = client(zmq_ctx, "inproc://echo-1")
         sock.send(encode(Chunk(request_id="r", text="hi", n_tokens=1)))
         assert sock.poll(2000)
         assert decode(sock.recv()).text == "hi"
@@ -61,17 +53,17 @@ def test_an_actor_starts_answers_and_stops_in_its_own_thread(ctx: zmq.Context) -
     assert actor.stopped_with == ["actor-echo"]
 
 
-def test_a_bind_error_in_setup_is_raised_to_the_caller_of_start(ctx: zmq.Context) -> None:
-    with Echo(ctx, "inproc://echo-dup"):
-        second = Echo(ctx, "inproc://echo-dup")
+def test_a_bind_error_in_setup_is_raised_to_the_caller_of_start(zmq_ctx: zmq.Context) -> None:
+    with Echo(zmq_ctx, "inproc://echo-dup"):
+        second = Echo(zmq_ctx, "inproc://echo-dup")
         with pytest.raises(ActorStartError, match="echo"):
             second.start()
         assert not second.running
 
 
-def test_garbage_frames_are_dropped_and_counted_and_the_actor_keeps_serving(ctx: zmq.Context) -> None:
-    with Echo(ctx, "inproc://echo-2") as actor:
-        sock = client(ctx, "inproc://echo-2")
+def test_garbage_frames_are_dropped_and_counted_and_the_actor_keeps_serving(zmq_ctx: zmq.Context) -> None:
+    with Echo(zmq_ctx, "inproc://echo-2") as actor:
+        sock = client(zmq_ctx, "inproc://echo-2")
         for junk in (b"", b"\xc1\xc1", b"x" * 100, b"\x93\x01\xa5chunk\x80"):
             sock.send(junk)
         sock.send(encode(Chunk(request_id="r", text="boom", n_tokens=1)))
@@ -83,8 +75,8 @@ def test_garbage_frames_are_dropped_and_counted_and_the_actor_keeps_serving(ctx:
         sock.close()
 
 
-def test_stop_is_idempotent(ctx: zmq.Context) -> None:
-    actor = Echo(ctx, "inproc://echo-3").start()
+def test_stop_is_idempotent(zmq_ctx: zmq.Context) -> None:
+    actor = Echo(zmq_ctx, "inproc://echo-3").start()
     actor.stop()
     actor.stop()
     assert actor.stopped_with == ["actor-echo"]

@@ -10,32 +10,32 @@ import pytest
 import zmq
 
 from actors import PROTOCOL_VERSION, NodeConfig, ask, encode, make_socket
-from actors.wire._messages import Heartbeat
+from actors.wire._messages import Heartbeat, Load, ViewRow
 from discovery import Advert, Gossip, mesh_hash
 from tests.support.nodes import free_port_pair
 
-FAST = NodeConfig(heartbeat_interval_s=0.05, suspect_after_s=0.3, dead_after_s=0.3)
+FAST = NodeConfig(heartbeat_interval_s=0.05, suspect_after_s=0.3, dead_after_s=0.3, hello_interval_s=0.2)
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def beat(node_id: str, mesh: str, incarnation: int = 1, view: list[list[object]] | None = None) -> Heartbeat:
+def beat(
+    node_id: str, mesh: str, incarnation: int = 1, view: list[ViewRow] | None = None, port: int = 1
+) -> Heartbeat:
     return Heartbeat(
-        node_id=node_id, mesh=mesh_hash(mesh), incarnation=incarnation, host="127.0.0.1", zmq_port=1,
-        http_port=2, role="serving", models=["m"], load={}, sent_at=0.0, echoes={}, view=view or [],
+        node_id=node_id, instance="i-" + node_id, mesh=mesh_hash(mesh), incarnation=incarnation,
+        host="127.0.0.1", zmq_port=port, http_port=2, role="serving", models=["m"], load=Load(),
+        sent_at=0.0, echoes={}, view=view or [],
     )  # fmt: skip
 
 
+def row(node_id: str, state: str, incarnation: int, port: int = 1) -> ViewRow:
+    return ViewRow(node_id=node_id, state=state, incarnation=incarnation, host="127.0.0.1", zmq_port=port)  # type: ignore[arg-type]
+
+
 @pytest.fixture
-def rig(ctx: zmq.Context) -> Iterator[tuple[Gossip, zmq.Socket]]:
+def rig(zmq_ctx: zmq.Context) -> Iterator[tuple[Gossip, zmq.Socket]]:
     """A gossip actor subscribed to a PUB the test holds (posing as a peer seed)."""
     port = free_port_pair()
-    pub = make_socket(ctx, zmq.PUB)
+    pub = make_socket(zmq_ctx, zmq.PUB)
     pub.bind(f"tcp://127.0.0.1:{port + 2}")
     me = Advert(
         node_id="me",
@@ -46,7 +46,7 @@ def rig(ctx: zmq.Context) -> Iterator[tuple[Gossip, zmq.Socket]]:
         role="serving",
     )
     gossip = Gossip(
-        ctx, me=me, router_endpoint="inproc://nowhere", query_endpoint="inproc://g-query",
+        zmq_ctx, me=me, router_endpoint="inproc://nowhere", query_endpoint="inproc://g-query",
         inbox_endpoint="inproc://g-inbox", seeds=[("127.0.0.1", port)], config=FAST,
     ).start()  # fmt: skip
     yield gossip, pub
@@ -54,8 +54,8 @@ def rig(ctx: zmq.Context) -> Iterator[tuple[Gossip, zmq.Socket]]:
     pub.close()
 
 
-def peers(ctx: zmq.Context) -> dict[str, str]:
-    return {p["node_id"]: p["state"] for p in ask(ctx, "inproc://g-query", "peers", timeout_s=2)["peers"]}
+def peers(zmq_ctx: zmq.Context) -> dict[str, str]:
+    return {p["node_id"]: p["state"] for p in ask(zmq_ctx, "inproc://g-query", "peers", timeout_s=2)["peers"]}
 
 
 def publish_until(pub: zmq.Socket, frames: list[bytes], done: object, timeout_s: float = 5.0) -> None:
@@ -69,32 +69,106 @@ def publish_until(pub: zmq.Socket, frames: list[bytes], done: object, timeout_s:
 
 
 def test_heartbeats_of_other_meshes_versions_and_garbage_are_ignored_and_counted(
-    ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
+    zmq_ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
 ) -> None:
     gossip, pub = rig
     foreign = encode(beat("stranger", "m2"))
     future = msgpack.packb([PROTOCOL_VERSION + 1, "heartbeat", {"node_id": "future"}])
     garbage = msgpack.packb([PROTOCOL_VERSION, "heartbeat", {}])  # no fields
     friend = encode(beat("friend", "m1"))
-    publish_until(pub, [foreign, future, garbage, friend], lambda: "friend" in peers(ctx))
-    assert peers(ctx) == {"friend": "alive"}
+    publish_until(pub, [foreign, future, garbage, friend], lambda: "friend" in peers(zmq_ctx))
+    assert peers(zmq_ctx) == {"friend": "alive"}
     assert gossip.stats["other_mesh"] >= 1 and gossip.stats["other_version"] >= 1
     assert gossip.stats["dropped_frames"] >= 1
 
 
 def test_a_peer_gone_silent_becomes_suspect_then_dead(
-    ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
+    zmq_ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
 ) -> None:
     _, pub = rig
-    publish_until(pub, [encode(beat("friend", "m1"))], lambda: "friend" in peers(ctx))
-    publish_until(pub, [], lambda: peers(ctx).get("friend") == "dead")
+    publish_until(pub, [encode(beat("friend", "m1"))], lambda: "friend" in peers(zmq_ctx))
+    publish_until(pub, [], lambda: peers(zmq_ctx).get("friend") == "dead")
 
 
 def test_gossip_about_a_third_node_is_learned_and_rumors_of_our_death_refuted(
-    ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
+    zmq_ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
 ) -> None:
     gossip, pub = rig
     incarnation = gossip.membership.incarnation
-    view = [["third", "alive", 4, "127.0.0.1", 1], ["me", "dead", incarnation, "127.0.0.1", 1]]
-    publish_until(pub, [encode(beat("friend", "m1", view=view))], lambda: "third" in peers(ctx))
+    view = [row("third", "alive", 4), row("me", "dead", incarnation)]
+    publish_until(pub, [encode(beat("friend", "m1", view=view))], lambda: "third" in peers(zmq_ctx))
     assert gossip.membership.incarnation > incarnation, "a node declared dead refutes it"
+
+
+def test_a_rumour_at_an_incarnation_past_ours_is_forged_and_changes_nothing(
+    zmq_ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
+) -> None:
+    """Wave 1: `dead` at 2**64 - 1 made our refutation overflow msgpack, and gossip failed every tick."""
+    gossip, pub = rig
+    incarnation = gossip.membership.incarnation
+    forged = [row("me", "dead", 2**63 - 1)]
+    publish_until(pub, [encode(beat("friend", "m1", view=forged))], lambda: "friend" in peers(zmq_ctx))
+    publish_until(
+        pub, [encode(beat("friend", "m1", view=forged))], lambda: gossip.membership.ignored_rumors > 0
+    )
+    assert gossip.membership.incarnation == incarnation
+    assert gossip.stats["handler_errors"] == 0
+    huge = msgpack.packb(
+        [PROTOCOL_VERSION, "heartbeat", {**_fields(beat("friend", "m1")), "incarnation": 2**64 - 1}]
+    )
+    before = gossip.stats["dropped_frames"]
+    publish_until(pub, [huge], lambda: gossip.stats["dropped_frames"] > before)
+
+
+def test_no_rumour_evicts_a_peer_we_hear_directly(
+    zmq_ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
+) -> None:
+    gossip, pub = rig
+    publish_until(pub, [encode(beat("friend", "m1"))], lambda: "friend" in peers(zmq_ctx))
+    liar = encode(beat("liar", "m1", view=[row("friend", "dead", 2**62)]))
+    publish_until(pub, [liar, encode(beat("friend", "m1"))], lambda: gossip.membership.ignored_rumors > 2)
+    assert peers(zmq_ctx)["friend"] == "alive"
+
+
+def test_forged_peer_rows_are_bounded_and_a_bad_load_is_a_dropped_frame(
+    zmq_ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
+) -> None:
+    """Wave 1: 10,000 forged rows took a core, 8,000 files and RSS x4, for good; `"in_flight": "x"`
+    in a heartbeat's load made the router raise after `Accepted` and orphan requests."""
+    gossip, pub = rig
+    forged = [row(f"ghost-{i}", "alive", 1, port=20000 + i) for i in range(10_000)]
+    flood = encode(beat("friend", "m1", view=forged))
+    assert len(flood) < FAST.max_gossip_frame_bytes
+    publish_until(pub, [flood], lambda: gossip.membership.refused_members > 0)
+    assert len(gossip.membership.members()) <= FAST.max_peers
+    assert len(gossip._connected) <= FAST.max_peers
+    bad_load = msgpack.packb(
+        [PROTOCOL_VERSION, "heartbeat", {**_fields(beat("friend", "m1")), "load": {"in_flight": "x"}}]
+    )
+    before = gossip.stats["dropped_frames"]
+    publish_until(pub, [bad_load], lambda: gossip.stats["dropped_frames"] > before)
+    assert gossip.stats["handler_errors"] == 0
+
+
+def test_a_frame_over_the_gossip_limit_is_refused_before_it_is_unpacked(
+    zmq_ctx: zmq.Context, rig: tuple[Gossip, zmq.Socket]
+) -> None:
+    """Wave 1: a 16 MiB frame was unpacked first (1.24 GB peak, a 7 s stall). ZeroMQ's MAXMSGSIZE
+    now drops the connection of its sender before anything is unpacked; once that member is dead,
+    its connection is re-armed, so a restarted peer at that address is heard again."""
+    gossip, pub = rig
+    port = gossip.seeds[0][1]  # the friend is the seed, at its real address
+    publish_until(pub, [encode(beat("friend", "m1", port=port))], lambda: "friend" in peers(zmq_ctx))
+    started = time.monotonic()
+    for _ in range(3):
+        pub.send(b"x" * (16 * 1024 * 1024))
+    time.sleep(0.5)
+    assert gossip.stats["dropped_frames"] == 0, "never reached the decoder"
+    assert time.monotonic() - started < 3
+    # The subscriber reconnected: a (restarted) peer on that link is heard again.
+    again = encode(beat("friend", "m1", incarnation=2, port=port))
+    publish_until(pub, [again], lambda: peers(zmq_ctx).get("friend") == "alive", timeout_s=15)
+
+
+def _fields(message: Heartbeat) -> dict[str, object]:
+    return msgpack.unpackb(encode(message), raw=False)[2]  # type: ignore[no-any-return]

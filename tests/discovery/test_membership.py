@@ -68,12 +68,12 @@ def test_a_node_stopped_for_a_while_shorter_than_the_timeouts_is_never_declared_
 def test_stale_gossip_never_revives_a_dead_or_departed_node() -> None:
     m = fresh()
     m.heard("b", 3, now=0.0)
-    m.rumor("b", "left", 3, now=0.1)
+    m.rumor("b", "left", 3, now=2.0)  # no longer heard directly: the rumour counts
     assert m.state_of("b") == "left"
-    assert m.rumor("b", "alive", 3, now=0.2) == [] and m.heard("b", 3, now=0.3) == []
-    assert m.rumor("b", "suspect", 3, now=0.4) == []
+    assert m.rumor("b", "alive", 3, now=2.2) == [] and m.heard("b", 3, now=2.3) == []
+    assert m.rumor("b", "suspect", 3, now=2.4) == []
     assert m.state_of("b") == "left"
-    assert m.heard("b", 4, now=0.5) == [Change("b", "left", "alive", 4)], (
+    assert m.heard("b", 4, now=2.5) == [Change("b", "left", "alive", 4)], (
         "a restart (higher incarnation) revives"
     )
 
@@ -90,10 +90,11 @@ def test_gossip_about_an_unknown_dead_node_is_remembered_so_it_cannot_come_back(
 def test_suspicion_and_death_need_at_least_the_known_incarnation() -> None:
     m = fresh()
     m.heard("b", 5, now=0.0)
-    assert m.rumor("b", "suspect", 4, now=0.1) == []
-    assert m.rumor("b", "dead", 4, now=0.1) == []
-    assert m.rumor("b", "suspect", 5, now=0.2) == [Change("b", "alive", "suspect", 5)]
-    assert m.rumor("b", "dead", 5, now=0.3) == [Change("b", "suspect", "dead", 5)]
+    later = 2.0  # b no longer heard directly: rumours about it count
+    assert m.rumor("b", "suspect", 4, now=later) == []
+    assert m.rumor("b", "dead", 4, now=later) == []
+    assert m.rumor("b", "suspect", 5, now=later) == [Change("b", "alive", "suspect", 5)]
+    assert m.rumor("b", "dead", 5, now=later) == [Change("b", "suspect", "dead", 5)]
 
 
 def test_a_leaving_node_says_so_and_does_not_refute() -> None:
@@ -122,3 +123,38 @@ def test_any_order_of_the_same_news_ends_in_the_same_state() -> None:
             m.rumor(node, state, inc, now=0.0)  # type: ignore[arg-type]
         finals.add((m.state_of("b"), m.members()["b"].incarnation))
     assert finals == {("dead", 2)}
+
+
+def test_no_rumour_evicts_a_member_heard_directly_and_its_own_word_outranks_a_forged_incarnation() -> None:
+    m = fresh()
+    m.heard("b", 3, now=0.0)
+    for state in ("suspect", "dead", "left"):
+        assert m.rumor("b", state, 2**63 - 1, now=0.5) == []  # type: ignore[arg-type]
+    assert m.state_of("b") == "alive" and m.ignored_rumors == 3
+    m.rumor("b", "dead", 2**63 - 1, now=3.0)  # silent long enough: the rumour is believed...
+    assert m.state_of("b") == "dead"
+    assert m.heard("b", 3, now=3.1) == [Change("b", "dead", "alive", 3)], "...until b itself speaks"
+
+
+def test_a_rumour_about_us_past_our_incarnation_is_forged_and_not_refuted() -> None:
+    m = fresh()
+    m.rumor("a", "dead", 2**63 - 1, now=0.0)
+    assert m.incarnation == 1 and m.refutations == 0 and m.ignored_rumors == 1
+    m.rumor("a", "suspect", 1, now=0.1)
+    assert m.incarnation == 2, "a real suspicion at our incarnation is refuted"
+
+
+def test_the_table_is_bounded_and_tombstones_make_room_first() -> None:
+    m = Membership("a", incarnation=1, now=0.0, config=NodeConfig(max_peers=3))
+    m.rumor("t", "dead", 1, now=0.0)
+    m.heard("b", 1, now=0.0)
+    m.heard("c", 1, now=0.0)
+    assert m.heard("d", 1, now=0.1) == [Change("d", None, "alive", 1)], "the tombstone made room"
+    assert m.heard("e", 1, now=0.2) == [] and m.refused_members == 1
+    assert set(m.members()) == {"b", "c", "d"}
+
+
+def test_a_member_s_own_word_that_it_leaves_is_taken_at_once() -> None:
+    m = fresh()
+    m.heard("b", 3, now=0.0)
+    assert m.rumor("b", "left", 3, now=0.1, own_word=True) == [Change("b", "alive", "left", 3)]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 from pathlib import Path
 
-import falcon.testing
 import pytest
 
 from actors import Generate, PeerUnavailable
 from gateway import RouterClient, create_app
+from tests.support.asgi import AsgiClient
 from tests.support.nodes import BIN, free_port_pair
 
 
@@ -49,11 +50,16 @@ def test_a_port_in_use_is_a_clear_start_error(
 
 def test_the_gateway_answers_503_quickly_when_its_router_is_gone() -> None:
     backend = RouterClient(f"tcp://127.0.0.1:{free_port_pair()}", idle_timeout_s=0.3)
+
+    async def first_event() -> None:
+        async for _ in backend.stream(Generate(request_id="r", model="m", prompt="x")):
+            pass
+
     with pytest.raises(PeerUnavailable):
-        list(backend.stream(Generate(request_id="r", model="m", prompt="x")))
-    client = falcon.testing.TestClient(create_app(backend, node_id="n"))
+        asyncio.run(first_event())
+    client = AsgiClient(create_app(backend, node_id="n"))
     health = client.simulate_get("/health")
     assert health.status_code == 503 and health.json["status"] == "unavailable"
     result = client.simulate_post("/v1/completions", json={"model": "m", "prompt": "x"})
     assert result.status_code == 503 and result.json["error"]["code"] == "peer_unavailable"
-    backend.close()
+    asyncio.run(backend.close())

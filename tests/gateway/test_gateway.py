@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
-import falcon.testing
 import pytest
 
 from actors import (
@@ -24,6 +22,7 @@ from actors import (
 )
 from gateway import create_app
 from gateway.http._backend import EventStream
+from tests.support.asgi import AsgiClient
 
 
 class FakeBackend:
@@ -40,7 +39,7 @@ class FakeBackend:
         self.requests.append(request)
         return self._events(request)
 
-    def _events(self, request: Generate) -> Iterator[Any]:  # type: ignore[misc]
+    async def _events(self, request: Generate) -> EventStream:
         finished = False
         try:
             if self.fail is not None:
@@ -57,7 +56,7 @@ class FakeBackend:
         finally:
             self.closed.append(finished)
 
-    def query(self, what: str) -> dict[str, Any]:
+    async def query(self, what: str) -> dict[str, Any]:
         return {"models": ["m1"], "ready": self.ready}
 
 
@@ -67,8 +66,8 @@ def backend() -> FakeBackend:
 
 
 @pytest.fixture
-def client(backend: FakeBackend) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(backend, node_id="node-a", max_body_bytes=2000))
+def client(backend: FakeBackend) -> AsgiClient:
+    return AsgiClient(create_app(backend, node_id="node-a", max_body_bytes=2000))
 
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
@@ -83,16 +82,14 @@ def sse_events(body: str) -> list[Any]:
     return out
 
 
-def test_health_is_200_ok_when_ready_and_503_while_loading(
-    client: falcon.testing.TestClient, backend: FakeBackend
-) -> None:
+def test_health_is_200_ok_when_ready_and_503_while_loading(client: AsgiClient, backend: FakeBackend) -> None:
     assert client.simulate_get("/health").json == {"status": "ok"}
     backend.ready = False
     result = client.simulate_get("/health")
     assert result.status_code == 503 and result.json == {"status": "loading"}
 
 
-def test_models_lists_the_backends_models(client: falcon.testing.TestClient) -> None:
+def test_models_lists_the_backends_models(client: AsgiClient) -> None:
     result = client.simulate_get("/v1/models")
     assert result.json["object"] == "list"
     assert [m["id"] for m in result.json["data"]] == ["m1"]
@@ -100,7 +97,7 @@ def test_models_lists_the_backends_models(client: falcon.testing.TestClient) -> 
 
 
 def test_a_chat_completion_has_the_openai_shape_and_names_the_generating_node(
-    client: falcon.testing.TestClient, backend: FakeBackend
+    client: AsgiClient, backend: FakeBackend
 ) -> None:
     result = client.simulate_post(
         "/v1/chat/completions", json={**CHAT, "temperature": 0, "seed": 3, "stop": "x", "max_tokens": 9}
@@ -117,7 +114,7 @@ def test_a_chat_completion_has_the_openai_shape_and_names_the_generating_node(
     assert sent.messages == [{"role": "user", "content": "hi"}]
 
 
-def test_a_streamed_chat_sends_role_content_finish_usage_and_done(client: falcon.testing.TestClient) -> None:
+def test_a_streamed_chat_sends_role_content_finish_usage_and_done(client: AsgiClient) -> None:
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     result = client.simulate_post("/v1/chat/completions", json=body)
     assert result.headers["content-type"].startswith("text/event-stream")
@@ -132,7 +129,7 @@ def test_a_streamed_chat_sends_role_content_finish_usage_and_done(client: falcon
     assert len({c["id"] for c in chunks}) == 1
 
 
-def test_a_streamed_completion_uses_text_completion_chunks(client: falcon.testing.TestClient) -> None:
+def test_a_streamed_completion_uses_text_completion_chunks(client: AsgiClient) -> None:
     result = client.simulate_post("/v1/completions", json={"model": "m1", "prompt": "hi", "stream": True})
     chunks = [e[1] for e in sse_events(result.text)[:-1]]
     assert [c["choices"][0]["text"] for c in chunks] == ["Hello", " world", ""]
@@ -163,7 +160,7 @@ def test_a_streamed_completion_uses_text_completion_chunks(client: falcon.testin
     ],
 )
 def test_invalid_parameters_are_400_with_param_set(
-    client: falcon.testing.TestClient, body: dict[str, Any], param: str, backend: FakeBackend
+    client: AsgiClient, body: dict[str, Any], param: str, backend: FakeBackend
 ) -> None:
     result = client.simulate_post("/v1/chat/completions", json=body)
     assert result.status_code == 400
@@ -173,13 +170,13 @@ def test_invalid_parameters_are_400_with_param_set(
 
 
 @pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"\xff\xfe", b""])
-def test_malformed_json_is_400(client: falcon.testing.TestClient, raw: bytes) -> None:
+def test_malformed_json_is_400(client: AsgiClient, raw: bytes) -> None:
     result = client.simulate_post("/v1/completions", body=raw, headers={"Content-Type": "application/json"})
     assert result.status_code == 400
     assert set(result.json["error"]) == {"message", "type", "param", "code"}
 
 
-def test_a_body_over_the_limit_is_413(client: falcon.testing.TestClient) -> None:
+def test_a_body_over_the_limit_is_413(client: AsgiClient) -> None:
     result = client.simulate_post("/v1/completions", json={"model": "m1", "prompt": "x" * 5000})
     assert result.status_code == 413 and result.json["error"]["code"] == "request_too_large"
 
@@ -195,7 +192,7 @@ def test_a_body_over_the_limit_is_413(client: falcon.testing.TestClient) -> None
     ],
 )
 def test_node_errors_map_to_one_status_each(
-    client: falcon.testing.TestClient, backend: FakeBackend, error: RequestError, status: int, code: str
+    client: AsgiClient, backend: FakeBackend, error: RequestError, status: int, code: str
 ) -> None:
     backend.fail = error
     result = client.simulate_post("/v1/chat/completions", json=CHAT)
@@ -211,7 +208,7 @@ def test_node_errors_map_to_one_status_each(
 
 
 def test_a_failure_after_streaming_began_ends_with_an_sse_error_event_and_no_done(
-    client: falcon.testing.TestClient, backend: FakeBackend
+    client: AsgiClient, backend: FakeBackend
 ) -> None:
     backend.fail_mid = EngineFailed("engine died")
     result = client.simulate_post("/v1/chat/completions", json={**CHAT, "stream": True})
@@ -221,7 +218,7 @@ def test_a_failure_after_streaming_began_ends_with_an_sse_error_event_and_no_don
     assert backend.closed == [False]
 
 
-def test_unknown_routes_and_methods_are_openai_errors(client: falcon.testing.TestClient) -> None:
+def test_unknown_routes_and_methods_are_openai_errors(client: AsgiClient) -> None:
     result = client.simulate_get("/v1/nothing")
     assert result.status_code == 404 and "Unknown request URL" in result.json["error"]["message"]
     result = client.simulate_get("/v1/chat/completions")
@@ -229,9 +226,50 @@ def test_unknown_routes_and_methods_are_openai_errors(client: falcon.testing.Tes
 
 
 def test_an_api_key_guards_everything_but_health(backend: FakeBackend) -> None:
-    client = falcon.testing.TestClient(create_app(backend, node_id="n", api_key="s3cret"))
+    client = AsgiClient(create_app(backend, node_id="n", api_key="s3cret"))
     assert client.simulate_get("/health").status_code == 200
     denied = client.simulate_get("/v1/models", headers={"Authorization": "Bearer wrong"})
     assert denied.status_code == 401 and denied.json["error"]["code"] == "invalid_api_key"
     assert client.simulate_get("/v1/models").status_code == 401
     assert client.simulate_get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'{"model": "m1", "prompt": "x", "seed": 18446744073709551616}', "seed"),
+        (b'{"model": "m1", "prompt": "x", "seed": -9223372036854775809}', "seed"),
+        (b'{"model": "m1", "prompt": "x", "max_tokens": 18446744073709551616}', "max_tokens"),
+        (b'{"model": "m1", "prompt": "x", "max_tokens": 1e400}', "max_tokens"),
+        (b'{"model": "m1", "prompt": "\\ud800"}', None),
+        (b'{"model": "m1", "prompt": "x", "temperature": NaN}', None),
+        (b'{"model": "m1", "prompt": "x", "top_p": Infinity}', None),
+        (b'{"model": "m1", "prompt": "x", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    ],
+)
+def test_out_of_range_numbers_lone_surrogates_nan_and_deep_nesting_are_400_not_500(
+    client: AsgiClient, backend: FakeBackend, raw: bytes, why: str | None
+) -> None:
+    """Wave 1 answered 500 to each of these, or (NaN) accepted it."""
+    result = AsgiClient(create_app(backend, node_id="n")).simulate_post(
+        "/v1/completions", body=raw, headers={"Content-Type": "application/json"}
+    )
+    assert result.status_code == 400, result.text
+    assert result.json["error"]["type"] == "invalid_request_error"
+    if why is not None:
+        assert result.json["error"]["param"] == why
+    assert backend.requests == []
+
+
+def test_null_optional_parameters_mean_their_defaults(client: AsgiClient, backend: FakeBackend) -> None:
+    nulls = {k: None for k in ("temperature", "top_p", "seed", "stop", "max_tokens", "n", "stream", "user")}
+    result = client.simulate_post("/v1/chat/completions", json={**CHAT, **nulls, "stream_options": None})
+    assert result.status_code == 200, result.text
+    sent = backend.requests[0]
+    assert (sent.temperature, sent.top_p, sent.seed, sent.stop, sent.max_tokens) == (1.0, 1.0, None, [], None)
+
+
+def test_head_health_is_200_and_a_405_names_the_allowed_methods(client: AsgiClient) -> None:
+    assert client.simulate_head("/health").status_code == 200
+    result = client.simulate_get("/v1/chat/completions")
+    assert result.status_code == 405 and "POST" in result.headers["Allow"]

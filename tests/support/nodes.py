@@ -132,23 +132,31 @@ def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
             proc.wait()
 
 
-def start_node(tmp: Path, model: Path, *extra: str) -> NodeProcess:
+def start_node(tmp: Path, model: Path, *extra: str, state_dir: bool = True) -> NodeProcess:
     """Start `mesh-llm serve` on free loopback ports and wait until it serves."""
-    return start_nodes(tmp, model, [list(extra)])[0]
+    return start_nodes(tmp, model, [list(extra)], state_dir=state_dir)[0]
 
 
 def start_nodes(
-    tmp: Path, model: Path | None, extras: list[list[str]], zmq_ports: list[int] | None = None
+    tmp: Path,
+    model: Path | None,
+    extras: list[list[str]],
+    zmq_ports: list[int] | None = None,
+    *,
+    state_dir: bool = True,
 ) -> list[NodeProcess]:
     """Start several nodes at once (their start-ups overlap), then wait until all serve.
-    With no model they are client nodes: ready once their HTTP port is open."""
+    With no model they are client nodes: ready once their HTTP port is open. Without
+    `state_dir`, nodes get no `--state-dir` (as a user on one machine would start them); their
+    default state dirs land under `tmp` through `XDG_STATE_HOME`."""
     nodes: list[NodeProcess] = []
     try:
         for i, extra in enumerate(extras):
-            nodes.append(_launch(tmp, model, *extra, zmq_port=zmq_ports[i] if zmq_ports else None))
+            port = zmq_ports[i] if zmq_ports else None
+            nodes.append(launch(tmp, model, *extra, zmq_port=port, state_dir=state_dir))
         for node in nodes:
             node.wait_ready()
-            _wait_http(node)
+            wait_http(node)
     except BaseException:
         for node in nodes:
             node.stop()
@@ -156,24 +164,28 @@ def start_nodes(
     return nodes
 
 
-def _launch(tmp: Path, model: Path | None, *extra: str, zmq_port: int | None = None) -> NodeProcess:
+def launch(
+    tmp: Path, model: Path | None, *extra: str, zmq_port: int | None = None, state_dir: bool = True
+) -> NodeProcess:
     """A `mesh-llm serve` of `model`, or with no model a `mesh-llm client`, on free ports."""
     zmq_port = zmq_port or free_port_pair()
     http_port = free_port_pair()
     log_path = tmp / f"node-{zmq_port}.log"
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, XDG_CACHE_HOME=str(tmp / "cache"), XDG_STATE_HOME=str(tmp / "state"), PYTHONUNBUFFERED="1"
+    )
     what = ["serve", "--model", str(model), "--threads", "1"] if model is not None else ["client"]
     argv = [
         str(BIN / "mesh-llm"), *what, "--host", "127.0.0.1",
         "--http-port", str(http_port), "--zmq-port", str(zmq_port),
-        "--state-dir", str(tmp / f"state-{zmq_port}"), *extra,
+        *(["--state-dir", str(tmp / f"state-{zmq_port}")] if state_dir else []), *extra,
     ]  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     return NodeProcess(proc=proc, http_port=http_port, zmq_port=zmq_port, log_path=log_path)
 
 
-def _wait_http(node: NodeProcess, timeout_s: float = 30.0) -> None:
+def wait_http(node: NodeProcess, timeout_s: float = 30.0) -> None:
     """Until an HTTP request gets an answer: gunicorn binds before its worker exists."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
