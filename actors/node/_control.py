@@ -29,6 +29,7 @@ class _Pending:
     router: dict[str, Any] | None = None
     peers: list[dict[str, Any]] | None = None
     role: str | None = None  # the gossip actor's word on our latency class
+    gossip_stats: dict[str, int] | None = None
 
 
 def mesh_models(me: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,15 +122,23 @@ class Control(Actor):
         if "peers" in answer.data:
             pending.peers = answer.data["peers"]
             pending.role = answer.data.get("role")
+            pending.gossip_stats = answer.data.get("stats")
         else:
             pending.router = answer.data
         if pending.router is not None and pending.peers is not None:
             del self._waiting[answer.request_id]
-            data = self.compose(pending.query.what, pending.router, pending.peers, pending.role)
+            data = self.compose(
+                pending.query.what, pending.router, pending.peers, pending.role, pending.gossip_stats
+            )
             self._reply(pending.client, Answer(request_id=pending.query.request_id, data=data))
 
     def compose(
-        self, what: str, router: dict[str, Any], peers: list[dict[str, Any]], role: str | None = None
+        self,
+        what: str,
+        router: dict[str, Any],
+        peers: list[dict[str, Any]],
+        role: str | None = None,
+        gossip_stats: dict[str, int] | None = None,
     ) -> dict[str, Any]:
         """The reply to a mesh-ctl command, from the router's snapshot and the gossip's peers."""
         info = self.node_info
@@ -137,6 +146,10 @@ class Control(Actor):
             return {"peers": peers}
         if what == "models":
             return {"models": mesh_models(info["node_id"], router, peers)}
+        # What each actor dropped (bad frames) or failed at (handler errors), by name.
+        actors = {**router["actor_stats"], self.name: dict(self.stats)}
+        if gossip_stats is not None:
+            actors["gossip"] = gossip_stats
         return {
             "node_id": info["node_id"],
             "mesh": info["mesh"],
@@ -155,7 +168,9 @@ class Control(Actor):
             "in_flight": router["in_flight"],
             "requests": router["requests"],
             "speculative": router["speculative"],
-            "dropped_frames": router["dropped_frames"] + self.stats["dropped_frames"],
+            "dropped_frames": sum(a.get("dropped_frames", 0) for a in actors.values()),
+            "handler_errors": sum(a.get("handler_errors", 0) for a in actors.values()),
+            "actors": actors,
         }
 
     def _reply(self, client: bytes, answer: Answer) -> None:

@@ -162,10 +162,12 @@ class Actor:
             return None
 
     def warn_once(self, key: str, fmt: str, *args: object) -> None:
-        """Log at WARNING the first time `key` happens, at DEBUG after that."""
-        level = logging.DEBUG if key in self._warned else logging.WARNING
-        self._warned.add(key)
-        log.log(level, fmt, *args)
+        """Log at WARNING the first time `key` happens, at DEBUG after that. At most
+        `max_warn_keys` keys are remembered (keys can come from the network)."""
+        fresh = key not in self._warned and len(self._warned) < self.config.max_warn_keys
+        if fresh:
+            self._warned.add(key)
+        log.log(logging.WARNING if fresh else logging.DEBUG, fmt, *args)
 
     # -- the loop -----------------------------------------------------------------------------
 

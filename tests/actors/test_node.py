@@ -25,6 +25,8 @@ from actors import (
     encode,
     make_socket,
 )
+from actors.wire import MeshView
+from actors.wire._messages import Load, PeerRow
 from tests.support.nodes import free_port_pair
 
 FAST = NodeConfig(
@@ -233,4 +235,71 @@ def test_a_worker_with_two_slots_runs_two_requests_at_once_and_queues_the_third(
         assert log.index((c, "Started")) > first_finish, "the third waits for a free slot"
         status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
         assert status["workers"][0]["slots"] == 2 and status["requests"]["completed"] == 3
+        client.close()
+
+
+def test_the_router_s_public_port_takes_no_mesh_view(zmq_ctx: zmq.Context) -> None:
+    """Wave 1: views injected on the public port redirected 17 of 40 requests, and one with
+    `models: null` made every request and /health answer 503."""
+    with make_node("fake:delay_ms=1") as node:
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
+        forged = PeerRow(
+            node_id="evil", host="127.0.0.1", state="alive", rtt_ms=0.1, role="serving",
+            models=["fake"], incarnation=1, zmq_port=1, load=Load(slots=100),
+        )  # fmt: skip
+        for _ in range(5):
+            client.sock.send(encode(MeshView(peers=[forged])))
+        for _ in range(5):
+            events = client.until_terminal(client.send(prompt="x", max_tokens=2))
+            assert isinstance(events[-1], Finished), events[-1]
+            assert events[1].node_id == "test-node"  # type: ignore[attr-defined]
+        status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        assert status["actors"]["router"]["refused_frames"] == 5
+        assert status["mesh_models"] == ["fake"]
+        client.close()
+
+
+def test_a_request_whose_handling_raises_ends_with_an_error_and_is_forgotten(zmq_ctx: zmq.Context) -> None:
+    """Wave 1: an exception after `Accepted` left the request with keep-alives forever. Here a
+    peer in this node's own view has an address no socket can connect to: placing a request on it
+    raises inside the router."""
+    with make_node("fake:delay_ms=1") as node:
+        wait_ready(zmq_ctx, node)
+        inside = make_socket(node.ctx, zmq.DEALER)  # inproc: this node's own context, as gossip
+        inside.connect(node.router_local_endpoint)
+        broken = PeerRow(
+            node_id="broken", host="no such host!", state="alive", rtt_ms=0.1, role="serving",
+            models=["other"], incarnation=1, zmq_port=1, load=Load(slots=1),
+        )  # fmt: skip
+        inside.send(encode(MeshView(peers=[broken])))
+        rid = uuid.uuid4().hex
+        inside.send(encode(Generate(request_id=rid, model="other", prompt="x")))
+        replies: list[object] = []
+        while not replies or not isinstance(replies[-1], TERMINAL_TYPES):
+            if not inside.poll(5000):
+                inside.close()
+                raise AssertionError("the request was never ended")
+            replies.append(decode(inside.recv()))
+        assert isinstance(replies[0], Accepted)
+        assert isinstance(replies[-1], ErrorReply) and replies[-1].code == "internal_error"
+        status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        assert status["actors"]["router"]["handler_errors"] >= 1 and status["handler_errors"] >= 1
+        assert status["requests"]["in_flight"] == 0 and status["requests"]["failed"] == 1
+        inside.close()
+
+
+def test_counters_add_up_across_completions_cancels_failures_and_429s(zmq_ctx: zmq.Context) -> None:
+    with make_node("fake:delay_ms=20") as node:
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
+        rids = [client.send(prompt="x", max_tokens=10) for _ in range(4)]  # 1 running, 2 queued, 1 429
+        cancelled = client.send(prompt="x", max_tokens=1000)
+        client.sock.send(encode(Cancel(request_id=cancelled)))
+        client.until_all_terminal(rids)
+        wait_ready(zmq_ctx, node)
+        requests = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)["requests"]
+        assert requests["rejected_overload"] == 2, "the 4th and the cancelled one found the queue full"
+        assert requests["completed"] == 3 and requests["cancelled"] == 0 and requests["failed"] == 0
+        assert requests["admitted"] == 3 + requests["in_flight"]
         client.close()

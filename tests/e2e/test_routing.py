@@ -123,10 +123,13 @@ def test_a_node_killed_mid_stream_is_replaced_and_the_stream_goes_on_seamlessly(
 ) -> None:
     a, b, c = trio
     victim = home_of(c, "erin", [a, b])
+    whole = complete(c, "shared", "erin", prompt="x", max_tokens=2000).json()["choices"][0]["text"]
     started = time.monotonic()
     lines = stream_and_kill(c, "erin", victim, max_tokens=2000)
     assert lines[-1] == "data: [DONE]" and not any(line.startswith("event: error") for line in lines)
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"])
+    assert text == whole, "a resumed greedy stream continues exactly where the first node stopped"
     assert len({chunk["id"] for chunk in chunks}) == 1, "one completion id from start to end"
     assert chunks[-1]["usage"]["completion_tokens"] == 2000
     assert c.status()["requests"]["resumed"] == 1, "the stream really was cut and resumed"
