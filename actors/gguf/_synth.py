@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import string
 import zlib
 from collections.abc import Iterator
@@ -118,7 +119,7 @@ def synthesize(
             ranks = np.random.default_rng([seed, zlib.crc32(name.encode()), 1]).permutation(dims[0])
             gains = np.exp(router_skew * (1 - ranks / max(dims[0] - 1, 1))).astype(np.float32)
         _add_tensor(writer, name, dims, rng, dtype, scale, gains)
-    tmp = out.with_suffix(".gguf.partial")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # writers of one path never collide
     writer.path = tmp
     writer.write_header_to_file(path=tmp)
     writer.write_kv_data_to_file()

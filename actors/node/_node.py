@@ -4,6 +4,7 @@ stopped in order. The HTTP gateway runs in other processes and reaches the route
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,10 +95,9 @@ class Node:
             inside_endpoint=local,
             **kw,
         )
-        self.workers = [
-            ShardWorker(self.ctx, f"worker-{i}", spec=spec.engine_spec(m), router_endpoint=backend, **kw)
-            for i, m in enumerate(spec.models)
-        ]
+        self._backend = backend
+        self._worker_ids = itertools.count()
+        self.workers = [self._make_worker(m) for m in spec.models]
         info = {
             "node_id": spec.node_id,
             "mesh": spec.mesh,
@@ -118,6 +118,31 @@ class Node:
             config=spec.config,
         )
         self._started: list[Actor] = []
+
+    def _make_worker(self, model: ModelSpec) -> ShardWorker:
+        spec = self.spec.engine_spec(model)
+        worker_id = f"worker-{next(self._worker_ids)}"
+        return ShardWorker(
+            self.ctx, worker_id, spec=spec, router_endpoint=self._backend, config=self.spec.config
+        )
+
+    def add_worker(self, model: ModelSpec) -> ShardWorker:
+        """Start one more shard-worker on a running node (it loads, then takes requests); call from
+        the thread that owns the node."""
+        worker = self._make_worker(model)
+        worker.start()
+        self.workers.append(worker)
+        self._started.insert(1, worker)  # stopped after the others, before the router
+        return worker
+
+    def retire_worker(self, worker_id: str) -> None:
+        """Stop a shard-worker on a running node: the requests it holds fail (`engine_failed`), the
+        router forgets it; call from the thread that owns the node."""
+        worker = next(w for w in self.workers if w.worker_id == worker_id)
+        worker.stop()
+        self.workers.remove(worker)
+        if worker in self._started:
+            self._started.remove(worker)
 
     @property
     def router_local_endpoint(self) -> str:

@@ -307,6 +307,11 @@ class Router(Actor):
         identity, frame = frames
         message = self.decode(frame, "worker")
         if isinstance(message, WorkerState):
+            if message.state == "retired":
+                self._workers.pop(identity, None)
+                if not self._serves_here(message.model_id):
+                    self._fail_queue(message.model_id, "its worker was retired")
+                return
             worker = self._workers.setdefault(identity, WorkerSlots(state=message))
             worker.state = message
             if message.state == "failed":

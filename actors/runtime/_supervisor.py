@@ -16,16 +16,23 @@ _PR_SET_PDEATHSIG = 1
 class ChildProcess:
     """One supervised child. `exit_fd` becomes readable the moment the child exits."""
 
-    def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], *, env: dict[str, str] | None = None, group: bool = False
+    ) -> None:
+        """`group`: the child leads a process group of its own, and `kill()` kills the whole group
+        at once (a server and the workers it forked, which hold its listening socket)."""
         self.argv = list(argv)
         self.env = env
+        self.group = group
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
 
     def start(self) -> int:
         """Start the child; returns its pid. Its stdout/stderr go to ours."""
         self.close()
-        self._proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            self.argv, env=self.env, stdin=subprocess.DEVNULL, process_group=0 if self.group else None
+        )
         self._pidfd = os.pidfd_open(self._proc.pid)
         return self._proc.pid
 
@@ -49,7 +56,10 @@ class ChildProcess:
         if proc is None or proc.poll() is not None:
             return
         try:
-            proc.send_signal(signal.SIGKILL)
+            if self.group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()

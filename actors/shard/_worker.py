@@ -68,9 +68,13 @@ class ShardWorker(Actor):
         self._spawn()
 
     def teardown(self) -> None:
-        self._fail_current("the node is shutting down")
+        if self._router is not None:  # what we say last must reach the router
+            self._router.setsockopt(zmq.LINGER, int(self.config.actor_stop_timeout_s * 1000))
+        self._fail_current("the worker is shutting down (the node stops, or the worker was retired)")
         if self._child is not None:
             self._child.close()
+            self._child = None
+        self._set_state("retired", "stopped")  # the router forgets this worker
 
     def on_tick(self, now: float) -> None:
         if self._restart_at is not None and now >= self._restart_at:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 # Closed sets, spelled once.
 MemberState = Literal["alive", "suspect", "dead", "left"]
-WorkerStateName = Literal["loading", "ready", "failed"]
+WorkerStateName = Literal["loading", "ready", "failed", "retired"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

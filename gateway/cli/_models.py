@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -16,13 +17,19 @@ def cache_dir() -> Path:
 
 
 def default_model() -> Path:
-    """The built-in default model, synthesized on first use and cached."""
+    """The built-in default model, synthesized on first use and cached. Nodes started together
+    on one machine take turns (a file lock): one writes it, the others find it written."""
     path = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}.gguf"
-    if not path.exists():
-        log.warning(
-            "synthesizing the built-in default model at %s (RANDOM WEIGHTS: its text is gibberish)", path
-        )
-        from actors.gguf import shape_for, synthesize  # numpy and gguf: only when synthesizing
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (path.parent / ".synth.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            log.warning(
+                "synthesizing the built-in default model at %s (RANDOM WEIGHTS: its text is gibberish)", path
+            )
+            from actors.gguf import shape_for, synthesize  # numpy and gguf: only when synthesizing
 
-        synthesize("llama", path, shape_for("llama", "small"), dtype="f16", seed=0)
+            synthesize("llama", path, shape_for("llama", "small"), dtype="f16", seed=0)
     return path

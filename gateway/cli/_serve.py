@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from actors import ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
+from actors import GOSSIP_PORT_OFFSET, ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
 from actors.gguf._identity import check_draft, check_model
 from actors.runtime._supervisor import ChildProcess
 from discovery import MeshMembership
@@ -101,6 +101,13 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.zmq_port <= args.http_port <= args.zmq_port + GOSSIP_PORT_OFFSET:
+        print(
+            f"mesh-llm: --http-port {args.http_port} is one of this node's ZeroMQ ports "
+            f"({args.zmq_port}-{args.zmq_port + GOSSIP_PORT_OFFSET}, from --zmq-port); choose another",
+            file=sys.stderr,
+        )
+        return 2
     models: list[ModelSpec] = []
     if args.command == "serve":
         try:
@@ -165,7 +172,7 @@ def _serve(args: argparse.Namespace, models: list[ModelSpec], node_id: str) -> i
     except ActorStartError as err:
         print(f"mesh-llm: cannot start the node: {err}", file=sys.stderr)
         return 1
-    gateway = ChildProcess(_gunicorn_argv(args), env=_gunicorn_env(args, spec))
+    gateway = ChildProcess(_gunicorn_argv(args), env=_gunicorn_env(args, spec), group=True)
     try:
         return _run(node, gateway, mesh, args, collided)
     finally:

@@ -27,7 +27,7 @@ from actors import (
 )
 from actors.wire import MeshView
 from actors.wire._messages import Load, PeerRow
-from tests.support.nodes import free_port_pair
+from tests.support.nodes import eventually, free_port_pair
 
 FAST = NodeConfig(
     queue_depth_per_model=2, engine_restart_backoff_s=0.05, cancel_grace_s=0.5, keepalive_interval_s=0.2
@@ -302,4 +302,25 @@ def test_counters_add_up_across_completions_cancels_failures_and_429s(zmq_ctx: z
         assert requests["rejected_overload"] == 2, "the 4th and the cancelled one found the queue full"
         assert requests["completed"] == 3 and requests["cancelled"] == 0 and requests["failed"] == 0
         assert requests["admitted"] == 3 + requests["in_flight"]
+        client.close()
+
+
+def test_workers_are_added_and_retired_on_a_running_node(zmq_ctx: zmq.Context) -> None:
+    with make_node("fake:delay_ms=1") as node:
+        wait_ready(zmq_ctx, node)
+        client = Client(zmq_ctx, node)
+        second = node.add_worker(ModelSpec(source="fake:id=second,delay_ms=1", model_id="second"))
+        status = lambda: ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)  # noqa: E731
+        eventually(lambda: status()["workers"][-1]["state"] == "ready", show=status)
+        rid = uuid.uuid4().hex
+        client.sock.send(encode(Generate(request_id=rid, model="second", prompt="x", max_tokens=2)))
+        assert isinstance(client.until_terminal(rid)[-1], Finished)
+        node.retire_worker(second.worker_id)
+        status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
+        assert [w["model"] for w in status["workers"]] == ["fake"] and status["models"] == ["fake"]
+        rid = uuid.uuid4().hex
+        client.sock.send(encode(Generate(request_id=rid, model="second", prompt="x")))
+        reply = client.until_terminal(rid)[-1]
+        assert isinstance(reply, ErrorReply) and reply.code == "model_not_found"
+        assert isinstance(client.until_terminal(client.send(prompt="x", max_tokens=2))[-1], Finished)
         client.close()

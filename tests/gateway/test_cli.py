@@ -63,3 +63,11 @@ def test_the_gateway_answers_503_quickly_when_its_router_is_gone() -> None:
     result = client.simulate_post("/v1/completions", json={"model": "m", "prompt": "x"})
     assert result.status_code == 503 and result.json["error"]["code"] == "peer_unavailable"
     asyncio.run(backend.close())
+
+
+def test_an_http_port_among_the_zmq_ports_is_refused_clearly(tmp_path: Path) -> None:
+    argv = [str(BIN / "mesh-llm"), "client", "--zmq-port", "9400", "--http-port", "9401", "--no-mdns"]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, env={"XDG_STATE_HOME": str(tmp_path)}
+    )
+    assert done.returncode == 2 and "is one of this node's ZeroMQ ports (9400-9402" in done.stderr
