@@ -11,7 +11,8 @@ MeshError
     ├── Overloaded           the model's queue is full (429, with retry-after)
     ├── EngineFailed         the llama.cpp child died or errored (503)
     ├── NotReady             the model is still loading (503)
-    └── PeerUnavailable      the router could not be reached in time (503)
+    ├── PeerUnavailable      the router could not be reached in time (503)
+    └── InternalError        a bug met while handling the request: it ended it (500)
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class PeerUnavailable(RequestError):
     code = "peer_unavailable"
 
 
+class InternalError(RequestError):
+    code = "internal_error"
+
+
 _BY_CODE: dict[str, type[RequestError]] = {
     cls.code: cls
     for cls in (
@@ -84,6 +89,7 @@ _BY_CODE: dict[str, type[RequestError]] = {
         EngineFailed,
         NotReady,
         PeerUnavailable,
+        InternalError,
     )
 }
 

@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,6 +13,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from tests.support.nodes import free_port_pair, stop_process
+
+__all__ = ["free_port_pair", "stop_process"]  # ports and stops: the tests' own helpers
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,29 +57,6 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_block(span: int = 3) -> int:
-    """A port p with p .. p+span-1 free now (a node's ZeroMQ ports: control, router, gossip)."""
-    while True:
-        base = free_port()
-        if all(_free(base + i) for i in range(1, span)):
-            return base
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def print_targets(targets: dict[str, bool], path: Path) -> None:
     """The closing lines of every benchmark: each target met or missed, and where the figures are."""
     for target, ok in targets.items():
@@ -98,16 +78,6 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} not ready in {timeout_s}s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def p50(values: list[float]) -> float:

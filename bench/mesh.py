@@ -33,7 +33,7 @@ import zmq
 
 from actors import ask
 from actors.gguf import shape_for, synthesize
-from bench._common import print_targets, stop, write_result
+from bench._common import print_targets, stop_process, write_result
 
 BIN = Path(sys.executable).parent
 
@@ -77,7 +77,7 @@ class Node:
 
     def close(self) -> None:
         if self.proc is not None:
-            stop(self.proc)  # type: ignore[arg-type]
+            stop_process(self.proc)  # type: ignore[arg-type]
 
 
 def wait_until(condition: Any, timeout_s: float, poll_s: float = 0.05) -> float:

@@ -30,7 +30,7 @@ import httpx
 from actors.gguf import shape_for, synthesize
 from actors.moe._analyze import plan_split, weight_importance
 from actors.moe._shards import Gate, file_sha256, split_model, write_shard
-from bench._common import free_port, free_port_block, print_targets, write_result
+from bench._common import free_port_pair, print_targets, write_result
 from tests.support.delay_proxy import DelayProxy
 
 BIN = Path(sys.executable).parent
@@ -125,7 +125,7 @@ class _Node:
     def __init__(
         self, work: Path, model: Path | None, proxy_base: int | None, *extra: str, zmq_port: int = 0
     ) -> None:
-        self.zmq_port, self.http_port = zmq_port or free_port_block(), free_port()
+        self.zmq_port, self.http_port = zmq_port or free_port_pair(), free_port_pair(1)
         what = ["serve", "--model", str(model), "--threads", "1", "--slots", "2"] if model else ["client"]
         advertise = [f"--advertise=127.0.0.1:{proxy_base}"] if proxy_base else []
         argv = [
@@ -175,11 +175,11 @@ def part_c_d(work: Path, sessions: int) -> dict[str, Any]:
     )
     split = split_model(source, work / "cd", nodes=3, replicate=0.5, gate=Gate(min_agreement=0, max_kl=1e9))
     # Every serving node is reached only through a counting proxy (its advertised address).
-    bases = [free_port_block() for _ in range(3)]
+    bases = [free_port_pair() for _ in range(3)]
     nodes: list[_Node] = []
     proxy = None
     try:
-        ports = [free_port_block() for _ in range(3)]
+        ports = [free_port_pair() for _ in range(3)]
         proxy = DelayProxy([(bases[i] + k, ports[i] + k) for i in range(3) for k in range(3)], 0.0)
         seeds = [f"--peer=127.0.0.1:{bases[0]}"]
         for i, path in enumerate(split.shards):

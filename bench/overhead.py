@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.gguf import shape_for, synthesize
-from bench._common import free_port, p50, stop, wait_http, write_result
+from bench._common import free_port_pair, p50, stop_process, wait_http, write_result
 
 BIN = Path(sys.executable).parent
 MODEL_ID = "bench-100m"
@@ -195,7 +195,7 @@ def interleaved(
 
 
 def start_mesh(model: Path, threads: int, ctx: int, state: Path) -> tuple[subprocess.Popen[bytes], str]:
-    http, zmq_port = free_port(), free_port()
+    http, zmq_port = free_port_pair(1), free_port_pair()
     argv = [
         str(BIN / "mesh-llm"), "serve", "--model", str(model), "--host", "127.0.0.1",
         "--http-port", str(http), "--zmq-port", str(zmq_port), "--threads", str(threads),
@@ -208,7 +208,7 @@ def start_mesh(model: Path, threads: int, ctx: int, state: Path) -> tuple[subpro
 
 
 def start_llama_server(model: Path, threads: int, ctx: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+    port = free_port_pair(1)
     argv = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
@@ -250,8 +250,8 @@ def main() -> int:
             run("warm-up", 8)
         by_clients = {str(c): interleaved(ways, c, args) for c in (1, 4)}
     finally:
-        stop(mesh)
-        stop(server)
+        stop_process(mesh)
+        stop_process(server)
     results = {way: {c: by_clients[c][way] for c in by_clients} for way in ways}
 
     ratios = compare(results)

@@ -16,7 +16,7 @@ import sys
 
 import zmq
 
-from actors._errors import ProtocolError, RequestError
+from actors._errors import EngineFailed, ProtocolError, RequestError
 from actors.engine._build import load_engine
 from actors.engine._engine import Engine
 from actors.runtime._supervisor import die_with_parent
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = load_engine(spec)
     except Exception as err:
-        failed = ErrorReply(request_id="", code="engine_failed", message=f"cannot load {spec.model}: {err}")
+        failed = ErrorReply(request_id="", code=EngineFailed.code, message=f"cannot load {spec.model}: {err}")
         sock.send(encode(failed))
         sock.close(linger=1000)
         return 3

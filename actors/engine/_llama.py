@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors._errors import ContextOverflow, InvalidRequest
+from actors._errors import ContextOverflow, EngineFailed, InvalidRequest
 from actors.engine._drafter import DraftClient, DraftModel, SpeculativeDrafter
 from actors.engine._engine import EngineEvent, check_context, closing_events, render_chat
 from actors.engine._llamacpp import add_token, open_context, vocabulary_mismatch
@@ -277,7 +277,7 @@ class LlamaEngine:
                 events.append(
                     ErrorReply(
                         request_id=slot.request.request_id,
-                        code="engine_failed",
+                        code=EngineFailed.code,
                         message="the engine could not make progress on this request",
                     )
                 )

@@ -77,6 +77,7 @@ class Control(Actor):
 
     def setup(self) -> None:
         self._front = self.socket(zmq.ROUTER)
+        self._front.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)  # refused before unpacking
         self._front.bind(self.endpoint)
         self.on_socket(self._front, self._from_ctl)
         self._router = self.socket(zmq.DEALER)

@@ -18,6 +18,15 @@ from dataclasses import replace
 import zmq
 
 from actors._config import ROUTER_PORT_OFFSET
+from actors._errors import (
+    EngineFailed,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    PeerUnavailable,
+)
 from actors.routing._flight import Client, Counters, Flight, WorkerSlots
 from actors.routing._peers import PeerTable
 from actors.routing._placement import choose
@@ -41,7 +50,7 @@ from actors.wire._messages import (
 
 log = logging.getLogger(__name__)
 # A peer's refusals that another node may not share: try the next node before telling the client.
-_RETRYABLE = ("overloaded", "not_ready", "engine_failed", "peer_unavailable", "model_not_found")
+_RETRYABLE = tuple(e.code for e in (Overloaded, NotReady, EngineFailed, PeerUnavailable, ModelNotFound))
 
 
 class Router(Actor):
@@ -92,7 +101,7 @@ class Router(Actor):
     def teardown(self) -> None:
         for rid in list(self._flights):
             self._end(
-                rid, ErrorReply(request_id=rid, code="engine_failed", message="the node is shutting down")
+                rid, ErrorReply(request_id=rid, code=EngineFailed.code, message="the node is shutting down")
             )
 
     def on_tick(self, now: float) -> None:
@@ -139,7 +148,7 @@ class Router(Actor):
             if rid in self._flights:
                 self._drop_from_queues(rid)
                 self._end(
-                    rid, ErrorReply(request_id=rid, code="internal_error", message=f"router error: {err}")
+                    rid, ErrorReply(request_id=rid, code=InternalError.code, message=f"router error: {err}")
                 )
 
     def _sweep_orphans(self) -> None:
@@ -152,7 +161,7 @@ class Router(Actor):
                 log.error("router: request %s was orphaned; failing it", rid)
                 self._end(
                     rid,
-                    ErrorReply(request_id=rid, code="internal_error", message="request lost by the router"),
+                    ErrorReply(request_id=rid, code=InternalError.code, message="request lost by the router"),
                 )
 
     def _drop_from_queues(self, rid: str) -> None:
@@ -168,19 +177,21 @@ class Router(Actor):
         remote = self._remote_nodes(request)
         error = None
         if rid in self._flights:
-            error = ErrorReply(request_id=rid, code="invalid_request", message=f"duplicate request id {rid}")
+            error = ErrorReply(
+                request_id=rid, code=InvalidRequest.code, message=f"duplicate request id {rid}"
+            )
         elif not local and not remote:
             served = ", ".join(sorted(self.models())) or "none"
             error = ErrorReply(
                 request_id=rid,
-                code="model_not_found",
+                code=ModelNotFound.code,
                 message=f"The model '{request.model}' does not exist on this mesh (served: {served})",
                 details={"param": "model"},
             )
         elif not remote and all(w.state.state == "failed" for w in local):
             error = ErrorReply(
                 request_id=rid,
-                code="engine_failed",
+                code=EngineFailed.code,
                 message=f"model failed to load: {local[0].state.detail}",
             )
         if error is not None:
@@ -219,7 +230,7 @@ class Router(Actor):
             self._held.append(rid)  # the mesh view may be a heartbeat behind: wait for the next
         elif choice is None:
             reason = f"{why}; no other node can serve it" if why else "no node can serve it now"
-            self._end(rid, ErrorReply(request_id=rid, code="peer_unavailable", message=reason))
+            self._end(rid, ErrorReply(request_id=rid, code=PeerUnavailable.code, message=reason))
         elif choice != self.node_id:
             self._forward(rid, choice)
         elif len(self._queues.setdefault(request.model, deque())) >= self.config.queue_depth_per_model:
@@ -228,7 +239,7 @@ class Router(Actor):
                 rid,
                 ErrorReply(
                     request_id=rid,
-                    code="overloaded",
+                    code=Overloaded.code,
                     message=f"the queue for {request.model} is full ({depth} waiting)",
                     details={"retry_after": self.config.retry_after_s},
                 ),
@@ -252,7 +263,7 @@ class Router(Actor):
                 rid,
                 ErrorReply(
                     request_id=rid,
-                    code="overloaded",
+                    code=Overloaded.code,
                     message=f"every node serving {self._flights[rid].request.model} is busy "
                     f"and {len(self._held)} requests are waiting",
                     details={"retry_after": self.config.retry_after_s},
@@ -329,7 +340,7 @@ class Router(Actor):
             worker = self._workers.get(identity)
             if worker is not None:
                 worker.busy_with.discard(rid)
-            if isinstance(message, ErrorReply) and message.code == "not_ready" and not flight.cancelled:
+            if isinstance(message, ErrorReply) and message.code == NotReady.code and not flight.cancelled:
                 flight.worker = None  # the worker's state changed under us: queue it again, first
                 self._queues[flight.request.model].appendleft(rid)
                 self._dispatch(flight.request.model)
@@ -385,7 +396,8 @@ class Router(Actor):
         for rid in list(self._queues.get(model, ())):
             self._queues[model].remove(rid)
             self._end(
-                rid, ErrorReply(request_id=rid, code="engine_failed", message=f"model failed to load: {why}")
+                rid,
+                ErrorReply(request_id=rid, code=EngineFailed.code, message=f"model failed to load: {why}"),
             )
 
     # -- peers ------------------------------------------------------------------------------
@@ -498,7 +510,7 @@ class Router(Actor):
         if flight is not None and not flight.cancelled:  # a cancelled one was counted already
             if isinstance(message, Finished):
                 self.counters.completed += 1
-            elif isinstance(message, ErrorReply) and message.code == "overloaded":
+            elif isinstance(message, ErrorReply) and message.code == Overloaded.code:
                 self.counters.rejected_overload += 1
             else:
                 self.counters.failed += 1

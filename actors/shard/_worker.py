@@ -15,6 +15,7 @@ import sys
 
 import zmq
 
+from actors._errors import EngineFailed, NotReady
 from actors.runtime._actor import Actor
 from actors.runtime._supervisor import Backoff, ChildProcess
 from actors.wire._codec import Message, encode
@@ -158,7 +159,7 @@ class ShardWorker(Actor):
         if isinstance(message, Generate):
             if len(self._current) >= self.slots or self.state != "ready" or self._engine is None:
                 why = f"worker {self.state}, {len(self._current)} of {self.slots} slots busy"
-                self._send_router(ErrorReply(request_id=message.request_id, code="not_ready", message=why))
+                self._send_router(ErrorReply(request_id=message.request_id, code=NotReady.code, message=why))
                 return
             self._current[message.request_id] = message
             self._engine.send(encode(message))
@@ -178,7 +179,7 @@ class ShardWorker(Actor):
     def _fail_current(self, why: str) -> None:
         """Fail every request the engine held."""
         for rid in self._current:
-            self._send_router(ErrorReply(request_id=rid, code="engine_failed", message=why))
+            self._send_router(ErrorReply(request_id=rid, code=EngineFailed.code, message=why))
         self._current.clear()
 
     def _set_state(self, state: WorkerStateName, detail: str) -> None:

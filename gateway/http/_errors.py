@@ -12,6 +12,7 @@ from actors import (
     ActorStopped,
     ContextOverflow,
     EngineFailed,
+    InternalError,
     InvalidRequest,
     ModelNotFound,
     NotReady,
@@ -56,6 +57,7 @@ _STATUS: dict[type[RequestError], tuple[int, str]] = {
     EngineFailed: (503, "server_error"),
     NotReady: (503, "server_error"),
     PeerUnavailable: (503, "server_error"),
+    InternalError: (500, "server_error"),
 }
 
 

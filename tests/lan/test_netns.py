@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,14 +84,20 @@ def test_hosts_on_a_lan_find_each_other_by_mdns_across_their_interfaces(hosts: l
         )
 
 
+def full_mesh(hosts: list[Host]) -> Callable[[], dict[str, dict[str, str]]]:
+    """Wait until every host sees every other alive; returns what shows all their views."""
+    views = lambda: {h.address: h.peers() for h in hosts}  # noqa: E731
+    for host in hosts:
+        others = {h.address for h in hosts if h is not host}
+        eventually(lambda host=host, others=others: host.peers() == dict.fromkeys(others, "alive"), 45, views)
+    return views
+
+
 def test_a_partitioned_host_is_declared_dead_and_comes_back_alive_when_the_link_heals(
     hosts: list[Host], lan: Lan
 ) -> None:
     a, b, c = hosts
-    views = lambda: {"a": a.peers(), "b": b.peers(), "c": c.peers()}  # noqa: E731
-    for host in hosts:
-        others = {h.address for h in hosts if h is not host}
-        eventually(lambda host=host, others=others: host.peers() == dict.fromkeys(others, "alive"), 45, views)
+    views = full_mesh(hosts)
     lan.unplug(c.ns)
     eventually(lambda: a.peers().get(c.address) == "dead" and b.peers().get(c.address) == "dead", 45, views)
     eventually(lambda: set(c.peers().values()) == {"dead"}, 45, views)  # the other side of the partition
@@ -104,10 +110,7 @@ def test_a_sixty_second_partition_heals_within_three_seconds(hosts: list[Host], 
     """Wave 1: after 30 s or more apart, views took 21-25 s to converge (TCP retransmission
     back-off on the PUB->SUB links). ZMTP heartbeats and bounded reconnects now mend them fast."""
     a, b, c = hosts
-    views = lambda: {"a": a.peers(), "b": b.peers(), "c": c.peers()}  # noqa: E731
-    for host in hosts:
-        others = {h.address for h in hosts if h is not host}
-        eventually(lambda host=host, others=others: host.peers() == dict.fromkeys(others, "alive"), 45, views)
+    views = full_mesh(hosts)
     lan.unplug(c.ns)
     cut = time.monotonic()
     eventually(lambda: a.peers().get(c.address) == "dead" and set(c.peers().values()) == {"dead"}, 45, views)
