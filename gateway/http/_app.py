@@ -22,7 +22,6 @@ from gateway.http._resources import ChatCompletions, Completions, Health, Models
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 _OPEN_PATHS = ("/health",)
-DISCONNECTED = "mesh.disconnected"  # scope key: an asyncio.Event set when the client has gone
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
@@ -51,9 +50,11 @@ class _MeshHeaders:
 
 
 class WatchDisconnect:
-    """ASGI wrapper: once the request body has been read, watch the connection and set
-    `scope["mesh.disconnected"]` the moment the client goes — so a request that is waiting for
-    its first token (streaming or not) is cancelled at once, not when it next writes."""
+    """ASGI wrapper: once the request body has been read, watch the connection, and if the client
+    goes before its response is complete, cancel the request's task at once — a request waiting
+    for its first token (streaming or not) is cancelled then, not when it next writes. The
+    cancellation closes the backend stream, which tells the router to stop. Costs nothing per
+    token: one watcher task per request."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
@@ -62,28 +63,36 @@ class WatchDisconnect:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        gone = scope[DISCONNECTED] = asyncio.Event()
+        task = asyncio.current_task()
         watcher: asyncio.Task[None] | None = None
+        gone = complete = False
 
         async def watch() -> None:
+            nonlocal gone
             while (await receive())["type"] != "http.disconnect":
                 pass
-            gone.set()
+            if not complete and task is not None:
+                gone = True
+                task.cancel()
 
         async def body_then_watch() -> Mapping[str, Any]:
             nonlocal watcher
-            if watcher is not None:  # the body was read: later readers learn of the disconnect
-                await gone.wait()
-                return {"type": "http.disconnect"}
             event = await receive()
-            if event["type"] == "http.disconnect":
-                gone.set()
-            elif not event.get("more_body", False):
+            if event["type"] == "http.request" and not event.get("more_body", False) and watcher is None:
                 watcher = asyncio.get_running_loop().create_task(watch())
             return event
 
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal complete
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+            await send(message)
+
         try:
-            await self.app(scope, body_then_watch, send)
+            await self.app(scope, body_then_watch, send_and_note)
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # not ours: the server is shutting down
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -126,8 +126,11 @@ class RouterClient:
         await self._socket().send(frame)
 
     async def _receive(self, inbox: asyncio.Queue[Message]) -> Message:
+        # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that lands
+        # as the item arrives, and a client's disconnect would then not cancel its request.
         try:
-            return await asyncio.wait_for(inbox.get(), self.idle_timeout_s)
+            async with asyncio.timeout(self.idle_timeout_s):
+                return await inbox.get()
         except TimeoutError:
             raise PeerUnavailable(
                 f"the node's router did not answer within {self.idle_timeout_s:g}s"

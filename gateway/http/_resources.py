@@ -1,15 +1,15 @@
 """HTTP resources: each parses, calls the backend, and formats the answer (OpenAI shapes).
 
 Responders are coroutines on the worker's event loop. A client that disconnects cancels its
-request at once, streaming or not (`scope["mesh.disconnected"]`, set by `WatchDisconnect`).
+request at once, streaming or not: `WatchDisconnect` cancels the request's task, which closes
+the backend stream.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import falcon
@@ -19,10 +19,6 @@ from actors import Accepted, Chunk, EngineFailed, Finished, Message, RequestErro
 from gateway.http._backend import Backend, EventStream
 from gateway.http._errors import ApiError, to_api_error
 from gateway.http._requests import Parsed, parse_chat, parse_completion, read_json
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected while we waited for its answer."""
 
 
 class Health:
@@ -54,22 +50,27 @@ class Models:
         }
 
 
-async def next_event(events: EventStream, gone: asyncio.Event) -> Message:
-    """The stream's next event, or `ClientGone` as soon as the client disconnects (the read is
-    cancelled, which closes the stream and so cancels the request)."""
-    if gone.is_set():
-        raise ClientGone
-    step = asyncio.ensure_future(events.__anext__())
-    watch = asyncio.ensure_future(gone.wait())
+async def next_event(events: EventStream) -> Message:
+    """The stream's next event; `EngineFailed` if it ended without finishing."""
     try:
-        await asyncio.wait((step, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if step.done():
-        return step.result()  # raises StopAsyncIteration or the stream's error, if any
-    step.cancel()
-    await asyncio.gather(step, return_exceptions=True)
-    raise ClientGone
+        return await events.__anext__()
+    except StopAsyncIteration:
+        raise EngineFailed("the node ended the response without finishing it") from None
+
+
+class ClosingStream:
+    """An async generator as `Response.stream`: falcon closes a stream through `close()` (which
+    async generators lack) when it ends, fails or its task is cancelled, and closing ours closes
+    the backend stream, which cancels the request."""
+
+    def __init__(self, body: AsyncGenerator[bytes, None]) -> None:
+        self.body = body
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return self.body
+
+    async def close(self) -> None:
+        await self.body.aclose()
 
 
 class _Completions:
@@ -95,10 +96,9 @@ class _Completions:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         raw = await read_body(req, self.max_body_bytes)
         parsed = self.parse(read_json(raw), req.get_header("X-Session-Id"))
-        gone: asyncio.Event = req.scope.get("mesh.disconnected") or asyncio.Event()
         events = self.backend.stream(parsed.generate)
         try:
-            accepted, started = await next_event(events, gone), await next_event(events, gone)
+            accepted, started = await next_event(events), await next_event(events)
             if not isinstance(accepted, Accepted) or not isinstance(started, Started):
                 raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
             req.context.mesh_node = started.node_id or accepted.node_id  # who generates it
@@ -110,23 +110,18 @@ class _Completions:
             if parsed.stream:
                 resp.content_type = "text/event-stream"
                 resp.set_header("Cache-Control", "no-cache")
-                resp.stream = self.sse(events, meta, parsed, gone)
+                resp.stream = ClosingStream(self.sse(events, meta, parsed))  # type: ignore[assignment]
                 return
-            resp.media = await self.whole(events, meta, gone)
-        except ClientGone:  # nobody is listening; the request was cancelled with the stream
-            resp.status, resp.text = 499, ""
-        except BaseException:
+            resp.media = await self.whole(events, meta)
+        except BaseException:  # the client's error, or the client gone (this task cancelled)
             await events.aclose()
             raise
         await events.aclose()
 
-    async def whole(self, events: EventStream, meta: dict[str, Any], gone: asyncio.Event) -> dict[str, Any]:
+    async def whole(self, events: EventStream, meta: dict[str, Any]) -> dict[str, Any]:
         text: list[str] = []
         while True:
-            try:
-                event = await next_event(events, gone)
-            except StopAsyncIteration:
-                raise EngineFailed("the node ended the response without finishing it") from None
+            event = await next_event(events)
             if isinstance(event, Chunk):
                 text.append(event.text)
             elif isinstance(event, Finished):
@@ -138,18 +133,15 @@ class _Completions:
                 }
 
     async def sse(
-        self, events: EventStream, meta: dict[str, Any], parsed: Parsed, gone: asyncio.Event
-    ) -> AsyncIterator[bytes]:
+        self, events: EventStream, meta: dict[str, Any], parsed: Parsed
+    ) -> AsyncGenerator[bytes, None]:
         """The SSE body; an error after the headers went out becomes an `error` event."""
         base = {**meta, "object": self.chunk_object}
         usage_null = {"usage": None} if parsed.include_usage else {}
         first = True
         try:
             while True:
-                try:
-                    event = await next_event(events, gone)
-                except StopAsyncIteration:
-                    raise EngineFailed("the node ended the stream without finishing it") from None
+                event = await next_event(events)
                 if isinstance(event, Chunk):
                     if not event.text and not first:
                         continue
@@ -163,8 +155,6 @@ class _Completions:
                         yield _sse({**base, "choices": [], "usage": usage(event)})
                     yield b"data: [DONE]\n\n"
                     return
-        except ClientGone:
-            return
         except Exception as err:
             yield b"event: error\ndata: " + json.dumps(to_api_error(err).body).encode() + b"\n\n"
         finally:

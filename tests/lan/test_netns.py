@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,16 @@ class Host:
     ns: str
     address: str
     proc: subprocess.Popen[bytes]
+    log: Path
+
+    def revived_at(self) -> list[float]:
+        """Wall-clock times (from the node's own log) at which it saw a peer come back alive."""
+        times = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if " -> alive " in line and ": dead -> alive" in line:
+                stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                times.append(stamp.timestamp())
+        return times
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         argv = [
@@ -68,8 +79,10 @@ def hosts(lan: Lan, tiny_model: Path, tmp_path: Path) -> Iterator[list[Host]]:
                 "ip", "netns", "exec", ns, str(BIN / "mesh-llm"), "serve", "--model", str(tiny_model),
                 "--host", address, "--mesh", "lan", "--threads", "1", "--state-dir", str(tmp_path / f"s{i}"),
             ]  # fmt: skip
-            with (tmp_path / f"host{i}.log").open("wb") as log:
-                made.append(Host(ns, address, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+            log_path = tmp_path / f"host{i}.log"
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            made.append(Host(ns, address, proc, log_path))
         yield made
     finally:
         for host in made:
@@ -115,9 +128,10 @@ def test_a_sixty_second_partition_heals_within_three_seconds(hosts: list[Host], 
     cut = time.monotonic()
     eventually(lambda: a.peers().get(c.address) == "dead" and set(c.peers().values()) == {"dead"}, 45, views)
     time.sleep(max(0.0, 60 - (time.monotonic() - cut)))
+    plugged = time.time()
     lan.plug(c.ns)
     healed = {a.address: "alive", b.address: "alive"}
-    took = eventually(
+    polled = eventually(
         lambda: (
             a.peers().get(c.address) == "alive"
             and b.peers().get(c.address) == "alive"
@@ -126,6 +140,10 @@ def test_a_sixty_second_partition_heals_within_three_seconds(hosts: list[Host], 
         30,
         views,
     )
-    apart = time.monotonic() - cut - took
-    print(f"partitioned {apart:.0f} s; views converged {took:.2f} s after the link healed")
+    # Each node logs the moment it sees a peer come back: the last of those is when every view
+    # had converged (polling with mesh-ctl through `ip netns exec` adds seconds of its own).
+    took = max(t for host in hosts for t in host.revived_at() if t >= plugged) - plugged
+    print(
+        f"partitioned 60 s; every view converged {took:.2f} s after the link healed (polled: {polled:.1f} s)"
+    )
     assert took <= 3.0
