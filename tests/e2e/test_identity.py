@@ -90,7 +90,7 @@ def test_an_empty_id_file_gets_a_new_id_and_a_state_dir_in_use_is_refused(
     node_id = node.wait_ready()["node_id"]
     assert node_id and (state / "node_id").read_text().strip() == node_id
     second = subprocess.run(
-        [str(BIN / "mesh-llm"), "client", "--host", "127.0.0.1", "--zmq-port", "1", "--http-port", "2",
+        [str(BIN / "mesh-llm"), "client", "--host", "127.0.0.1", "--zmq-port", "1", "--http-port", "5",
          "--state-dir", str(state), "--no-mdns"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
