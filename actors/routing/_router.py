@@ -567,5 +567,8 @@ class Router(Actor):
             "in_flight": sum(1 for f in self._flights.values() if f.worker is not None),
             **self.counters.snapshot(in_flight=len(self._flights)),
             "dropped_frames": self.stats["dropped_frames"],
-            "actor_stats": {self.name: dict(self.stats)},
+            "actor_stats": {
+                self.name: dict(self.stats),
+                **{i.decode(): w.state.stats for i, w in sorted(self._workers.items())},
+            },
         }

@@ -12,6 +12,7 @@ import base64
 import logging
 import os
 import sys
+from collections import Counter
 
 import zmq
 
@@ -48,6 +49,7 @@ class ShardWorker(Actor):
         self.n_ctx = spec.n_ctx
         self.slots = spec.slots
         self.state: WorkerStateName = "loading"
+        self._reported: Counter[str] = Counter()  # the stats the router last heard
         self.restarts = 0
         self._failed_loads = 0
         self._detail = ""
@@ -91,6 +93,8 @@ class ShardWorker(Actor):
         elif self._child is not None and any(now > t for t in self._cancel_deadlines.values()):
             log.warning("%s: engine ignored a cancel; killing it", self.worker_id)
             self._child.kill()
+        if self.stats != self._reported:  # dropped frames or handler errors since: say so
+            self._set_state(self.state, self._detail)
 
     # -- the engine child ---------------------------------------------------------------------
 
@@ -185,6 +189,7 @@ class ShardWorker(Actor):
     def _set_state(self, state: WorkerStateName, detail: str) -> None:
         self.state = state
         self._detail = detail
+        self._reported = Counter(self.stats)
         self._send_router(
             WorkerState(
                 worker_id=self.worker_id,
@@ -195,5 +200,6 @@ class ShardWorker(Actor):
                 n_ctx=self.n_ctx,
                 detail=detail,
                 slots=self.slots,
+                stats=dict(self.stats),
             )
         )

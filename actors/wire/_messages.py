@@ -164,6 +164,7 @@ class WorkerState:
     n_ctx: int = 0
     detail: str = ""
     slots: int = 1
+    stats: dict[str, int] = field(default_factory=dict)  # the worker's dropped frames, handler errors
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

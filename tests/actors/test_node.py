@@ -256,6 +256,7 @@ def test_the_router_s_public_port_takes_no_mesh_view(zmq_ctx: zmq.Context) -> No
             assert events[1].node_id == "test-node"  # type: ignore[attr-defined]
         status = ask(zmq_ctx, node.spec.control_endpoint, "status", timeout_s=2)
         assert status["actors"]["router"]["refused_frames"] == 5
+        assert set(status["actors"]) == {"router", "control", "worker-0"}  # (no gossip actor here)
         assert status["mesh_models"] == ["fake"]
         client.close()
 
