@@ -110,7 +110,7 @@ def print_status(data: dict[str, Any]) -> None:
             f"  restarts {w['restarts']}  active {w['active']}/{w['slots']}"
         )
     reqs = data["requests"]
-    print("requests " + "  ".join(f"{k} {v}" for k, v in reqs.items()) + f"  in-flight {data['in_flight']}")
+    print("requests " + "  ".join(f"{k} {v}" for k, v in reqs.items()) + f"  at engines {data['in_flight']}")
     spec = data.get("speculative") or {}
     if spec.get("drafted_tokens"):
         print(
