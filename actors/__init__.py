@@ -35,6 +35,7 @@ from actors._errors import (
     PeerUnavailable,
     ProtocolError,
     RequestError,
+    RequestTooLarge,
     request_error,
 )
 from actors.node import VERSION, ModelSpec, Node, NodeSpec
@@ -92,6 +93,7 @@ __all__ = [
     "ProtocolError",
     "Query",
     "RequestError",
+    "RequestTooLarge",
     "Started",
     "ask",
     "decode",

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 PROTOCOL_VERSION = 3  # 3: typed nested records (load, view rows, echoes), token ids in chunks
 
-MAX_FRAME_BYTES = 4 * 1024 * 1024 + 64 * 1024  # the default frame limit: a 4 MiB body plus framing
+MAX_BODY_BYTES = 4 * 1024 * 1024  # HTTP request bodies past this get 413 (--max-body-bytes)
+MAX_FRAME_BYTES = MAX_BODY_BYTES + 64 * 1024  # the default frame limit: such a body plus framing
 
 # Port layout above --zmq-port (the node's first ZeroMQ port).
 CONTROL_PORT_OFFSET = 0  # mesh-ctl talks to the control actor here (default 9338)

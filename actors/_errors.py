@@ -6,6 +6,7 @@ MeshError
 ├── ActorStopped         the actor holding a request stopped before answering
 └── RequestError         a request failed; carried across actors as an `ErrorReply`
     ├── InvalidRequest       the request is malformed for the engine (400)
+    │   └── RequestTooLarge  it does not fit one frame to the router (413)
     ├── ContextOverflow      prompt + completion do not fit the context (400)
     ├── ModelNotFound        no worker on this node serves the model (404)
     ├── Overloaded           the model's queue is full (429, with retry-after)
@@ -51,6 +52,10 @@ class InvalidRequest(RequestError):
     code = "invalid_request"
 
 
+class RequestTooLarge(InvalidRequest):
+    code = "request_too_large"
+
+
 class ContextOverflow(RequestError):
     code = "context_length_exceeded"
 
@@ -83,6 +88,7 @@ _BY_CODE: dict[str, type[RequestError]] = {
     cls.code: cls
     for cls in (
         InvalidRequest,
+        RequestTooLarge,
         ContextOverflow,
         ModelNotFound,
         Overloaded,

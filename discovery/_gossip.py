@@ -84,7 +84,7 @@ class Gossip(Actor):
         self.bind_endpoint = bind_endpoint or gossip_endpoint(me.host, me.zmq_port)
         self.instance = secrets.token_hex(8)  # this process: tells a clone of our id from us
         self.on_collision = on_collision
-        self.collision: str | None = None
+        self.collision: str | None = None  # why we gave up our id, once we have
         # A higher incarnation after every restart: a restarted node is never taken for its ghost.
         self.membership = Membership(
             me.node_id,
@@ -184,7 +184,7 @@ class Gossip(Actor):
             return
         now = self.clock()
         changes = self.membership.heard(beat.node_id, beat.incarnation, now)
-        if beat.node_id not in self.membership.members():
+        if self.membership.state_of(beat.node_id) is None:
             self.stats["refused_peers"] += 1  # the table is full
             return
         news = self._remember(beat, now)
@@ -202,10 +202,8 @@ class Gossip(Actor):
         news = (peer.models, peer.role) != (tuple(beat.models), beat.role)
         peer.host, peer.zmq_port, peer.http_port = beat.host, beat.zmq_port, beat.http_port
         peer.role, peer.models, peer.load = beat.role, tuple(beat.models), beat.load
-        members = self.membership.members()
-        peer.rtts = {
-            n: ms for n, ms in beat.rtts.items() if ms >= 0 and (n in members or n == self.me.node_id)
-        }
+        known = self.membership.state_of
+        peer.rtts = {n: ms for n, ms in beat.rtts.items() if ms >= 0 and (n == self.me.node_id or known(n))}
         peer.their_sent_at, peer.heard_at = beat.sent_at, now
         peer.knows_us = any(row.node_id == self.me.node_id for row in beat.view)
         echo = beat.echoes.get(self.me.node_id)
@@ -227,7 +225,7 @@ class Gossip(Actor):
         if (
             row.state == "alive"
             and row.node_id != self.me.node_id
-            and row.node_id in self.membership.members()
+            and self.membership.state_of(row.node_id) is not None
             and _valid_address(row.host, row.zmq_port)
         ):
             self._peers.setdefault(row.node_id, _Peer(host=row.host, zmq_port=row.zmq_port))
@@ -275,7 +273,6 @@ class Gossip(Actor):
                 "peers": [dataclasses.asdict(p) for p in self.peers()],
                 "role": self.role,
                 "stats": stats,
-                "collision": self.collision,
             }
             sock.send_multipart([frames[0], encode(Answer(request_id=query.request_id, data=data))])
 
@@ -414,10 +411,8 @@ class Gossip(Actor):
         itself, but never one it cut for a protocol error (an oversized frame, say): if that peer
         comes back, re-arming lets us hear it again."""
         now = self.clock()
-        members = self.membership.members()
         for node_id, peer in self._peers.items():
-            member = members.get(node_id)
-            if member is None or member.state != "dead" or now - peer.rearmed_at < _REARM_EVERY_S:
+            if self.membership.state_of(node_id) != "dead" or now - peer.rearmed_at < _REARM_EVERY_S:
                 continue
             peer.rearmed_at = now
             endpoint = gossip_endpoint(peer.host, peer.zmq_port)

@@ -178,6 +178,7 @@ class Membership:
         ]
 
     def members(self) -> dict[str, Member]:
+        """A copy of the table (for views and status); `state_of` looks one member up."""
         return dict(self._members)
 
     def state_of(self, node_id: str) -> State | None:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import zmq
 
 from actors._errors import ContextOverflow, EngineFailed, InvalidRequest
 from actors.engine._drafter import DraftClient, DraftModel, SpeculativeDrafter
@@ -87,10 +89,12 @@ class LlamaEngine:
         self._template = meta.get("tokenizer.chat_template")
         self._vocab = lib.llama_model_get_vocab(self.llm.model)
         self._bos = self._piece(self.llm.token_bos())
+        self._eos = self._piece(self.llm.token_eos())
+        # The longest token in bytes (~0.05 s for a 32k vocabulary): a text longer than n_ctx of
+        # them cannot fit, and is refused without being tokenized.
         self._max_piece_bytes = max(
             len(self.llm.detokenize([t], special=True)) for t in range(self.llm.n_vocab())
         )
-        self._eos = self._piece(self.llm.token_eos())
         self._ctx, self._memory, self._batch = open_context(
             lib, self.llm.model, n_ctx=n_ctx, slots=slots, n_batch=n_batch, n_threads=n_threads
         )
@@ -109,8 +113,6 @@ class LlamaEngine:
         self.drafted = self.accepted = 0
 
     def _start_drafter(self, path: str, n_threads: int) -> None:
-        import zmq
-
         model = DraftModel(path, n_ctx=self.n_ctx, n_threads=n_threads, slots=self.slots)
         mismatch = vocabulary_mismatch(self.llm, model.llm)
         if mismatch:
@@ -370,14 +372,8 @@ class LlamaEngine:
         if slot.drafter:
             done = events[-1]
             assert isinstance(done, Finished)
-            events[-1] = Finished(
-                request_id=done.request_id,
-                finish_reason=done.finish_reason,
-                prompt_tokens=done.prompt_tokens,
-                completion_tokens=done.completion_tokens,
-                drafter=slot.drafter,
-                drafted_tokens=slot.n_drafted,
-                accepted_tokens=slot.n_accepted,
+            events[-1] = replace(
+                done, drafter=slot.drafter, drafted_tokens=slot.n_drafted, accepted_tokens=slot.n_accepted
             )
         self._release(slot)
         return events

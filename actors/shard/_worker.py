@@ -43,10 +43,8 @@ class ShardWorker(Actor):
         super().__init__(ctx, worker_id, **kwargs)  # type: ignore[arg-type]
         self.worker_id = worker_id
         self.spec = spec
-        self.model = spec.model
-        self.model_id = spec.model_id
         self.router_endpoint = router_endpoint
-        self.n_ctx = spec.n_ctx
+        self.n_ctx = spec.n_ctx  # then as the loaded engine says
         self.slots = spec.slots
         self.state: WorkerStateName = "loading"
         self._reported: Counter[str] = Counter()  # the stats the router last heard
@@ -113,7 +111,7 @@ class ShardWorker(Actor):
         self.on_socket(engine, self._from_engine)
         self.on_fd(self._child.exit_fd, self._on_child_exit)
         self._load_deadline = self.clock() + self.config.engine_load_timeout_s
-        self._set_state("loading", f"engine pid {pid} loading {self.model}")
+        self._set_state("loading", f"engine pid {pid} loading {self.spec.model}")
 
     def _on_child_exit(self) -> None:
         child, engine = self._child, self._engine
@@ -193,7 +191,7 @@ class ShardWorker(Actor):
         self._send_router(
             WorkerState(
                 worker_id=self.worker_id,
-                model_id=self.model_id,
+                model_id=self.spec.model_id,
                 state=state,
                 engine_pid=self._child.pid if self._child is not None else None,
                 restarts=self.restarts,

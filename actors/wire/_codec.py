@@ -21,30 +21,48 @@ from actors._errors import ProtocolError
 from actors.wire._messages import MESSAGE_TYPES
 
 Message = Any  # any instance of a class in MESSAGE_TYPES
-DEFAULT_MAX_FRAME_BYTES = MAX_FRAME_BYTES
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # what every peer can encode back
 
 _BY_KIND: dict[str, type] = {cls.KIND: cls for cls in MESSAGE_TYPES}  # type: ignore[attr-defined]
 
 
 def encode(message: Message) -> bytes:
-    """Pack a message into one frame."""
-    fields = {f.name: _plain(getattr(message, f.name)) for f in dataclasses.fields(message)}
+    """Pack a message into one frame; fields holding nested records are turned into maps."""
+    nested = _nested(type(message))
+    fields = {
+        f.name: _plain(getattr(message, f.name)) if f.name in nested else getattr(message, f.name)
+        for f in dataclasses.fields(message)
+    }
     return msgpack.packb([PROTOCOL_VERSION, message.KIND, fields], use_bin_type=True)
 
 
 def _plain(value: Any) -> Any:
-    """Nested records become maps; everything else msgpack packs as it is."""
+    """A value with its records (at any depth of lists and maps) turned into maps."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+    if isinstance(value, list):
         return [_plain(v) for v in value]
-    if isinstance(value, dict) and value and dataclasses.is_dataclass(next(iter(value.values()))):
+    if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
 
 
-def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+_NESTED: dict[type, frozenset[str]] = {}
+
+
+def _nested(cls: type) -> frozenset[str]:
+    """The fields of `cls` whose annotation mentions a record (so that `encode` leaves the hot
+    kinds, chunks above all, as cheap as plain values)."""
+    if cls not in _NESTED:
+        _NESTED[cls] = frozenset(name for name, hint in _hints(cls).items() if _mentions_record(hint))
+    return _NESTED[cls]
+
+
+def _mentions_record(hint: Any) -> bool:
+    return dataclasses.is_dataclass(hint) or any(_mentions_record(a) for a in typing.get_args(hint))
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     """Unpack and validate one frame; raises `ProtocolError` for anything malformed."""
     if len(frame) > max_bytes:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {max_bytes}-byte limit")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from actors import GOSSIP_PORT_OFFSET, ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
+from actors._config import MAX_BODY_BYTES
 from actors.gguf._identity import check_draft, check_model
 from actors.runtime._supervisor import ChildProcess
 from discovery import MeshMembership
@@ -85,7 +86,7 @@ def _node_options(cmd: argparse.ArgumentParser) -> None:
         "(default ~/.local/state/mesh-llm/node-ZMQPORT)",
     )
     cmd.add_argument(
-        "--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"
+        "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413"
     )
     cmd.add_argument(
         "--http-connections", type=int, default=1024, help="open HTTP connections before new ones get 503"

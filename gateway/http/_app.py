@@ -15,12 +15,11 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from actors._config import MAX_FRAME_BYTES
+from actors._config import MAX_BODY_BYTES, MAX_FRAME_BYTES
 from gateway.http._backend import Backend, RouterClient
 from gateway.http._errors import ApiError, handle_error
 from gateway.http._resources import ChatCompletions, Completions, Health, Models
 
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 _OPEN_PATHS = ("/health",)
 
 Scope = dict[str, Any]
@@ -103,7 +102,7 @@ def create_app(
     *,
     node_id: str,
     api_key: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> WatchDisconnect:
     """The OpenAI-compatible API over `backend`, as an ASGI app."""
     app = falcon.asgi.App(middleware=[_MeshHeaders(node_id, api_key)])
@@ -129,5 +128,5 @@ def get_app() -> WatchDisconnect:
         backend,
         node_id=env["MESH_LLM_NODE_ID"],
         api_key=env.get("MESH_LLM_API_KEY") or None,
-        max_body_bytes=int(env.get("MESH_LLM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
+        max_body_bytes=int(env.get("MESH_LLM_MAX_BODY_BYTES", MAX_BODY_BYTES)),
     )

@@ -9,9 +9,10 @@ socket and no threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any, Protocol, cast
 
 import zmq
@@ -22,26 +23,20 @@ from actors import (
     Cancel,
     ErrorReply,
     Generate,
-    InvalidRequest,
     Message,
     PeerUnavailable,
     Pending,
     ProtocolError,
     Query,
+    RequestTooLarge,
     decode,
     encode,
     make_socket,
     request_error,
 )
-from actors.wire._codec import DEFAULT_MAX_FRAME_BYTES
+from actors._config import MAX_FRAME_BYTES
 
 EventStream = AsyncGenerator[Message, None]
-
-
-class RequestTooLarge(InvalidRequest):
-    """The request does not fit one frame to the router (413)."""
-
-    code = "request_too_large"
 
 
 class Backend(Protocol):
@@ -68,7 +63,7 @@ class RouterClient:
     waiting frame without a future per frame, which halves the worker's CPU per streamed token."""
 
     def __init__(
-        self, endpoint: str, *, idle_timeout_s: float = 15.0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+        self, endpoint: str, *, idle_timeout_s: float = 15.0, max_frame_bytes: int = MAX_FRAME_BYTES
     ) -> None:
         self.endpoint = endpoint
         self.idle_timeout_s = idle_timeout_s
@@ -127,15 +122,29 @@ class RouterClient:
                 f"The request is {len(frame)} bytes once encoded, over the node's limit of "
                 f"{self.max_frame_bytes} bytes."
             )
-        sock = self._socket()
         async with asyncio.timeout(self.idle_timeout_s):
-            while True:
-                try:
-                    sock.send(frame, zmq.NOBLOCK)
-                    break
-                except zmq.Again:  # 10,000 frames queued to a router that reads none
-                    await asyncio.sleep(0.01)
+            while not self._send_now(frame):  # 10,000 frames queued to a router that reads none
+                await asyncio.sleep(0.01)
+
+    def _send_now(self, frame: bytes) -> bool:
+        """Send without blocking; False if the socket's queue is full."""
+        try:
+            self._socket().send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
         self._drain()  # sending may have consumed the FD's edge for frames already waiting
+        return True
+
+    @contextlib.contextmanager
+    def _inbox(self, rid: str) -> Iterator[asyncio.Queue[Message]]:
+        """A queue that receives every frame about `rid` while the block runs."""
+        self._socket()  # first: a new socket starts with no inboxes
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._inboxes[rid] = inbox
+        try:
+            yield inbox
+        finally:
+            self._inboxes.pop(rid, None)
 
     async def _receive(self, inbox: asyncio.Queue[Message]) -> Message:
         if not inbox.empty():  # already here: no timer to arm (the common case mid-stream)
@@ -152,45 +161,36 @@ class RouterClient:
 
     async def stream(self, request: Generate) -> EventStream:
         rid = request.request_id
-        inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self._socket()
-        self._inboxes[rid] = inbox
         done = False
-        try:
-            await self._send(request)
-            while True:
-                message = await self._receive(inbox)
-                if isinstance(message, Pending):
-                    continue
-                if isinstance(message, ErrorReply):
-                    done = True
-                    raise request_error(message.code, message.message, message.details)
-                done = isinstance(message, TERMINAL_TYPES)
-                yield message
-                if done:
-                    return
-        except (PeerUnavailable, RequestTooLarge):
-            done = True
-            raise
-        finally:
-            self._inboxes.pop(rid, None)
-            if not done and self._sock is not None:  # the client went away: stop the work
-                try:
-                    self._sock.send(encode(Cancel(request_id=rid)), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # the router is gone too; it has nothing to cancel
-                self._drain()
+        with self._inbox(rid) as inbox:
+            try:
+                await self._send(request)
+                while True:
+                    message = await self._receive(inbox)
+                    if isinstance(message, Pending):
+                        continue
+                    if isinstance(message, ErrorReply):
+                        done = True
+                        raise request_error(message.code, message.message, message.details)
+                    done = isinstance(message, TERMINAL_TYPES)
+                    yield message
+                    if done:
+                        return
+            except (PeerUnavailable, RequestTooLarge):
+                done = True
+                raise
+            finally:
+                if not done and self._sock is not None:  # the client went away: stop the work
+                    try:
+                        self._send_now(encode(Cancel(request_id=rid)))
+                    except zmq.ZMQError:
+                        pass  # the router is gone too: it has nothing to cancel
 
     async def query(self, what: str) -> dict[str, Any]:
         rid = uuid.uuid4().hex
-        inbox: asyncio.Queue[Message] = asyncio.Queue()
-        self._socket()
-        self._inboxes[rid] = inbox
-        try:
+        with self._inbox(rid) as inbox:
             await self._send(Query(request_id=rid, what=what))
             answer = await self._receive(inbox)
-        finally:
-            self._inboxes.pop(rid, None)
         if not isinstance(answer, Answer):
             raise PeerUnavailable(f"router answered a query with {type(answer).__name__}")
         return answer.data

@@ -19,6 +19,7 @@ from actors import (
     Overloaded,
     PeerUnavailable,
     RequestError,
+    RequestTooLarge,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def error_body(
 # RequestError subclass -> (HTTP status, OpenAI error type)
 _STATUS: dict[type[RequestError], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
+    RequestTooLarge: (413, "invalid_request_error"),
     ContextOverflow: (400, "invalid_request_error"),
     ModelNotFound: (404, "invalid_request_error"),
     Overloaded: (429, "rate_limit_error"),
@@ -69,8 +71,6 @@ def to_api_error(err: Exception) -> ApiError:
         return ApiError(503, f"the node is stopping: {err}", type="server_error", code="node_stopping")
     if isinstance(err, RequestError):
         status, kind = _STATUS.get(type(err), (500, "server_error"))
-        if err.code == "request_too_large":
-            status = 413
         param = err.details.get("param")
         api = ApiError(status, err.message, type=kind, param=param, code=err.code)
         extra = {k: v for k, v in err.details.items() if k not in ("param", "retry_after")}

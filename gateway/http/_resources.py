@@ -97,6 +97,7 @@ class _Completions:
         raw = await read_body(req, self.max_body_bytes)
         parsed = self.parse(read_json(raw), req.get_header("X-Session-Id"))
         events = self.backend.stream(parsed.generate)
+        streaming = False  # once the body streams, falcon owns `events` (and closes it)
         try:
             accepted, started = await next_event(events), await next_event(events)
             if not isinstance(accepted, Accepted) or not isinstance(started, Started):
@@ -111,12 +112,12 @@ class _Completions:
                 resp.content_type = "text/event-stream"
                 resp.set_header("Cache-Control", "no-cache")
                 resp.stream = ClosingStream(self.sse(events, meta, parsed))  # type: ignore[assignment]
+                streaming = True
                 return
             resp.media = await self.whole(events, meta)
-        except BaseException:  # the client's error, or the client gone (this task cancelled)
-            await events.aclose()
-            raise
-        await events.aclose()
+        finally:  # done, failed, or the client gone (this task cancelled): the request ends here
+            if not streaming:
+                await events.aclose()
 
     async def whole(self, events: EventStream, meta: dict[str, Any]) -> dict[str, Any]:
         text: list[str] = []
