@@ -19,6 +19,8 @@ from actors._config import (
     GOSSIP_PORT_OFFSET,
     PROTOCOL_VERSION,
     ROUTER_PORT_OFFSET,
+    TUNNEL_PORT_OFFSET,
+    ZMQ_PORT_SPAN,
     NodeConfig,
 )
 from actors._errors import (
@@ -64,7 +66,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "ROUTER_PORT_OFFSET",
     "TERMINAL_TYPES",
+    "TUNNEL_PORT_OFFSET",
     "VERSION",
+    "ZMQ_PORT_SPAN",
     "Accepted",
     "Actor",
     "ActorStartError",

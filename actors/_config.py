@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 3  # 3: typed nested records (load, view rows, echoes), token ids in chunks
+PROTOCOL_VERSION = 4  # 4: offers and splits in heartbeats, stage leases, the RPC tunnel
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # HTTP request bodies past this get 413 (--max-body-bytes)
 MAX_FRAME_BYTES = MAX_BODY_BYTES + 64 * 1024  # the default frame limit: such a body plus framing
@@ -16,6 +16,8 @@ MAX_FRAME_BYTES = MAX_BODY_BYTES + 64 * 1024  # the default frame limit: such a 
 CONTROL_PORT_OFFSET = 0  # mesh-ctl talks to the control actor here (default 9338)
 ROUTER_PORT_OFFSET = 1  # gateways (and later peer routers) talk to the router here (9339)
 GOSSIP_PORT_OFFSET = 2  # the node publishes its heartbeats here (9340)
+TUNNEL_PORT_OFFSET = 3  # heads lease stages and tunnel llama.cpp RPC to them here (9341)
+ZMQ_PORT_SPAN = 4  # ports a node uses from --zmq-port up
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,3 +51,11 @@ class NodeConfig:
     max_gossip_frame_bytes: int = 1024 * 1024  # heartbeats larger than this are dropped by ZeroMQ
     max_sessions: int = 65536  # sessions whose node the router remembers (least recent forgotten)
     max_warn_keys: int = 1024  # distinct warn-once keys an actor remembers
+    # Dense splits (actors/splits/).
+    split_wait_for_peers_s: float = 3.0  # a head waits this long for peers before calling a model too big
+    lease_renew_s: float = 0.5  # a head renews its stages' leases this often
+    lease_lost_s: float = 3.0  # a stage that has not answered a renewal this long is lost to its head
+    lease_expiry_s: float = 6.0  # a stage frees a lease its head has not renewed this long
+    stall_s: float = 2.0  # no token for this long while a stage is suspect: the head's engine is killed
+    max_resumes: int = 3  # times a request resumes after its engine died before it fails
+    max_tunnel_connections: int = 64  # open RPC connections a stage tunnels at once

@@ -21,9 +21,9 @@ from typing import Any
 
 import zmq
 
-from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, Actor, Answer, Query, encode
+from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, ZMQ_PORT_SPAN, Actor, Answer, Query, encode
 from actors.wire import Heartbeat, MeshView, PeerSeen, peek_version
-from actors.wire._messages import Echo, Load, PeerRow, ViewRow
+from actors.wire._messages import Echo, Load, Offer, PeerRow, SplitNews, SplitRow, ViewRow
 from discovery._mdns import Advert
 from discovery._membership import Change, Membership
 
@@ -41,6 +41,8 @@ class _Peer:
     load: Load | None = None
     rtt_samples: deque[float] = field(default_factory=deque)
     rtts: dict[str, float] = field(default_factory=dict)  # what it measures to its peers (ms)
+    offer: Offer | None = None
+    splits: list[SplitRow] = field(default_factory=list)
 
     @property
     def rtt_ms(self) -> float | None:
@@ -70,10 +72,12 @@ class Gossip(Actor):
         seeds: Sequence[tuple[str, int]] = (),
         bind_endpoint: str | None = None,
         on_collision: Callable[[str], None] | None = None,
+        view_endpoints: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         """`on_collision(why)` is called (on this actor's thread) when another live node process
-        uses our node id and we are the one that must take a fresh id."""
+        uses our node id and we are the one that must take a fresh id; `view_endpoints` get the
+        mesh view too (PUSH), like the router."""
         super().__init__(ctx, "gossip", **kwargs)
         self.me = me
         self.tick_interval_s = self.config.heartbeat_interval_s
@@ -97,6 +101,10 @@ class Gossip(Actor):
         self._models: list[str] = []
         self.far = False  # over the RTT limit to every serving peer: an API client only
         self._load = Load()
+        self.offer: Offer | None = None  # what the stage host says we offer dense splits
+        self.splits: list[SplitRow] = []  # the splits this node heads
+        self.view_endpoints = list(view_endpoints)
+        self._views: list[zmq.Socket] = []
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
         self._router: zmq.Socket | None = None
@@ -124,6 +132,10 @@ class Gossip(Actor):
         self.on_socket(inbox, self._on_inbox)
         for host, port in self.seeds:
             self._subscribe(host, port)
+        for endpoint in self.view_endpoints:
+            push = self.socket(zmq.PUSH)
+            push.connect(endpoint)
+            self._views.append(push)
 
     def teardown(self) -> None:
         self.membership.leave()
@@ -150,6 +162,11 @@ class Gossip(Actor):
         seen = self.decode(frames[-1], "discovery")
         if isinstance(seen, PeerSeen):
             self._subscribe(seen.host, seen.zmq_port)
+        elif isinstance(seen, Offer):  # from our own stage host (in-process)
+            self.offer = seen
+        elif isinstance(seen, SplitNews):  # from our own split heads (in-process)
+            models = {row.model for row in seen.splits}
+            self.splits = [r for r in self.splits if r.model not in models] + list(seen.splits)
 
     def _on_router(self, frames: list[bytes]) -> None:
         answer = self.decode(frames[-1], "router")
@@ -202,6 +219,8 @@ class Gossip(Actor):
         news = (peer.models, peer.role) != (tuple(beat.models), beat.role)
         peer.host, peer.zmq_port, peer.http_port = beat.host, beat.zmq_port, beat.http_port
         peer.role, peer.models, peer.load = beat.role, tuple(beat.models), beat.load
+        news = news or (peer.offer, peer.splits) != (beat.offer, beat.splits)
+        peer.offer, peer.splits = beat.offer, [s for s in beat.splits if s.head == beat.node_id]
         known = self.membership.state_of
         peer.rtts = {n: ms for n, ms in beat.rtts.items() if ms >= 0 and (n == self.me.node_id or known(n))}
         peer.their_sent_at, peer.heard_at = beat.sent_at, now
@@ -217,7 +236,13 @@ class Gossip(Actor):
 
     def _send_view(self) -> None:
         assert self._router is not None
-        self._router.send(encode(MeshView(peers=self.peers())))
+        frame = encode(MeshView(peers=self.peers()))
+        self._router.send(frame)
+        for push in self._views:
+            try:
+                push.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # that actor is not reading (stopping): it gets the next one
 
     def _hear_rumor(self, row: ViewRow, now: float, *, own_word: bool) -> None:
         for change in self.membership.rumor(row.node_id, row.state, row.incarnation, now, own_word=own_word):
@@ -269,10 +294,14 @@ class Gossip(Actor):
                 "refused_members": m.refused_members,
                 "refutations": m.refutations,
             }
+            peers = self.peers()
+            splits = self.splits + [s for p in peers if p.state == "alive" for s in p.splits]
             data = {
-                "peers": [dataclasses.asdict(p) for p in self.peers()],
+                "peers": [dataclasses.asdict(p) for p in peers],
                 "role": self.role,
                 "stats": stats,
+                "offer": dataclasses.asdict(self.offer) if self.offer is not None else None,
+                "splits": [dataclasses.asdict(s) for s in splits],
             }
             sock.send_multipart([frames[0], encode(Answer(request_id=query.request_id, data=data))])
 
@@ -348,6 +377,8 @@ class Gossip(Actor):
                     load=peer.load,
                     rtts=dict(peer.rtts),
                     heard_s_ago=round(now - peer.heard_at, 3) if peer.heard_at else None,
+                    offer=peer.offer,
+                    splits=list(peer.splits),
                 )
             )
         return rows
@@ -385,6 +416,8 @@ class Gossip(Actor):
             },
             view=view,
             rtts={n: round(p.rtt_ms, 2) for n, p in self._peers.items() if p.rtt_ms is not None},
+            offer=self.offer,
+            splits=self.splits,
         )
         self._pub.send(encode(beat))
 
@@ -451,6 +484,6 @@ def _rounded(ms: float | None) -> float | None:
 
 def _valid_address(host: str, port: int) -> bool:
     """A host and ZeroMQ port a peer could really listen on (no endpoint injection)."""
-    if not 0 < port < 65536 - GOSSIP_PORT_OFFSET or not host or len(host) > 253:
+    if not 0 < port < 65536 - ZMQ_PORT_SPAN or not host or len(host) > 253:
         return False
     return all(c.isalnum() or c in ".-:[]" for c in host)

@@ -62,6 +62,7 @@ class MeshMembership:
             seeds=self.seeds,
             bind_endpoint=gossip_endpoint(self.spec.host, self.spec.zmq_port),
             on_collision=self.on_collision,
+            view_endpoints=node.view_endpoints,
             config=node.spec.config,
         )
 

@@ -19,4 +19,6 @@ def load_engine(spec: EngineSpec) -> Engine:
         slots=spec.slots,
         draft=spec.draft,
         speculative=spec.speculative,
+        devices=spec.devices,
+        tensor_split=spec.tensor_split,
     )

@@ -24,7 +24,13 @@ import zmq
 from actors._errors import ContextOverflow, EngineFailed, InvalidRequest
 from actors.engine._drafter import DraftClient, DraftModel, SpeculativeDrafter
 from actors.engine._engine import EngineEvent, check_context, closing_events, render_chat
-from actors.engine._llamacpp import add_token, open_context, vocabulary_mismatch
+from actors.engine._llamacpp import (
+    add_token,
+    model_devices,
+    open_context,
+    split_devices,
+    vocabulary_mismatch,
+)
 from actors.engine._speculative import DraftLength, Governor, NgramIndex
 from actors.engine._textstream import TextStream
 from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
@@ -70,17 +76,32 @@ class LlamaEngine:
         draft: str | None = None,
         speculative: str = "",
         governor: Governor | None = None,
+        devices: list[str] | None = None,
+        tensor_split: list[int] | None = None,
     ) -> None:
         """`draft`: a draft GGUF for the speculative-drafter actor; `speculative`: the drafter a
         request gets by default ("draft", "lookup" or "" for none); `governor`: decides whether
-        drafting pays (by default, by measuring it)."""
+        drafting pays (by default, by measuring it); `devices` and `tensor_split`: a dense split's
+        members in layer order ("cpu" or an RPC endpoint) and the layers each holds."""
         import llama_cpp  # imported here: only engine children pay for loading llama.cpp
 
         self._lib = lib = llama_cpp
         # The Llama object owns the model, tokenizer and metadata; its own context stays tiny.
-        self.llm = llama_cpp.Llama(
-            model_path=path, n_ctx=64, n_batch=64, n_threads=n_threads, n_gpu_layers=0, verbose=False
-        )
+        if devices:
+            with model_devices(llama_cpp, split_devices(llama_cpp, devices)):
+                self.llm = llama_cpp.Llama(
+                    model_path=path,
+                    n_ctx=64,
+                    n_batch=64,
+                    n_threads=n_threads,
+                    n_gpu_layers=-1,
+                    tensor_split=[float(n) for n in tensor_split or []],
+                    verbose=False,
+                )
+        else:
+            self.llm = llama_cpp.Llama(
+                model_path=path, n_ctx=64, n_batch=64, n_threads=n_threads, n_gpu_layers=0, verbose=False
+            )
         meta: dict[str, str] = self.llm.metadata
         self.model_id = meta.get(SOURCE_MODEL_ID_KEY) or model_id_of(path)
         self.n_ctx = n_ctx

@@ -42,3 +42,77 @@ def vocabulary_mismatch(target: Any, draft: Any) -> str:
         if a != b:
             return f"token {token} is {b!r} in the draft model but {a!r} in the target"
     return ""
+
+
+def ggml_libraries(llama_cpp: Any) -> tuple[Any, Any]:
+    """ggml and its RPC backend, the very copies llama.cpp uses (the `.so.0` names: the
+    unversioned ones would load a second ggml whose devices llama.cpp never sees)."""
+    import ctypes
+    import os
+
+    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    ggml = ctypes.CDLL(os.path.join(lib_dir, "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
+    rpc = ctypes.CDLL(os.path.join(lib_dir, "libggml-rpc.so.0"), mode=ctypes.RTLD_GLOBAL)
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    rpc.ggml_backend_rpc_start_server.argtypes = [
+        ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p),
+    ]  # fmt: skip
+    rpc.ggml_backend_rpc_start_server.restype = None
+    return ggml, rpc
+
+
+def cpu_device(ggml: Any) -> int:
+    device = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not device:
+        raise RuntimeError("llama.cpp has no CPU device")
+    return int(device)
+
+
+def split_devices(llama_cpp: Any, devices: list[str]) -> list[int]:
+    """The ggml devices for a split's members in layer order: "cpu" is this process, anything else
+    an RPC server endpoint (HOST:PORT), registered with ggml here (it connects to ask its memory)."""
+    ggml, rpc = ggml_libraries(llama_cpp)
+    out = []
+    for endpoint in devices:
+        if endpoint == "cpu":
+            out.append(cpu_device(ggml))
+            continue
+        reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+        if not reg or ggml.ggml_backend_reg_dev_count(reg) < 1:
+            raise RuntimeError(f"the RPC server at {endpoint} did not answer")
+        ggml.ggml_backend_register(reg)
+        out.append(int(ggml.ggml_backend_reg_dev_get(reg, 0)))
+    return out
+
+
+class model_devices:
+    """While in effect, models llama-cpp-python loads use exactly `devices` (llama.cpp's
+    `llama_model_params.devices`, which its `Llama` class has no argument for)."""
+
+    def __init__(self, llama_cpp: Any, devices: list[int]) -> None:
+        import ctypes
+
+        self._module = llama_cpp.llama_cpp
+        self._array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)  # NULL-terminated
+        self._original = self._module.llama_model_default_params
+
+    def __enter__(self) -> None:
+        import ctypes
+
+        def params() -> Any:
+            p = self._original()
+            p.devices = ctypes.cast(self._array, ctypes.c_void_p)
+            return p
+
+        self._module.llama_model_default_params = params
+
+    def __exit__(self, *exc: object) -> None:
+        self._module.llama_model_default_params = self._original

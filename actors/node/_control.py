@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -17,7 +17,7 @@ from actors.runtime._actor import Actor
 from actors.wire._codec import encode
 from actors.wire._messages import Answer, PeerSeen, Query
 
-COMMANDS = ("status", "peers", "models")
+COMMANDS = ("status", "peers", "models", "splits")
 
 
 @dataclass(slots=True)
@@ -30,6 +30,8 @@ class _Pending:
     peers: list[dict[str, Any]] | None = None
     role: str | None = None  # the gossip actor's word on our latency class
     gossip_stats: dict[str, int] | None = None
+    splits: list[dict[str, Any]] = field(default_factory=list)  # every split the mesh knows of
+    offer: dict[str, Any] | None = None  # what this node offers splits
 
 
 def mesh_models(me: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,29 +126,26 @@ class Control(Actor):
             pending.peers = answer.data["peers"]
             pending.role = answer.data.get("role")
             pending.gossip_stats = answer.data.get("stats")
+            pending.splits = answer.data.get("splits") or []
+            pending.offer = answer.data.get("offer")
         else:
             pending.router = answer.data
         if pending.router is not None and pending.peers is not None:
             del self._waiting[answer.request_id]
-            data = self.compose(
-                pending.query.what, pending.router, pending.peers, pending.role, pending.gossip_stats
-            )
+            data = self.compose(pending.query.what, pending)
             self._reply(pending.client, Answer(request_id=pending.query.request_id, data=data))
 
-    def compose(
-        self,
-        what: str,
-        router: dict[str, Any],
-        peers: list[dict[str, Any]],
-        role: str | None = None,
-        gossip_stats: dict[str, int] | None = None,
-    ) -> dict[str, Any]:
+    def compose(self, what: str, pending: _Pending) -> dict[str, Any]:
         """The reply to a mesh-ctl command, from the router's snapshot and the gossip's peers."""
         info = self.node_info
+        router, peers, gossip_stats = pending.router, pending.peers or [], pending.gossip_stats
+        assert router is not None
         if what == "peers":
             return {"peers": peers}
         if what == "models":
             return {"models": mesh_models(info["node_id"], router, peers)}
+        if what == "splits":
+            return {"splits": pending.splits}
         # What each actor dropped (bad frames) or failed at (handler errors), by name.
         actors = {**router["actor_stats"], self.name: dict(self.stats)}
         if gossip_stats is not None:
@@ -154,7 +153,7 @@ class Control(Actor):
         return {
             "node_id": info["node_id"],
             "mesh": info["mesh"],
-            "role": role or info["role"],
+            "role": pending.role or info["role"],
             "models": router["local_models"],
             "peers": peers,
             "host": info["host"],
@@ -172,6 +171,8 @@ class Control(Actor):
             "dropped_frames": sum(a.get("dropped_frames", 0) for a in actors.values()),
             "handler_errors": sum(a.get("handler_errors", 0) for a in actors.values()),
             "actors": actors,
+            "splits": pending.splits,
+            "offer": pending.offer,
         }
 
     def _reply(self, client: bytes, answer: Answer) -> None:

@@ -1,22 +1,30 @@
-"""A node: one ZeroMQ context and its actors (router, shard-workers, control), started and
-stopped in order. The HTTP gateway runs in other processes and reaches the router over TCP.
+"""A node: one ZeroMQ context and its actors (router, shard-workers, dense-split heads, the
+stage host, control), started and stopped in order. The HTTP gateway runs in other processes and
+reaches the router over TCP.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
-from actors._config import CONTROL_PORT_OFFSET, ROUTER_PORT_OFFSET, NodeConfig
+from actors._config import CONTROL_PORT_OFFSET, ROUTER_PORT_OFFSET, TUNNEL_PORT_OFFSET, NodeConfig
 from actors.node._control import Control
 from actors.routing._router import Router
 from actors.runtime._actor import Actor
 from actors.shard._worker import ShardWorker
-from actors.wire._messages import EngineSpec
+from actors.wire._messages import EngineSpec, LoadMode
+
+if TYPE_CHECKING:
+    from actors.gguf._layout import Layout
 
 log = logging.getLogger(__name__)
 ActorFactory = Callable[["Node"], Actor]
@@ -31,6 +39,7 @@ class ModelSpec:
     model_id: str
     draft: str | None = None  # a draft GGUF for speculative decoding
     speculative: str = ""  # the drafter requests get by default: "draft", "lookup" or "" (none)
+    layout: Layout | None = None  # a dense GGUF's layers and identity: it may be split
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,6 +55,13 @@ class NodeSpec:
     slots: int = 1  # requests each engine serves at once (continuous batching)
     role: str = "serving"
     config: NodeConfig = field(default_factory=NodeConfig)
+    # Dense splits: what this node offers them (--max-memory), the GGUFs it holds for them, whether
+    # its models split even when they fit (--split), how stages load, where cache files go.
+    max_memory_bytes: int = 0
+    holdings: list[Layout] = field(default_factory=list)
+    split: bool = False
+    split_load: LoadMode = "hash-cache"
+    work_dir: Path | None = None
 
     def engine_spec(self, model: ModelSpec) -> EngineSpec:
         """What the engine child serving `model` on this node needs."""
@@ -66,6 +82,17 @@ class NodeSpec:
     @property
     def router_endpoint(self) -> str:
         return f"tcp://{self.host}:{self.zmq_port + ROUTER_PORT_OFFSET}"
+
+    @property
+    def tunnel_endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.zmq_port + TUNNEL_PORT_OFFSET}"
+
+    def needs_split(self, model: ModelSpec) -> bool:
+        """Whether `model` is served as a dense split headed here: --split, or too big for what
+        this node offers."""
+        if model.layout is None:
+            return False
+        return self.split or _need(self, model) > self.max_memory_bytes
 
 
 class Node:
@@ -97,7 +124,14 @@ class Node:
         )
         self._backend = backend
         self._worker_ids = itertools.count()
-        self.workers = [self._make_worker(m) for m in spec.models]
+        whole = [m for m in spec.models if not spec.needs_split(m)]
+        self.workers = [self._make_worker(m) for m in whole]
+        self.view_endpoints: list[str] = []
+        self.heads = [
+            self._make_head(m, i, inbox_endpoint) for i, m in enumerate(spec.models) if m not in whole
+        ]
+        used = sum(_need(spec, m) for m in whole if m.layout is not None)
+        self.stage = self._make_stage(used if not self.heads else spec.max_memory_bytes, inbox_endpoint)
         info = {
             "node_id": spec.node_id,
             "mesh": spec.mesh,
@@ -119,11 +153,58 @@ class Node:
         )
         self._started: list[Actor] = []
 
-    def _make_worker(self, model: ModelSpec) -> ShardWorker:
+    def _make_worker(self, model: ModelSpec, control: str | None = None) -> ShardWorker:
         spec = self.spec.engine_spec(model)
         worker_id = f"worker-{next(self._worker_ids)}"
         return ShardWorker(
-            self.ctx, worker_id, spec=spec, router_endpoint=self._backend, config=self.spec.config
+            self.ctx,
+            worker_id,
+            spec=spec,
+            router_endpoint=self._backend,
+            control_endpoint=control,
+            config=self.spec.config,
+        )
+
+    def _make_head(self, model: ModelSpec, index: int, inbox: str | None) -> Actor:
+        from actors.splits._head import SplitHead
+
+        assert model.layout is not None
+        node = self.spec.node_id
+        control = f"inproc://split-worker-{node}-{index}"
+        view = f"inproc://split-view-{node}-{index}"
+        self.view_endpoints.append(view)
+        return SplitHead(
+            self.ctx,
+            node_id=node,
+            spec=self.spec.engine_spec(model),
+            layout=model.layout,
+            free_bytes=self.spec.max_memory_bytes,
+            force=self.spec.split,
+            load_mode=self.spec.split_load,
+            worker=self._make_worker(model, control),
+            control_endpoint=control,
+            view_endpoint=view,
+            news_endpoint=inbox,
+            config=self.spec.config,
+        )
+
+    def _make_stage(self, used_bytes: int, inbox: str | None) -> Actor:
+        from actors.splits._stage import StageHost, rpc_host_for
+
+        spec = self.spec
+        work = spec.work_dir or Path(tempfile.gettempdir()) / f"mesh-llm-{spec.node_id}-{os.getpid()}"
+        return StageHost(
+            self.ctx,
+            node_id=spec.node_id,
+            endpoint=spec.tunnel_endpoint,
+            holdings=spec.holdings,
+            memory_bytes=spec.max_memory_bytes,
+            used_bytes=used_bytes,
+            work_dir=work,
+            rpc_host=rpc_host_for(spec.host),
+            n_threads=spec.n_threads,
+            offer_endpoint=inbox,
+            config=spec.config,
         )
 
     def add_worker(self, model: ModelSpec) -> ShardWorker:
@@ -151,7 +232,7 @@ class Node:
 
     def start(self) -> Node:
         try:
-            for actor in (self.router, *self.workers, *self.more, self.control):
+            for actor in (self.router, *self.workers, self.stage, *self.heads, *self.more, self.control):
                 actor.start()
                 self._started.append(actor)
         except BaseException:
@@ -171,3 +252,13 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _need(spec: NodeSpec, model: ModelSpec) -> int:
+    """The bytes `model` needs on one node at this node's context size."""
+    from actors.splits._plan import need_of
+
+    layout = model.layout
+    assert layout is not None
+    kv = layout.kv_bytes_per_token * spec.n_ctx * spec.slots
+    return need_of(layout.layer_bytes, layout.input_bytes, layout.output_bytes, kv).total

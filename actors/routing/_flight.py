@@ -58,6 +58,7 @@ class Flight:
     remote: str | None = None  # the peer it was forwarded to
     remote_heard: float = 0.0  # when that peer last said anything about it
     tried: set[str] = field(default_factory=set)  # nodes it was placed on
+    resumes: int = 0  # times a local engine died under it and it was placed again
     started: bool = False  # the client has seen `Started`: a retry must resume, not restart
     prompt_tokens: int = 0  # as the first `Started` said
     sent_ids: list[int] = field(default_factory=list)  # token ids of the text the client has

@@ -345,6 +345,13 @@ class Router(Actor):
                 self._queues[flight.request.model].appendleft(rid)
                 self._dispatch(flight.request.model)
                 return
+            if (
+                isinstance(message, ErrorReply)
+                and message.code == EngineFailed.code
+                and not flight.cancelled
+                and self._engine_died(rid, message.message)
+            ):
+                return
             if isinstance(message, Finished):
                 self.counters.drafted += message.drafted_tokens
                 self.counters.accepted += message.accepted_tokens
@@ -463,21 +470,48 @@ class Router(Actor):
         log.warning("request %s on %s failed: %s", rid, flight.remote, why)
         flight.remote = None
         flight.grace_until = self.clock() + self.config.suspect_after_s
+        if self._prepare_resume(rid):
+            self._place(rid, why)
+
+    def _engine_died(self, rid: str, why: str) -> bool:
+        """A local engine died under a request (a crash, or a dense split re-forming): place it
+        again, resuming after what the client has — on a peer serving its model if there is one,
+        else here once the engine is back. False (the request fails) past `max_resumes`, or
+        when no engine here will serve its model again."""
+        flight = self._flights[rid]
+        model = flight.request.model
+        if flight.resumes >= self.config.max_resumes or not self._serves_here(model):
+            return False
+        flight.resumes += 1
+        flight.worker = None
+        log.warning("request %s: its engine died (%s); placing it again", rid, why)
+        if not self._prepare_resume(rid):
+            return True
+        if self._remote_nodes(flight.request, flight.tried):
+            self._place(rid, why)
+        else:
+            self._queues.setdefault(model, deque()).appendleft(rid)
+            self._dispatch(model)
+        return True
+
+    def _prepare_resume(self, rid: str) -> bool:
+        """Make a failed flight's request continue after the tokens its client has; False if it
+        had all it asked for (then it has been finished)."""
+        flight = self._flights[rid]
         if not flight.started:
             self.counters.retried += 1
-        else:
-            self.counters.resumed += 1
-            request = flight.request
-            left = None if request.max_tokens is None else request.max_tokens - flight.sent_tokens
-            flight.request = replace(request, resume_tokens=list(flight.sent_ids), max_tokens=left)
-            flight.base_tokens = flight.sent_tokens
-            if left is not None and left < 1:
-                self._relay(
-                    rid,
-                    Finished(request_id=rid, finish_reason="length", prompt_tokens=0, completion_tokens=0),
-                )
-                return
-        self._place(rid, why)
+            return True
+        self.counters.resumed += 1
+        request = flight.request
+        left = None if request.max_tokens is None else request.max_tokens - flight.sent_tokens
+        flight.request = replace(request, resume_tokens=list(flight.sent_ids), max_tokens=left)
+        flight.base_tokens = flight.sent_tokens
+        if left is not None and left < 1:
+            self._relay(
+                rid, Finished(request_id=rid, finish_reason="length", prompt_tokens=0, completion_tokens=0)
+            )
+            return False
+        return True
 
     def _peer_disconnected(self, node: str) -> None:
         for rid, flight in list(self._flights.items()):

@@ -4,6 +4,11 @@ It takes up to `slots` requests at once from the router (over DEALER, identity =
 relays them to the child over a PAIR socket and relays the child's events back. When the child
 dies, every request in flight fails with `engine_failed` and the child is restarted after a
 back-off.
+
+A *managed* worker (a dense split's head) takes its orders on a control socket instead: an
+`EngineSpec` to load (replacing the engine it runs), or a `WorkerState` to hold without an engine
+("loading" while a split forms, "failed" with the reason when it cannot); it reports every state
+change there too, and never restarts a dead engine by itself.
 """
 
 from __future__ import annotations
@@ -38,11 +43,22 @@ class ShardWorker(Actor):
     """Serves one `EngineSpec` (a GGUF path or a `fake:` model) with one engine child."""
 
     def __init__(
-        self, ctx: zmq.Context, worker_id: str, *, spec: EngineSpec, router_endpoint: str, **kwargs: object
+        self,
+        ctx: zmq.Context,
+        worker_id: str,
+        *,
+        spec: EngineSpec,
+        router_endpoint: str,
+        control_endpoint: str | None = None,
+        **kwargs: object,
     ) -> None:
+        """`control_endpoint`: makes this a managed worker (see the module's doc)."""
         super().__init__(ctx, worker_id, **kwargs)  # type: ignore[arg-type]
         self.worker_id = worker_id
         self.spec = spec
+        self.control_endpoint = control_endpoint
+        self._control: zmq.Socket | None = None
+        self.last_event_at = 0.0  # when the engine last said or was given anything (a split's watchdog)
         self.router_endpoint = router_endpoint
         self.n_ctx = spec.n_ctx  # then as the loaded engine says
         self.slots = spec.slots
@@ -66,7 +82,13 @@ class ShardWorker(Actor):
         self._router = self.socket(zmq.DEALER, identity=self.worker_id.encode())
         self._router.connect(self.router_endpoint)
         self.on_socket(self._router, self._from_router)
-        self._spawn()
+        if self.control_endpoint is not None:
+            self._control = self.socket(zmq.PAIR)
+            self._control.connect(self.control_endpoint)
+            self.on_socket(self._control, self._from_control)
+            self._set_state("loading", "waiting for the split to form")
+        else:
+            self._spawn()
 
     def teardown(self) -> None:
         if self._router is not None:  # what we say last must reach the router
@@ -124,6 +146,10 @@ class ShardWorker(Actor):
         self._child = self._engine = None
         self._cancel_deadlines.clear()
         self.restarts += 1
+        if self._control is not None:  # managed: whoever manages us decides what comes next
+            self._set_state("loading", f"engine exited with code {code}")
+            self._fail_current(f"the engine process died (exit code {code})")
+            return
         if self.state == "loading":
             self._failed_loads += 1
         # The router must see the new state before the failure frees this worker for more work.
@@ -136,7 +162,31 @@ class ShardWorker(Actor):
             self._set_state("loading", f"engine exited with code {code}; restarting")
         self._fail_current(f"the engine process died (exit code {code}); it is being restarted")
 
+    def _from_control(self, frames: list[bytes]) -> None:
+        message = self.decode(frames[-1], "control")
+        if isinstance(message, EngineSpec | WorkerState):
+            self._stop_engine()
+            if isinstance(message, EngineSpec):
+                self.spec = message
+                self._spawn()
+            elif message.state in ("loading", "failed"):
+                self._set_state(message.state, message.detail)
+
+    def _stop_engine(self) -> None:
+        """Kill the engine (its requests fail: the router resumes them when we are ready again)."""
+        child, engine = self._child, self._engine
+        if child is None or engine is None:
+            return
+        self.forget(child.exit_fd)
+        self.forget(engine)
+        child.close()
+        self._child = self._engine = None
+        self._cancel_deadlines.clear()
+        self._set_state("loading", "replacing the engine")  # before the failures: the router resumes them
+        self._fail_current("the engine was replaced (its split is re-forming)")
+
     def _from_engine(self, frames: list[bytes]) -> None:
+        self.last_event_at = self.clock()
         message = self.decode(frames[-1], "engine")
         if isinstance(message, EngineReady):
             self._failed_loads = 0
@@ -165,10 +215,16 @@ class ShardWorker(Actor):
                 return
             self._current[message.request_id] = message
             self._engine.send(encode(message))
+            self.last_event_at = self.clock()
         elif isinstance(message, Cancel) and self._holds(message.request_id):
             assert self._engine is not None  # _holds() checked it
             self._engine.send(encode(message))
             self._cancel_deadlines[message.request_id] = self.clock() + self.config.cancel_grace_s
+
+    @property
+    def busy(self) -> bool:
+        """Whether the engine works on any request (read from other threads: a split's watchdog)."""
+        return bool(self._current)
 
     def _holds(self, request_id: str) -> bool:
         """Whether the engine works on `request_id` now."""
@@ -188,16 +244,17 @@ class ShardWorker(Actor):
         self.state = state
         self._detail = detail
         self._reported = Counter(self.stats)
-        self._send_router(
-            WorkerState(
-                worker_id=self.worker_id,
-                model_id=self.spec.model_id,
-                state=state,
-                engine_pid=self._child.pid if self._child is not None else None,
-                restarts=self.restarts,
-                n_ctx=self.n_ctx,
-                detail=detail,
-                slots=self.slots,
-                stats=dict(self.stats),
-            )
+        news = WorkerState(
+            worker_id=self.worker_id,
+            model_id=self.spec.model_id,
+            state=state,
+            engine_pid=self._child.pid if self._child is not None else None,
+            restarts=self.restarts,
+            n_ctx=self.n_ctx,
+            detail=detail,
+            slots=self.slots,
+            stats=dict(self.stats),
         )
+        self._send_router(news)
+        if self._control is not None:
+            self._control.send(encode(news))

@@ -12,6 +12,9 @@ from typing import Any, ClassVar, Literal
 # Closed sets, spelled once.
 MemberState = Literal["alive", "suspect", "dead", "left"]
 WorkerStateName = Literal["loading", "ready", "failed", "retired"]
+SplitStateName = Literal["planning", "loading", "serving", "failed"]
+LoadMode = Literal["file", "hash-cache", "transfer"]
+StageStateName = Literal["loading", "ready", "refused", "released"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,6 +140,10 @@ class EngineSpec:
     slots: int = 1  # requests it serves at once (continuous batching)
     draft: str | None = None  # a draft GGUF for speculative decoding
     speculative: str = ""  # the drafter requests get by default: "draft", "lookup" or "" (none)
+    # A dense split's head: llama.cpp devices in layer order ("cpu" is this process, else an RPC
+    # endpoint on loopback) and the layers each holds (the output layer counted on the last).
+    devices: list[str] = field(default_factory=list)
+    tensor_split: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,6 +203,93 @@ class Echo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Holding:
+    """A GGUF a node holds on its own disk, by content identity (`actors.gguf.read_layout`)."""
+
+    model_id: str
+    identity: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Offer:
+    """What a node offers dense splits: room for weights and KV cache, and the GGUFs it holds."""
+
+    KIND: ClassVar[str] = "offer"
+    memory_bytes: int  # --max-memory
+    free_bytes: int  # of which neither its own models nor a stage it serves use
+    holdings: list[Holding] = field(default_factory=list)
+    stage_for: str = ""  # the head it serves a stage for now ("" for none)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SplitStage:
+    """A member of a split: a node and the layers it holds, inclusive."""
+
+    node_id: str
+    layers: list[int]  # [first, last]; [] for a head that holds only the output layer
+    output: bool = False  # it also holds the output layer
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SplitRow:
+    """A dense split as its head tells it (`mesh-ctl splits`)."""
+
+    model: str
+    head: str
+    epoch: int
+    state: SplitStateName
+    load_mode: LoadMode
+    stages: list[SplitStage]
+    detail: str = ""
+    bytes_crossed: int = 0  # bytes sent to the stages while they loaded
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SplitNews:
+    """A head's splits, for its gossip actor to publish (in-process only)."""
+
+    KIND: ClassVar[str] = "split_news"
+    splits: list[SplitRow]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageClaim:
+    """Head → stage node: serve layers first..last of the GGUF `identity` for me. `epoch` 0 asks
+    for a new lease; a granted epoch renews it. Answered by `StageGrant`."""
+
+    KIND: ClassVar[str] = "stage_claim"
+    request_id: str
+    head: str
+    identity: str
+    first: int
+    last: int
+    load_mode: LoadMode = "hash-cache"
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageGrant:
+    """Stage node → head: the lease (`epoch`) and the stage's state; `refused` names why."""
+
+    KIND: ClassVar[str] = "stage_grant"
+    request_id: str
+    epoch: int
+    state: StageStateName
+    detail: str = ""
+    cache_bytes: int = 0  # bytes of RPC cache files the stage built from its own copy
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageRelease:
+    """Head → stage node: the split dissolved; free the lease `epoch`."""
+
+    KIND: ClassVar[str] = "stage_release"
+    head: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """What a node publishes on its gossip socket several times a second.
 
@@ -221,6 +315,8 @@ class Heartbeat:
     echoes: dict[str, Echo]
     view: list[ViewRow]
     rtts: dict[str, float] = field(default_factory=dict)  # our measured RTT (ms) to each peer
+    offer: Offer | None = None  # room and GGUFs for dense splits
+    splits: list[SplitRow] = field(default_factory=list)  # the splits we head
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,6 +345,8 @@ class PeerRow:
     load: Load | None = None
     rtts: dict[str, float] = field(default_factory=dict)
     heard_s_ago: float | None = None  # how old `load` is: the router discounts what it saw end since
+    offer: Offer | None = None
+    splits: list[SplitRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -296,6 +394,11 @@ MESSAGE_TYPES: tuple[type, ...] = (
     MeshView,
     DraftRequest,
     Drafted,
+    Offer,
+    SplitNews,
+    StageClaim,
+    StageGrant,
+    StageRelease,
 )
 
 # Whatever ends a request: after one of these, nothing more arrives for its request id.

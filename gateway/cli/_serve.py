@@ -12,9 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-from actors import GOSSIP_PORT_OFFSET, ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
+from actors import ZMQ_PORT_SPAN, ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
 from actors._config import MAX_BODY_BYTES
 from actors.gguf._identity import check_draft, check_model
+from actors.gguf._layout import Layout
 from actors.runtime._supervisor import ChildProcess
 from discovery import MeshMembership
 from gateway.cli._models import default_model
@@ -23,6 +24,7 @@ from gateway.cli._state import StateDir, StateDirError, default_state_dir
 log = logging.getLogger("mesh_llm")
 _GUNICORN_START_TIMEOUT_S = 30.0
 _RESTART = -1  # `_serve` asks to be run again (with a fresh node id)
+GIB = 1024**3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     serve.add_argument("--slots", type=int, default=4, help="requests decoded together (continuous batching)")
     serve.add_argument(
+        "--max-memory",
+        type=float,
+        metavar="GB",
+        help="memory this node offers for weights and KV cache (default: physical memory minus a reserve); "
+        "a model that needs more is split by layers over peers holding the same GGUF",
+    )
+    serve.add_argument(
+        "--models-dir",
+        type=Path,
+        help="GGUFs this node holds for dense splits of other nodes (every *.gguf below it); "
+        "without --model the node serves none itself",
+    )
+    serve.add_argument("--split", action="store_true", help="split the model over peers even if it fits here")
+    serve.add_argument(
+        "--split-load",
+        choices=("hash-cache", "transfer"),
+        default="hash-cache",
+        help="how stages load their layers: from RPC cache files they build from their own copy "
+        "(default), or by receiving every byte (llama.cpp's stock path)",
+    )
+    serve.add_argument(
         "--queue-depth",
         type=int,
         default=NodeConfig().queue_depth_per_model,
@@ -64,7 +87,10 @@ def _node_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
     cmd.add_argument("--http-port", type=int, default=9337)
     cmd.add_argument(
-        "--zmq-port", type=int, default=9338, help="first of three ZeroMQ ports: control, router, gossip"
+        "--zmq-port",
+        type=int,
+        default=9338,
+        help="first of four ZeroMQ ports: control, router, gossip, split tunnel",
     )
     cmd.add_argument(
         "--peer", action="append", default=[], type=_host_port, metavar="HOST:ZMQPORT",
@@ -102,25 +128,43 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    if args.zmq_port <= args.http_port <= args.zmq_port + GOSSIP_PORT_OFFSET:
+    if args.zmq_port <= args.http_port < args.zmq_port + ZMQ_PORT_SPAN:
         print(
             f"mesh-llm: --http-port {args.http_port} is one of this node's ZeroMQ ports "
-            f"({args.zmq_port}-{args.zmq_port + GOSSIP_PORT_OFFSET}, from --zmq-port); choose another",
+            f"({args.zmq_port}-{args.zmq_port + ZMQ_PORT_SPAN - 1}, from --zmq-port); choose another",
             file=sys.stderr,
         )
         return 2
     models: list[ModelSpec] = []
+    holdings: list[Layout] = []
     if args.command == "serve":
         try:
-            model = args.model or default_model()
-            model_id = check_model(model)
-            if args.draft:
-                check_draft(model, args.draft)
-            speculative = "draft" if args.draft else "lookup" if args.lookup else ""
-            draft = str(args.draft) if args.draft else None
-            models.append(
-                ModelSpec(source=str(model), model_id=model_id, draft=draft, speculative=speculative)
-            )
+            if args.max_memory is not None and not args.max_memory > 0:
+                raise ValueError(f"--max-memory must be a positive number of GB, not {args.max_memory}")
+            if args.models_dir is not None and not args.models_dir.is_dir():
+                raise ValueError(f"--models-dir {args.models_dir} is not a directory")
+            holdings = _holdings(args.models_dir) if args.models_dir else []
+            if args.model or not args.models_dir:
+                model = args.model or default_model()
+                model_id = check_model(model)
+                if args.draft:
+                    check_draft(model, args.draft)
+                speculative = "draft" if args.draft else "lookup" if args.lookup else ""
+                draft = str(args.draft) if args.draft else None
+                layout = _layout(model)
+                if layout is not None and all(h.identity != layout.identity for h in holdings):
+                    holdings.append(layout)
+                models.append(
+                    ModelSpec(
+                        source=str(model),
+                        model_id=model_id,
+                        draft=draft,
+                        speculative=speculative,
+                        layout=layout,
+                    )
+                )
+            elif args.draft or args.split:
+                raise ValueError("--draft and --split need --model")
         except ValueError as err:
             print(f"mesh-llm: {err}", file=sys.stderr)
             return 2
@@ -131,7 +175,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mesh-llm: {err}", file=sys.stderr)
         return 1
     try:
-        rc = _serve(args, models, node_id)
+        rc = _serve(args, models, holdings, node_id, state.path)
         if rc == _RESTART:  # another live node has our id: take a fresh one and start again
             print(f"mesh-llm: node id {node_id} is in use elsewhere; taking a fresh id", file=sys.stderr)
             state.renew_node_id()
@@ -140,7 +184,10 @@ def serve(args: argparse.Namespace) -> int:
         state.close()
 
 
-def _serve(args: argparse.Namespace, models: list[ModelSpec], node_id: str) -> int:
+def _serve(
+    args: argparse.Namespace, models: list[ModelSpec], holdings: list[Layout], node_id: str, state_dir: Path
+) -> int:
+    max_memory = args.max_memory if getattr(args, "max_memory", None) else default_max_memory_gb()
     spec = NodeSpec(
         node_id=node_id,
         mesh=args.mesh,
@@ -148,7 +195,7 @@ def _serve(args: argparse.Namespace, models: list[ModelSpec], node_id: str) -> i
         http_port=args.http_port,
         zmq_port=args.zmq_port,
         models=models,
-        role="serving" if models else "client",
+        role="serving" if models else "standby" if holdings else "client",
         n_ctx=getattr(args, "ctx", 4096),
         n_threads=getattr(args, "threads", 1),
         slots=getattr(args, "slots", 1),
@@ -156,6 +203,11 @@ def _serve(args: argparse.Namespace, models: list[ModelSpec], node_id: str) -> i
             queue_depth_per_model=getattr(args, "queue_depth", NodeConfig().queue_depth_per_model),
             max_rtt_ms=args.max_rtt_ms,
         ),
+        max_memory_bytes=int(max_memory * GIB) if args.command == "serve" else 0,
+        holdings=holdings,
+        split=getattr(args, "split", False),
+        split_load=getattr(args, "split_load", "hash-cache"),
+        work_dir=state_dir,
     )
     collided = threading.Event()
     mesh = MeshMembership(
@@ -203,7 +255,13 @@ def _run(
         return 1
     mesh.start_discovery(node)
     spec = node.spec
-    what = f"serving {spec.models[0].model_id}" if spec.models else "client of the mesh"
+    what = (
+        f"serving {spec.models[0].model_id}"
+        if spec.models
+        else f"standby: {len(spec.holdings)} GGUF(s) for splits"
+        if spec.holdings
+        else "client of the mesh"
+    )
     print(
         f"mesh-llm node {spec.node_id} ({what}, mesh {spec.mesh}) on http://{args.host}:{args.http_port}/v1"
         f"  (mesh-ctl --node {spec.control_endpoint} status)",
@@ -217,6 +275,31 @@ def _run(
             return 1
     log.info("stopping")
     return 0
+
+
+def default_max_memory_gb() -> float:
+    """Physical memory minus a reserve for the system (a tenth, at least 1 GiB). No GPU backend is
+    built here, so there is no VRAM to add."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(0.0, total - max(GIB, total / 10)) / GIB
+
+
+def _layout(path: Path) -> Layout | None:
+    """A GGUF's layout for split planning; None (with a warning) for one that has no layers."""
+    from actors.gguf._layout import read_layout
+
+    try:
+        return read_layout(path)
+    except ValueError as err:
+        log.warning("%s cannot be split by layers: %s", path, err)
+        return None
+
+
+def _holdings(models_dir: Path) -> list[Layout]:
+    found = [_layout(p) for p in sorted(models_dir.rglob("*.gguf")) if p.is_file()]
+    holdings = [h for h in found if h is not None]
+    log.info("holding %d GGUF(s) under %s for dense splits", len(holdings), models_dir)
+    return holdings
 
 
 def _gunicorn_argv(args: argparse.Namespace) -> list[str]:

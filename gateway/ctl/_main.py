@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "this node and its peers"),
         ("peers", "the peers this node knows"),
         ("models", "models the mesh serves"),
+        ("splits", "dense models split over several nodes, and their stages"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--json", action="store_true", help="print JSON")
@@ -117,7 +118,24 @@ def print_status(data: dict[str, Any]) -> None:
             f"drafting {spec['drafted_tokens']} tokens drafted, {spec['accepted_tokens']} accepted"
             f" ({spec['acceptance_rate']:.0%})"
         )
+    if data.get("splits"):
+        print_splits(data["splits"])
     print_peers(data["peers"])
+
+
+def print_splits(splits: list[dict[str, Any]]) -> None:
+    if not splits:
+        print("splits   none")
+        return
+    for s in splits:
+        print(
+            f"split    {s['model']}  head {s['head']}  epoch {s['epoch']}  {s['state']}  "
+            f"load {s['load_mode']}  {s['bytes_crossed'] / 1e6:.1f} MB crossed"
+            + (f"  ({s['detail']})" if s["detail"] else "")
+        )
+        for stage in s["stages"]:
+            first, last = stage["layers"]
+            print(f"  {stage['node_id']:<24} layers {first}-{last}{'  + output' if stage['output'] else ''}")
 
 
 def print_peers(peers: list[dict[str, Any]]) -> None:
@@ -146,11 +164,17 @@ def run_node_command(args: argparse.Namespace) -> int:
     if "error" in data:
         print(f"mesh-ctl: {data['error']}", file=sys.stderr)
         return 1
-    shown = {"status": data, "peers": data.get("peers"), "models": data.get("models")}[args.command]
+    shown = data if args.command == "status" else data.get(args.command)
     if args.json:
         print(json.dumps(shown, indent=2))
     else:
-        {"status": print_status, "peers": print_peers, "models": print_models}[args.command](shown)  # type: ignore[operator]
+        printers = {
+            "status": print_status,
+            "peers": print_peers,
+            "models": print_models,
+            "splits": print_splits,
+        }
+        printers[args.command](shown)  # type: ignore[operator]
     return 0
 
 

@@ -38,9 +38,9 @@ def eventually(
 _handed_out: set[int] = set()
 
 
-def free_port_pair(span: int = 3) -> int:
+def free_port_pair(span: int = 4) -> int:
     """A port p such that p .. p+span-1 are free on 127.0.0.1 now and not handed out before
-    (a node uses three: control, router, gossip). Taken below the kernel's ephemeral range, so
+    (a node uses four: control, router, gossip, split tunnel). Taken below the kernel's ephemeral range, so
     that no outgoing connection's source port can take it between this call and the bind."""
     low = _ephemeral_low()
     for _ in range(500):

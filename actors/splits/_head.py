@@ -1,0 +1,416 @@
+"""The split head actor: serves a dense model bigger than its node over stages on other nodes.
+
+It owns the model's (managed) shard-worker and drives it: while the split forms the worker waits
+("loading"), the router queueing requests; when the mesh cannot hold the model it fails with the
+reason (503s name it) and the head plans again whenever the mesh changes. A plan claims each
+stage's lease; once every stage's RPC server is up, the head opens a loopback tunnel port per
+stage and hands the worker an `EngineSpec` listing them in layer order.
+
+A stage that dies aborts the head's llama.cpp (or would hang it: the tunnel closes the engine's
+connections the moment the link drops, and a watchdog re-plans when a stage is suspect and no
+token has come for `stall_s`); the head then dissolves the split, plans again with what remains
+and the router resumes the streams in flight from their token ids.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from dataclasses import dataclass, field, replace
+
+import zmq
+
+from actors._config import TUNNEL_PORT_OFFSET
+from actors.gguf._layout import Layout
+from actors.runtime._actor import Actor
+from actors.shard._worker import ShardWorker
+from actors.splits._plan import Candidate, Member, NoFit, Plan, need_of, plan_split
+from actors.splits._tunnel import HeadEnd, parse_tunnel, unbounded
+from actors.wire._codec import encode
+from actors.wire._messages import (
+    Answer,
+    EngineSpec,
+    LoadMode,
+    MeshView,
+    PeerRow,
+    Query,
+    SplitNews,
+    SplitRow,
+    SplitStage,
+    SplitStateName,
+    StageClaim,
+    StageGrant,
+    StageRelease,
+    WorkerState,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Stage:
+    member: Member
+    link: zmq.Socket
+    monitor: zmq.Socket
+    epoch: int = 0
+    state: str = "claimed"
+    answered_at: float = 0.0
+    claimed_at: float = 0.0
+    tunnel: HeadEnd | None = None
+    cache_bytes: int = 0
+
+
+@dataclass(slots=True)
+class _Split:
+    plan: Plan
+    stages: dict[str, _Stage] = field(default_factory=dict)
+    engine_asked: bool = False
+    epoch: int = 0  # the split's own epoch: one more at every plan
+
+
+class SplitHead(Actor):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        *,
+        node_id: str,
+        spec: EngineSpec,
+        layout: Layout,
+        free_bytes: int,
+        force: bool,
+        load_mode: LoadMode,
+        worker: ShardWorker,
+        control_endpoint: str,
+        view_endpoint: str,
+        news_endpoint: str | None = None,
+        query_endpoint: str | None = None,
+        **kwargs: object,
+    ) -> None:
+        """`spec`: the model as a single node would serve it; `free_bytes`: what this node offers
+        it; `force`: split even if it fits (--split); `worker`: the managed shard-worker it drives
+        over `control_endpoint`; `view_endpoint`: where gossip pushes mesh views; `news_endpoint`:
+        where gossip takes our `SplitNews`; `query_endpoint`: answers `Query("splits")`."""
+        super().__init__(ctx, f"split-{spec.model_id}", **kwargs)  # type: ignore[arg-type]
+        self.node_id = node_id
+        self.spec = spec
+        self.layout = layout
+        self.free_bytes = free_bytes
+        self.force = force
+        self.load_mode = load_mode
+        self.worker = worker
+        self.control_endpoint = control_endpoint
+        self.view_endpoint = view_endpoint
+        self.news_endpoint = news_endpoint
+        self.query_endpoint = query_endpoint
+        kv = layout.kv_bytes_per_token * spec.n_ctx * spec.slots
+        self.need = need_of(layout.layer_bytes, layout.input_bytes, layout.output_bytes, kv)
+        self.state: SplitStateName = "planning"
+        self.detail = "waiting for peers"
+        self.split: _Split | None = None
+        self.peers: dict[str, PeerRow] = {}
+        self.excluded: dict[str, float] = {}  # node -> until when it is not recruited
+        self.bytes_crossed = 0
+        self._epochs = itertools.count(1)
+        self._plan_at = self._earliest_plan = 0.0
+        self._renewed_at = 0.0
+        self._control: zmq.Socket | None = None
+        self._news: zmq.Socket | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self._control = self.socket(zmq.PAIR)
+        self._control.bind(self.control_endpoint)
+        self.on_socket(self._control, self._from_worker)
+        views = self.socket(zmq.PULL)
+        views.bind(self.view_endpoint)
+        self.on_socket(views, self._on_view)
+        if self.news_endpoint is not None:
+            self._news = self.socket(zmq.PUSH)
+            self._news.connect(self.news_endpoint)
+        if self.query_endpoint is not None:
+            queries = self.socket(zmq.ROUTER)
+            queries.bind(self.query_endpoint)
+            self.on_socket(queries, lambda frames: self._on_query(queries, frames))
+        self.worker.start()
+        self._plan_at = self._earliest_plan = self.clock() + self.config.split_wait_for_peers_s
+        self._publish()
+
+    def teardown(self) -> None:
+        self._dissolve()
+        self.worker.stop()
+
+    def on_tick(self, now: float) -> None:
+        if self.state in ("planning", "failed") and now >= self._plan_at:
+            self._try_plan()
+        split = self.split
+        if split is None:
+            return
+        if now - self._renewed_at >= self.config.lease_renew_s:
+            self._renewed_at = now
+            for stage in split.stages.values():
+                self._claim(split, stage)
+        for node, stage in split.stages.items():
+            if now - max(stage.answered_at, stage.claimed_at) > self.config.lease_lost_s:
+                self._lost(node, f"stage {node} has not answered for {self.config.lease_lost_s:.0f} s")
+                return
+            peer = self.peers.get(node)
+            stalled = self.worker.busy and now - self.worker.last_event_at > self.config.stall_s
+            if peer is not None and peer.state == "suspect" and split.engine_asked and stalled:
+                self._lost(node, f"stage {node} is suspect and no token came for {self.config.stall_s:.0f} s")
+                return
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def _candidates(self) -> list[Candidate]:
+        now = self.clock()
+        out = []
+        for node, peer in self.peers.items():
+            offer = peer.offer
+            if (
+                peer.state != "alive"
+                or offer is None
+                or self.excluded.get(node, 0.0) > now
+                or (offer.stage_for not in ("", self.node_id))
+                or not any(h.identity == self.layout.identity for h in offer.holdings)
+                or peer.rtt_ms is None
+                or peer.rtt_ms > self.config.max_rtt_ms
+                or not peer.zmq_port
+            ):
+                continue
+            out.append(Candidate(node_id=node, free_bytes=offer.free_bytes, rtt_ms=peer.rtt_ms))
+        return out
+
+    def _try_plan(self) -> None:
+        self._plan_at = self.clock() + 1.0  # at most once a second unless something changes
+        result = plan_split(
+            self.need, Candidate(self.node_id, self.free_bytes), self._candidates(), force=self.force
+        )
+        if result is None:  # it fits here after all
+            plan = Plan(
+                members=(Member(self.node_id, 0, self.layout.n_layer - 1, output=True),), head=self.node_id
+            )
+            self._start(plan)
+        elif isinstance(result, NoFit):
+            if self.state != "failed" or self.detail != result.reason:
+                log.warning("split of %s: cannot form: %s", self.spec.model_id, result.reason)
+            self._set("failed", result.reason)
+            self._tell_worker(
+                WorkerState(worker_id="", model_id=self.spec.model_id, state="failed", detail=result.reason)
+            )
+        else:
+            self._start(result)
+
+    def _start(self, plan: Plan) -> None:
+        split = self.split = _Split(plan=plan, epoch=next(self._epochs))
+        layout = ", ".join(
+            f"{m.node_id}: layers {m.first}-{m.last}{' + output' if m.output else ''}" for m in plan.members
+        )
+        log.info("split of %s (split epoch %d): %s", self.spec.model_id, split.epoch, layout)
+        for member in plan.stages:
+            peer = self.peers[member.node_id]
+            link = unbounded(self.socket(zmq.DEALER, identity=self.node_id.encode()))
+            link.connect(f"tcp://{peer.host}:{(peer.zmq_port or 0) + TUNNEL_PORT_OFFSET}")
+            monitor = self.adopt(link.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+            node = member.node_id
+            stage = _Stage(member=member, link=link, monitor=monitor)
+            split.stages[node] = stage
+            self.on_socket(link, functools.partial(self._from_stage, node))
+            self.on_socket(monitor, functools.partial(self._link_lost, node))
+            self._claim(split, stage)
+        self._renewed_at = self.clock()
+        self._set("loading", f"claiming {len(plan.stages)} stage(s)")
+        self._tell_worker(
+            WorkerState(worker_id="", model_id=self.spec.model_id, state="loading", detail=self.detail)
+        )
+        self._maybe_load()
+
+    def _claim(self, split: _Split, stage: _Stage) -> None:
+        m = stage.member
+        claim = StageClaim(
+            request_id=f"{split.epoch}",
+            head=self.node_id,
+            identity=self.layout.identity,
+            first=m.first,
+            last=m.last,
+            load_mode=self.load_mode,
+            epoch=stage.epoch,
+        )
+        if not stage.claimed_at:
+            stage.claimed_at = self.clock()
+        try:
+            stage.link.send(encode(claim), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # not connected yet: the next renewal tries again
+
+    def _from_stage(self, node: str, frames: list[bytes]) -> None:
+        split = self.split
+        stage = split.stages.get(node) if split is not None else None
+        if split is None or stage is None:
+            return
+        parsed = parse_tunnel(frames)
+        if parsed is not None:
+            epoch, conn, op, data = parsed
+            if stage.tunnel is not None and epoch == stage.epoch:
+                stage.tunnel.from_stage(conn, op, data)
+            return
+        grant = self.decode(frames[-1], f"stage {node}")
+        if not isinstance(grant, StageGrant) or grant.request_id != f"{split.epoch}":
+            return
+        if grant.state == "refused":
+            if not stage.epoch:  # refused a new lease (busy, full, no such file): ask others first
+                self.excluded[node] = self.clock() + 5.0
+            self._replan(f"stage {node} refused: {grant.detail}")  # a lost lease: it may be claimed again
+            return
+        if stage.epoch and grant.epoch != stage.epoch:
+            self._lost(node, f"stage {node} changed its lease epoch")
+            return
+        stage.epoch, stage.state, stage.answered_at = grant.epoch, grant.state, self.clock()
+        stage.cache_bytes = grant.cache_bytes
+        self._maybe_load()
+
+    def _maybe_load(self) -> None:
+        split = self.split
+        if split is None or split.engine_asked or any(s.state != "ready" for s in split.stages.values()):
+            return
+        devices = []
+        for member in split.plan.members:
+            if member.node_id == self.node_id:
+                devices.append("cpu")
+                continue
+            stage = split.stages[member.node_id]
+            stage.tunnel = HeadEnd(self, stage.epoch, stage.link.send_multipart)
+            devices.append(stage.tunnel.endpoint)
+        spec = replace(
+            self.spec, devices=devices if split.plan.stages else [], tensor_split=split.plan.tensor_split()
+        )
+        split.engine_asked = True
+        self._set("loading", "the head's engine loads the model over its stages")
+        self._tell_worker(spec)
+
+    # -- the worker and the mesh --------------------------------------------------------------
+
+    def _from_worker(self, frames: list[bytes]) -> None:
+        news = self.decode(frames[-1], "worker")
+        split = self.split
+        if not isinstance(news, WorkerState) or split is None or not split.engine_asked:
+            return
+        if news.state == "ready" and self.state != "serving":
+            self.bytes_crossed = sum(s.tunnel.bytes_up for s in split.stages.values() if s.tunnel is not None)
+            weights = sum(
+                sum(self.layout.layer_bytes[s.member.first : s.member.last + 1])
+                for s in split.stages.values()
+            )
+            log.info(
+                "split of %s serving: %d stage(s); %.1f MB crossed to stages holding %.1f MB of weights",
+                self.spec.model_id, len(split.stages), self.bytes_crossed / 1e6, weights / 1e6,
+            )  # fmt: skip
+            self._set("serving", "")
+        elif news.state == "loading" and news.engine_pid is None and "exited" in news.detail:
+            self._replan(f"the head's engine died ({news.detail})")
+
+    def _on_view(self, frames: list[bytes]) -> None:
+        view = self.decode(frames[-1], "gossip")
+        if not isinstance(view, MeshView):
+            return
+        self.peers = {p.node_id: p for p in view.peers}
+        split = self.split
+        if split is not None:
+            for node in split.stages:
+                peer = self.peers.get(node)
+                if peer is None or peer.state in ("dead", "left"):
+                    self._lost(node, f"stage {node} is {peer.state if peer else 'gone'}")
+                    return
+        if self.state in ("planning", "failed"):  # the mesh changed: plan again soon
+            self._plan_at = max(self._earliest_plan, min(self._plan_at, self.clock() + 0.2))
+
+    def _link_lost(self, node: str, frames: list[bytes]) -> None:
+        self._lost(node, f"lost the link to stage {node}")
+
+    def _lost(self, node: str, why: str) -> None:
+        if self.split is None or node not in self.split.stages:
+            return
+        self.excluded[node] = max(self.excluded.get(node, 0.0), self.clock() + self.config.dead_after_s)
+        self._replan(why)
+
+    def _replan(self, why: str) -> None:
+        log.warning("split of %s: %s; planning again", self.spec.model_id, why)
+        self._dissolve()
+        self._set("planning", why)
+        self._tell_worker(
+            WorkerState(
+                worker_id="",
+                model_id=self.spec.model_id,
+                state="loading",
+                detail=f"re-forming the split: {why}",
+            )
+        )
+        self._plan_at = self.clock()
+
+    def _dissolve(self) -> None:
+        split, self.split = self.split, None
+        if split is None:
+            return
+        for stage in split.stages.values():
+            if stage.tunnel is not None:
+                stage.tunnel.close()
+            if stage.epoch:
+                try:
+                    stage.link.send(encode(StageRelease(head=self.node_id, epoch=stage.epoch)), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self.forget(stage.monitor)
+            stage.link.setsockopt(zmq.LINGER, 200)
+            self.forget(stage.link)
+
+    def _tell_worker(self, message: EngineSpec | WorkerState) -> None:
+        assert self._control is not None
+        try:
+            self._control.send(encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            log.error("split of %s: the worker does not take orders", self.spec.model_id)
+
+    # -- status -------------------------------------------------------------------------------
+
+    def _set(self, state: SplitStateName, detail: str) -> None:
+        self.state, self.detail = state, detail
+        self._publish()
+
+    def row(self) -> SplitRow:
+        split = self.split
+        members = split.plan.members if split is not None else ()
+        epochs = [s.epoch for s in split.stages.values()] if split is not None else []
+        return SplitRow(
+            model=self.spec.model_id,
+            head=self.node_id,
+            epoch=max(epochs, default=split.epoch if split is not None else 0),
+            state=self.state,
+            load_mode=self.load_mode,
+            stages=[
+                SplitStage(node_id=m.node_id, layers=[m.first, m.last] if m.n_layers else [], output=m.output)
+                for m in members
+                if m.n_layers or m.output
+            ],
+            detail=self.detail,
+            bytes_crossed=self.bytes_crossed,
+        )
+
+    def _publish(self) -> None:
+        if self._news is not None:
+            try:
+                self._news.send(encode(SplitNews(splits=[self.row()])), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the gossip actor is gone (the node stops) or not up yet
+
+    def _on_query(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        query = self.decode(frames[-1], "control")
+        if isinstance(query, Query):
+            data = {"splits": [encode_row(self.row())]}
+            sock.send_multipart([frames[0], encode(Answer(request_id=query.request_id, data=data))])
+
+
+def encode_row(row: SplitRow) -> dict[str, object]:
+    import dataclasses
+
+    return dataclasses.asdict(row)
