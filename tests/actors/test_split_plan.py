@@ -7,7 +7,7 @@ import pytest
 from actors.splits._plan import OVERHEAD_BYTES, Candidate, Member, Need, NoFit, Plan, plan_split
 
 MB = 1024 * 1024
-O = OVERHEAD_BYTES
+OVERHEAD = OVERHEAD_BYTES
 
 
 def need(layers: int, layer_mb: int, *, input_mb: int = 10, output_mb: int = 10) -> Need:
@@ -16,7 +16,7 @@ def need(layers: int, layer_mb: int, *, input_mb: int = 10, output_mb: int = 10)
 
 def room(mb: float) -> int:
     """Free bytes that leave `mb` for layers after a member's overhead."""
-    return int(mb * MB) + O
+    return int(mb * MB) + OVERHEAD
 
 
 def ranges(plan: Plan | NoFit | None) -> list[tuple[str, int, int, bool]]:
@@ -61,7 +61,8 @@ def test_layers_cover_the_model_once_and_respect_every_members_room() -> None:
     assert isinstance(plan, Plan)
     covered = [i for m in plan.members for i in range(m.first, m.last + 1)]
     assert covered == list(range(40))
-    rooms = {c.node_id: c.free_bytes - O for c in peers} | {"h": head.free_bytes - O - model.input}
+    rooms = {c.node_id: c.free_bytes - OVERHEAD for c in peers}
+    rooms["h"] = head.free_bytes - OVERHEAD - model.input
     assert [s.node_id for s in plan.stages] == ["p0", "p1", "p2"]  # as few as fit, largest first
     for m in plan.members:
         used = sum(model.layers[m.first : m.last + 1]) + (model.output if m.output else 0)
