@@ -47,6 +47,10 @@ class _Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose KV entries are present
     request: Generate | None = None
     todo: list[int] = field(default_factory=list)  # tokens to feed before the next sample
+    # A resumed request's tokens from this position on were generated (elsewhere): they are fed
+    # one per step, as they were when generated, so that the KV cache holds bit for bit the
+    # values it held there (a batch rounds differently) and greedy decoding goes on identically.
+    replay_from: int | None = None
     max_tokens: int = 0
     n_done: int = 0
     unsent: list[int] = field(default_factory=list)  # generated ids whose text is not sent yet
@@ -202,6 +206,10 @@ class LlamaEngine:
             raise InvalidRequest(f"all {self.slots} slots are busy")
         slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
         keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)  # re-feed >= 1 token
+        if keep < 2:
+            # Reusing a BOS alone saves nothing, and a prompt evaluated whole is one a failover
+            # can evaluate again the same way (a resumed greedy stream then goes on identically).
+            keep = 0
         if request.seed is not None and request.temperature > 0:
             # A seeded sample is reproducible only if its logits are: evaluate the whole prompt
             # in the same batches every time (a cached prefix changes the batch shapes, and with
@@ -214,6 +222,7 @@ class LlamaEngine:
         slot.max_tokens = max_tokens
         slot.n_done = 0
         slot.unsent = []
+        slot.replay_from = len(tokens) - len(request.resume_tokens) if request.resume_tokens else None
         slot.n_prompt = len(tokens)
         slot.sampler = self._sampler(request)
         slot.stream = TextStream(request.stop)
@@ -260,7 +269,10 @@ class LlamaEngine:
         decoding_only = True
         # Generating sequences first (one token each, plus drafts), then prompt chunks.
         for slot in sorted((s for s in self._slots if s.request is not None), key=lambda s: len(s.todo)):
-            take = slot.todo[:budget]
+            limit, at = budget, len(slot.cached)
+            if slot.replay_from is not None:
+                limit = 1 if at >= slot.replay_from else min(budget, slot.replay_from - at)
+            take = slot.todo[:limit]
             if not take:
                 continue
             whole = len(take) == len(slot.todo)  # its last token is fed: sample after it

@@ -503,7 +503,12 @@ class Router(Actor):
             return True
         self.counters.resumed += 1
         request = flight.request
-        left = None if request.max_tokens is None else request.max_tokens - flight.sent_tokens
+        # Its max_tokens counts from the last resume on: take off what was sent since.
+        left = (
+            None
+            if request.max_tokens is None
+            else request.max_tokens - (flight.sent_tokens - flight.base_tokens)
+        )
         flight.request = replace(request, resume_tokens=list(flight.sent_ids), max_tokens=left)
         flight.base_tokens = flight.sent_tokens
         if left is not None and left < 1:

@@ -112,3 +112,22 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(engine: LlamaEngine) ->
     with pytest.raises(ContextOverflow, match="bytes"):
         engine.admit(greedy("huge", "x" * (4 * 1024 * 1024)))
     assert engine.active == 0
+
+
+def test_a_resumed_greedy_request_continues_exactly_on_a_fresh_engine(
+    engine: LlamaEngine, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A failover resumes on another engine from the token ids the client has: those are fed one
+    per step (as when they were generated), not as one batch whose rounding would differ."""
+    path = synthesize("llama", tmp_path_factory.mktemp("r") / "r.gguf", shape_for("llama", "small"), seed=5)
+    first = LlamaEngine(str(path), n_ctx=1024, n_threads=1, slots=1)
+    events = run_all(first, [greedy("whole", "Once upon a time", 400)])
+    ids = [t for e in events if isinstance(e, Chunk) for t in e.tokens]
+    for cut in (60, 200, 300):
+        fresh = LlamaEngine(str(path), n_ctx=1024, n_threads=1, slots=1)  # nothing cached
+        request = Generate(
+            request_id="rest", model="m", prompt="Once upon a time", max_tokens=400 - cut,
+            temperature=0, resume_tokens=ids[:cut],
+        )  # fmt: skip
+        rest = [t for e in run_all(fresh, [request]) if isinstance(e, Chunk) for t in e.tokens]
+        assert rest == ids[cut:], f"the text diverged after a resume at token {cut}"

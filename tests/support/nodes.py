@@ -107,7 +107,7 @@ class NodeProcess:
                 status = self.status()
             except PeerUnavailable:
                 continue
-            if (status["ready"] or status["role"] == "client") and not any(
+            if (status["ready"] or status["role"] in ("client", "standby")) and not any(
                 w["busy"] for w in status["workers"]
             ):
                 return status
@@ -165,9 +165,15 @@ def start_nodes(
 
 
 def launch(
-    tmp: Path, model: Path | None, *extra: str, zmq_port: int | None = None, state_dir: bool = True
+    tmp: Path,
+    model: Path | None,
+    *extra: str,
+    zmq_port: int | None = None,
+    state_dir: bool = True,
+    models_dir: Path | None = None,
 ) -> NodeProcess:
-    """A `mesh-llm serve` of `model`, or with no model a `mesh-llm client`, on free ports."""
+    """A `mesh-llm serve` of `model`, or with no model a `mesh-llm client` (a standby holding the
+    GGUFs of `models_dir` for dense splits, with one), on free ports."""
     zmq_port = zmq_port or free_port_pair()
     http_port = free_port_pair()
     log_path = tmp / f"node-{zmq_port}.log"
@@ -175,6 +181,12 @@ def launch(
         os.environ, XDG_CACHE_HOME=str(tmp / "cache"), XDG_STATE_HOME=str(tmp / "state"), PYTHONUNBUFFERED="1"
     )
     what = ["serve", "--model", str(model), "--threads", "1"] if model is not None else ["client"]
+    if models_dir is not None:
+        what = [
+            *(what if model is not None else ["serve", "--threads", "1"]),
+            "--models-dir",
+            str(models_dir),
+        ]
     argv = [
         str(BIN / "mesh-llm"), *what, "--host", "127.0.0.1",
         "--http-port", str(http_port), "--zmq-port", str(zmq_port),

@@ -1,0 +1,190 @@
+"""Dense layer splits end to end: real nodes on loopback, a synthesized dense model, llama.cpp RPC
+stages reached through the ZeroMQ tunnel."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from actors.gguf import shape_for, synthesize
+from tests.support.nodes import NodeProcess, eventually, launch, start_nodes, wait_http
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+MODEL = "split-small"
+# --ctx 2048 --slots 2: the model needs about 0.085 GiB; each node offers 0.08 GiB, so the head
+# must recruit a stage, and the layers split about evenly between them.
+SIZES = ["--ctx", "2048", "--slots", "2", "--max-memory", "0.08"]
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the dense model (every node of the test holds its own "copy")."""
+    folder = tmp_path_factory.mktemp("split-models")
+    synthesize("llama", folder / f"{MODEL}.gguf", shape_for("llama", "small"), seed=5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """The same model served whole by one node (a mesh of its own)."""
+    (node,) = start_nodes(
+        tmp_path_factory.mktemp("whole"),
+        models / f"{MODEL}.gguf",
+        [["--no-mdns", "--mesh", "whole", "--ctx", "2048", "--slots", "2"]],
+    )
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def split(
+    models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[NodeProcess, list[NodeProcess]]]:
+    """A head whose model does not fit its --max-memory, and a standby node holding the file."""
+    tmp = tmp_path_factory.mktemp("split")
+    mesh = ["--no-mdns", "--mesh", "split"]
+    stage = launch(tmp, None, *mesh, *SIZES[-2:], models_dir=models)
+    head = launch(tmp, models / f"{MODEL}.gguf", *mesh, *SIZES, "--peer", f"127.0.0.1:{stage.zmq_port}")
+    stages = [stage]
+    try:
+        for node in (stage, head):
+            node.wait_ready(timeout_s=90)
+            wait_http(node)
+        yield head, stages
+    finally:
+        for node in [head, *stages]:
+            node.stop()
+
+
+def complete(node: NodeProcess, max_tokens: int, prompt: str = PROMPT) -> str:
+    oai = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return reply.choices[0].text
+
+
+def splits_of(node: NodeProcess) -> list[dict]:
+    done = node.ctl("splits", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_model_bigger_than_its_node_is_served_by_a_split(
+    split: tuple[NodeProcess, list[NodeProcess]], reference: NodeProcess
+) -> None:
+    head, (stage,) = split
+    # Greedy output is the single node's, token for token, through the official client.
+    assert complete(head, 40) == complete(reference, 40)
+    # The split as mesh-ctl shows it, from the head and from the stage.
+    status = head.status()
+    head_id, stage_id = status["node_id"], stage.status()["node_id"]
+    (row,) = splits_of(head)
+    assert row["model"] == MODEL and row["head"] == head_id and row["state"] == "serving"
+    assert row["load_mode"] == "hash-cache" and row["epoch"] > 0
+    assert [s["node_id"] for s in row["stages"]] == [stage_id, head_id]
+    layers = [s["layers"] for s in row["stages"]]
+    assert layers[0][0] == 0 and layers[-1][1] == 3 and layers[0][1] + 1 == layers[1][0], layers
+    assert row["stages"][-1]["output"] is True  # logits stay on the head
+    assert splits_of(stage) == [row] or eventually(lambda: splits_of(stage) == splits_of(head))
+    assert status["splits"] == splits_of(head)
+    # `models` lists the split model once, served by its head.
+    models = json.loads(head.ctl("models", "--json").stdout)
+    assert [(m["id"], m["nodes"]) for m in models] == [(MODEL, [head_id])]
+    # The stage's llama.cpp RPC server listens on another loopback address, never the node's.
+    found = re.search(r"RPC server pid \d+ on ([\d.]+):(\d+)", stage.log_path.read_text())
+    assert found, stage.log()
+    rpc_host, rpc_port = found.group(1), int(found.group(2))
+    assert rpc_host.startswith("127.") and rpc_host != "127.0.0.1"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", rpc_port), timeout=2).close()
+
+
+def test_a_stage_killed_mid_stream_is_replaced_and_the_stream_completes(
+    split: tuple[NodeProcess, list[NodeProcess]], reference: NodeProcess, models: Path, tmp_path: Path
+) -> None:
+    head, stages = split
+    (first,) = stages
+    spare = launch(
+        tmp_path,
+        None,
+        "--no-mdns",
+        "--mesh",
+        "split",
+        *SIZES[-2:],
+        "--peer",
+        f"127.0.0.1:{head.zmq_port}",
+        models_dir=models,
+    )
+    stages.append(spare)  # stopped with the others
+    spare.wait_ready(timeout_s=60)
+    spare_id = spare.status()["node_id"]
+    eventually(
+        lambda: any(p["node_id"] == spare_id and p["state"] == "alive" for p in head.status()["peers"])
+    )
+    prompt = "A stage dies while we talk"  # no prefix in any cache: evaluated whole, as a resume is
+    expected = complete(reference, 600, prompt)
+    pieces: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 600, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{head.url}/v1/completions", json=body, timeout=120) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    data = json.loads(line[6:])
+                    assert "error" not in data, data
+                    pieces.append(data["choices"][0]["text"])
+                    if len(pieces) > 20:
+                        started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(60), "the stream did not start"
+    os.kill(first.proc.pid, signal.SIGKILL)
+    reader.join(120)
+    assert not reader.is_alive()
+    assert "".join(pieces) == expected  # nothing lost, nothing repeated, nothing truncated
+    (row,) = splits_of(head)
+    assert row["state"] == "serving" and [s["node_id"] for s in row["stages"]][0] == spare_id
+    assert "engine died" in head.log() or "planning again" in head.log()
+
+
+def test_a_model_too_big_for_the_whole_mesh_gets_a_503_naming_why(models: Path, tmp_path: Path) -> None:
+    mesh = ["--no-mdns", "--mesh", "too-big", "--ctx", "2048", "--slots", "2"]
+    stage = launch(tmp_path, None, *mesh, "--max-memory", "0.07", models_dir=models)
+    head = launch(
+        tmp_path,
+        models / f"{MODEL}.gguf",
+        *mesh,
+        "--max-memory",
+        "0.07",
+        "--peer",
+        f"127.0.0.1:{stage.zmq_port}",
+    )
+    try:
+        for node in (stage, head):
+            wait_http(node, timeout_s=60)
+        eventually(lambda: any(r["state"] == "failed" for r in splits_of(head)), timeout_s=60)
+        reply = httpx.post(
+            f"{head.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4}, timeout=30
+        )
+        assert reply.status_code == 503, reply.text
+        message = reply.json()["error"]["message"]
+        assert "needs" in message and "1 peer(s) holding the same file" in message, message
+        assert httpx.get(f"{head.url}/health", timeout=10).status_code == 503
+        workers = head.status()["workers"]
+        assert [w["restarts"] for w in workers] == [0]  # no crash loop
+        assert head.proc.poll() is None
+    finally:
+        head.stop()
+        stage.stop()
