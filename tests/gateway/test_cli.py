@@ -70,4 +70,4 @@ def test_an_http_port_among_the_zmq_ports_is_refused_clearly(tmp_path: Path) -> 
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=60, env={"XDG_STATE_HOME": str(tmp_path)}
     )
-    assert done.returncode == 2 and "is one of this node's ZeroMQ ports (9400-9402" in done.stderr
+    assert done.returncode == 2 and "is one of this node's ZeroMQ ports (9400-9403" in done.stderr
