@@ -155,6 +155,14 @@ class LlamaEngine:
             self._zmq.term()
             self._drafts = None
 
+    def unload(self) -> None:
+        """Free the context and the model now (an engine child just exits instead). A split's
+        model must be freed while its stages still answer: llama.cpp aborts otherwise."""
+        self.close()
+        self._lib.llama_batch_free(self._batch)
+        self._lib.llama_free(self._ctx)
+        self.llm.close()
+
     def stats(self) -> dict[str, object]:
         rate = self.accepted / self.drafted if self.drafted else None
         return {

@@ -141,8 +141,9 @@ class Actor:
         self._fds[fd] = handler
         self._poller.register(fd, zmq.POLLIN)
 
-    def forget(self, sock_or_fd: zmq.Socket | int) -> None:
-        """Stop polling a socket or fd; a socket is also closed."""
+    def forget(self, sock_or_fd: zmq.Socket | int, *, linger_ms: int = 0) -> None:
+        """Stop polling a socket or fd; a socket is also closed (what it has queued is dropped,
+        or delivered for up to `linger_ms` in the background)."""
         self._poller.unregister(sock_or_fd)
         if isinstance(sock_or_fd, int):
             self._fds.pop(sock_or_fd, None)
@@ -150,7 +151,7 @@ class Actor:
         self._sockets.pop(sock_or_fd, None)
         if sock_or_fd in self._owned:
             self._owned.remove(sock_or_fd)
-        sock_or_fd.close(linger=0)
+        sock_or_fd.close(linger=linger_ms)
 
     def decode(self, frame: bytes, source: str) -> Message | None:
         """Decode an untrusted frame; a bad one is counted, logged once, and gives None."""

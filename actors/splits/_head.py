@@ -112,7 +112,7 @@ class SplitHead(Actor):
         self.excluded: dict[str, float] = {}  # node -> until when it is not recruited
         self.bytes_crossed = 0
         self._epochs = itertools.count(1)
-        self._plan_at = self._earliest_plan = 0.0
+        self._plan_at = self._earliest_plan = self._news_due = 0.0
         self._renewed_at = 0.0
         self._control: zmq.Socket | None = None
         self._news: zmq.Socket | None = None
@@ -144,6 +144,8 @@ class SplitHead(Actor):
     def on_tick(self, now: float) -> None:
         if self.state in ("planning", "failed") and now >= self._plan_at:
             self._try_plan()
+        if now >= self._news_due:  # the tunnels' counters move: say so now and then
+            self._publish()
         split = self.split
         if split is None:
             return
@@ -381,6 +383,9 @@ class SplitHead(Actor):
         split = self.split
         members = split.plan.members if split is not None else ()
         epochs = [s.epoch for s in split.stages.values()] if split is not None else []
+        tunnels = (
+            [s.tunnel for s in split.stages.values() if s.tunnel is not None] if split is not None else []
+        )
         return SplitRow(
             model=self.spec.model_id,
             head=self.node_id,
@@ -394,9 +399,13 @@ class SplitHead(Actor):
             ],
             detail=self.detail,
             bytes_crossed=self.bytes_crossed,
+            tunnel_bytes_up=sum(t.bytes_up for t in tunnels) - self.bytes_crossed,
+            tunnel_bytes_down=sum(t.bytes_down for t in tunnels),
+            round_trips=sum(t.round_trips for t in tunnels),
         )
 
     def _publish(self) -> None:
+        self._news_due = self.clock() + 1.0
         if self._news is not None:
             try:
                 self._news.send(encode(SplitNews(splits=[self.row()])), zmq.NOBLOCK)

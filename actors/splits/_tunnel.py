@@ -22,6 +22,7 @@ from actors.runtime._actor import Actor
 
 TAG = b"T"
 OPEN, DATA, CLOSE = 0, 1, 2
+MAX_CHUNK_BYTES = 256 * 1024  # bytes coalesced into one message at most (well under frame limits)
 _HEADER = struct.Struct("!QIB")  # epoch, connection, op
 
 
@@ -62,29 +63,61 @@ class HeadEnd:
         self._by_conn: dict[int, bytes] = {}
         self._next = 1
         self.bytes_up = self.bytes_down = 0
+        self.round_trips = 0  # answers that followed a request: the engine waited for each
+        self.messages_up = self.messages_down = 0
+        self._waiting = False
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def _from_engine(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            return
-        zid, data = frames
-        conn = self._by_zid.get(zid)
+        """What the engine wrote, and whatever more it has written since: the RPC client writes a
+        token's commands in a burst, and one message per burst costs far less than one each."""
+        pending: tuple[int, list[bytes]] | None = None  # a connection's bytes not yet sent
+        while True:
+            if len(frames) == 2:
+                zid, data = frames
+                conn = self._by_zid.get(zid)
+                if data and conn is not None and pending is not None and pending[0] == conn:
+                    pending[1].append(data)
+                    if sum(map(len, pending[1])) >= MAX_CHUNK_BYTES:
+                        self._flush(pending)
+                        pending = None
+                else:
+                    self._flush(pending)
+                    pending = self._event(zid, conn, data)
+            try:
+                frames = self.stream.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        self._flush(pending)
+
+    def _event(self, zid: bytes, conn: int | None, data: bytes) -> tuple[int, list[bytes]] | None:
+        """Handle a connect or disconnect; the start of a connection's bytes to send."""
         if conn is None:
             if data:
-                return  # bytes of a connection we already closed
+                return None  # bytes of a connection we already closed
             conn = self._next
             self._next += 1
             self._by_zid[zid], self._by_conn[conn] = conn, zid
             self._send(tunnel_frames(self.epoch, conn, OPEN))
-        elif not data:  # the engine closed it
+            return None
+        if not data:  # the engine closed it
             self._forget(conn)
             self._send(tunnel_frames(self.epoch, conn, CLOSE))
-        else:
-            self.bytes_up += len(data)
-            self._send(tunnel_frames(self.epoch, conn, DATA, data))
+            return None
+        return conn, [data]
+
+    def _flush(self, pending: tuple[int, list[bytes]] | None) -> None:
+        if pending is None:
+            return
+        conn, chunks = pending
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.bytes_up += len(data)
+        self.messages_up += 1
+        self._waiting = True
+        self._send(tunnel_frames(self.epoch, conn, DATA, data))
 
     def from_stage(self, conn: int, op: int, data: bytes) -> None:
         zid = self._by_conn.get(conn)
@@ -92,6 +125,10 @@ class HeadEnd:
             return
         if op == DATA:
             self.bytes_down += len(data)
+            self.messages_down += 1
+            if self._waiting:
+                self.round_trips += 1
+                self._waiting = False
             self.stream.send_multipart([zid, data])
         elif op == CLOSE:
             self._forget(conn)
@@ -154,16 +191,30 @@ class StageEnd:
                 c.sock.send_multipart([b"rpc", data])
             else:
                 c.pending.append(data)
-        else:
-            self._close(conn)
+        else:  # the head closed it: after the bytes queued for the server
+            c.sock.send_multipart([b"rpc", b""])
+            self._close(conn, linger_ms=1000)
 
     def _from_server(self, epoch: int, conn: int, frames: list[bytes]) -> None:
         c = self._conns.get(conn)
         if c is None or len(frames) != 2:
             return
         data = frames[1]
-        if data:
-            self._send(tunnel_frames(epoch, conn, DATA, data))
+        if data:  # and whatever more the server has written since, in one message
+            chunks = [data]
+            while True:
+                try:
+                    more = c.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if len(more) != 2 or not more[1]:  # a disconnect: after these bytes
+                    self._send(tunnel_frames(epoch, conn, DATA, b"".join(chunks)))
+                    self._from_server(epoch, conn, more)
+                    return
+                chunks.append(more[1])
+                if sum(map(len, chunks)) >= MAX_CHUNK_BYTES:
+                    break
+            self._send(tunnel_frames(epoch, conn, DATA, chunks[0] if len(chunks) == 1 else b"".join(chunks)))
         elif not c.connected:
             c.connected = True
             for chunk in c.pending:
@@ -173,10 +224,10 @@ class StageEnd:
             self._close(conn)
             self._send(tunnel_frames(epoch, conn, CLOSE))
 
-    def _close(self, conn: int) -> None:
+    def _close(self, conn: int, linger_ms: int = 0) -> None:
         c = self._conns.pop(conn, None)
         if c is not None:
-            self.actor.forget(c.sock)
+            self.actor.forget(c.sock, linger_ms=linger_ms)
 
     def close(self) -> None:
         for conn in list(self._conns):

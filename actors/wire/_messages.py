@@ -243,6 +243,10 @@ class SplitRow:
     stages: list[SplitStage]
     detail: str = ""
     bytes_crossed: int = 0  # bytes sent to the stages while they loaded
+    # Through the tunnels since: bytes each way and RPC round trips (for per-token costs).
+    tunnel_bytes_up: int = 0
+    tunnel_bytes_down: int = 0
+    round_trips: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,9 +3,17 @@ veth pairs between them. Everything made here is removed by `close()`, even afte
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import subprocess
+import threading
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+_CLONE_NEWNET = 0x40000000
 
 
 def _ip(*args: str) -> None:
@@ -56,6 +64,32 @@ class Lan:
         self.hosts[ns] = address
         return ns, address
 
+    def limit(self, ns: str, rate: str = "1gbit") -> None:
+        """Shape what a host sends to `rate` (a token bucket on its interface)."""
+        _ip_netns_exec(
+            ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "256kb",
+            "latency",
+            "50ms",
+        )
+
+    def tx_bytes(self, ns: str) -> int:
+        """Bytes a host has sent on its interface."""
+        out = subprocess.run(
+            ["ip", "-n", ns, "-s", "-j", "link", "show", "eth0"], check=True, capture_output=True, text=True
+        )
+        return int(json.loads(out.stdout)[0]["stats64"]["tx"]["bytes"])
+
     def unplug(self, ns: str) -> None:
         """Partition a host from the others (its switch port goes down)."""
         _ip("-n", self.switch, "link", "set", self._port(ns), "down")
@@ -67,7 +101,37 @@ class Lan:
         return f"p{list(self.hosts).index(ns) + 1}"
 
     def close(self) -> None:
-        """Delete every namespace made (veths and the bridge go with them)."""
+        """Delete every namespace made (veths and the bridge go with them); idempotent."""
         while self._made:
             ns = self._made.pop()
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _ip_netns_exec(ns: str, *argv: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True, text=True)
+
+
+def run_in(ns: str, call: Callable[[], T]) -> T:
+    """`call()` on a thread that has entered `ns`'s network (the sockets it opens live there)."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+            finally:
+                os.close(fd)
+            result.append(call())
+        except BaseException as err:  # handed to the caller's thread
+            errors.append(err)
+
+    thread = threading.Thread(target=run, name=f"in-{ns}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
