@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if not host.startswith("127."):
         raise SystemExit(f"mesh-llm-stage: refusing to listen on {host}: the RPC server is for loopback only")
     first, last = (int(x) for x in args.layers.split(","))
+    import threading
+
+    warm = threading.Thread(target=lambda: __import__("llama_cpp"), daemon=True)  # meanwhile
+    warm.start()
     if args.load_mode == "hash-cache":
         from actors.gguf._layout import build_rpc_cache, read_layout
 
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     import ctypes
 
+    warm.join()
     import llama_cpp
 
     from actors.engine._llamacpp import cpu_device, ggml_libraries

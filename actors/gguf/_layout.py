@@ -122,30 +122,35 @@ def fnv1a64(buffer: memoryview | bytes) -> int:
     return int(lib.fnv1a_64(ffi.from_buffer(buffer), len(buffer)))
 
 
-def build_rpc_cache(layout: Layout, first: int, last: int, cache_dir: Path) -> tuple[int, int]:
+def build_rpc_cache(
+    layout: Layout, first: int, last: int, cache_dir: Path, threads: int = 0
+) -> tuple[int, int]:
     """Write llama.cpp RPC cache files (`cache_dir/%016x`, named by the FNV-1a 64 of the bytes) for
     the tensors of layers first..last over the RPC hash threshold, from our own copy of the model,
-    so that the host's SET_TENSOR_HASH finds them and sends no bytes. The copy is made in the
+    so that the host's SET_TENSOR_HASH finds them and sends no bytes. Tensors are hashed on
+    `threads` threads (default: every core; the hash runs without the GIL) and copied in the
     kernel (copy_file_range: a reflink where the file system can). Returns (files, bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cache_dir.mkdir(parents=True, exist_ok=True)
-    n_files = n_bytes = 0
+    tensors = [t for t in layout.layer_tensors(first, last) if t.size > RPC_HASH_MIN_BYTES]
     with open(layout.path, "rb") as src, mmap.mmap(src.fileno(), 0, prot=mmap.PROT_READ) as data:
-        for t in layout.layer_tensors(first, last):
-            if t.size <= RPC_HASH_MIN_BYTES:
-                continue
+        for t in tensors:
             if t.offset + t.size > len(data):
                 raise ValueError(f"{layout.path}: tensor {t.name} runs past the end of the file")
+
+        def write(t: TensorSpan) -> int:
             with memoryview(data)[t.offset : t.offset + t.size] as view:
                 name = cache_dir / f"{fnv1a64(view):016x}"
-            if name.exists() and name.stat().st_size == t.size:
-                continue  # two tensors with the same bytes
-            tmp = name.with_suffix(".part")
+            tmp = cache_dir / f"{t.name}.part"
             with open(tmp, "wb") as dst:
                 _copy_range(src.fileno(), dst.fileno(), t.offset, t.size)
-            os.replace(tmp, name)
-            n_files += 1
-            n_bytes += t.size
-    return n_files, n_bytes
+            os.replace(tmp, name)  # two tensors with the same bytes: one file
+            return t.size
+
+        with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+            sizes = list(pool.map(write, tensors))
+    return len(sizes), sum(sizes)
 
 
 def _copy_range(src: int, dst: int, offset: int, size: int) -> None:

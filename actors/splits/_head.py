@@ -268,6 +268,12 @@ class SplitHead(Actor):
         if stage.epoch and grant.epoch != stage.epoch:
             self._lost(node, f"stage {node} changed its lease epoch")
             return
+        if grant.state == "ready" and stage.state != "ready":
+            m = stage.member
+            log.info(
+                "split of %s: stage %s ready for layers %d-%d (%.1f MB of RPC cache files from its own copy)",
+                self.spec.model_id, node, m.first, m.last, grant.cache_bytes / 1e6,
+            )  # fmt: skip
         stage.epoch, stage.state, stage.answered_at = grant.epoch, grant.state, self.clock()
         stage.cache_bytes = grant.cache_bytes
         self._maybe_load()

@@ -87,6 +87,7 @@ class StageHost(Actor):
         self._sock: zmq.Socket | None = None
         self._offer: zmq.Socket | None = None
         self._offer_due = 0.0
+        self._dead_epoch: tuple[int, str] = (0, "")  # the last lease whose RPC server died, and how
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -186,6 +187,8 @@ class StageHost(Actor):
         if lease is not None and lease.head != claim.head:
             return refuse(f"node {self.node_id} serves a stage for head {lease.head} (epoch {lease.epoch})")
         if claim.epoch:  # a renewal
+            if self._dead_epoch[0] == claim.epoch:
+                return refuse(self._dead_epoch[1])
             if lease is None or lease.epoch != claim.epoch or lease.zid != zid:
                 return refuse(f"lease epoch {claim.epoch} is not held here (expired or superseded)")
             lease.renewed_at = now
@@ -241,6 +244,7 @@ class StageHost(Actor):
         ]  # fmt: skip
         child = ChildProcess(argv)
         pid = child.start()
+        self.on_fd(child.exit_fd, self._on_child_exit)
         log.info(
             "stage for head %s: epoch %d, layers %d-%d of %s (%s), RPC server pid %d on %s",
             claim.head, self._epoch, claim.first, claim.last, layout.path, claim.load_mode, pid, rpc_endpoint,
@@ -264,6 +268,17 @@ class StageHost(Actor):
         )
         return lease
 
+    def _on_child_exit(self) -> None:
+        """The RPC server died: the lease goes with it (the head hears it at its next renewal,
+        or sooner, as its tunnelled connections close)."""
+        lease = self.lease
+        if lease is not None and lease.child.exit_code() is not None:
+            log.warning(
+                "stage for head %s: the RPC server exited with code %s", lease.head, lease.child.exit_code()
+            )
+            self._dead_epoch = lease.epoch, f"the RPC server exited with code {lease.child.exit_code()}"
+            self._release("its RPC server died")
+
     def _release(self, why: str) -> None:
         lease, self.lease = self.lease, None
         if lease is None:
@@ -271,6 +286,7 @@ class StageHost(Actor):
         log.info("stage for head %s (epoch %d) released: %s", lease.head, lease.epoch, why)
         if lease.tunnel is not None:
             lease.tunnel.close()
+        self.forget(lease.child.exit_fd)
         lease.child.close()
         shutil.rmtree(lease.cache_dir, ignore_errors=True)
         self._publish_offer()

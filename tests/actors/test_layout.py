@@ -69,6 +69,7 @@ def test_rpc_cache_files_hold_the_big_tensors_of_the_layers_asked(wide_model: Pa
     files, size = build_rpc_cache(layout, 1, 1, tmp_path / "cache")
     big = [t for t in layout.layer_tensors(1, 1) if t.size > RPC_HASH_MIN_BYTES]
     assert len(big) >= 3 and files == len(big) and size == sum(t.size for t in big)
+    assert len(list((tmp_path / "cache").iterdir())) == len({(t.offset, t.size) for t in big})
     data = wide_model.read_bytes()
     for t in big:
         cached = tmp_path / "cache" / f"{fnv1a64(data[t.offset : t.offset + t.size]):016x}"
