@@ -4,7 +4,9 @@ interfaces, notice a partition, and heal. Skipped, with the reason, where namesp
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -147,3 +149,49 @@ def test_a_sixty_second_partition_heals_within_three_seconds(hosts: list[Host], 
         f"partitioned 60 s; every view converged {took:.2f} s after the link healed (polled: {polled:.1f} s)"
     )
     assert took <= 3.0
+
+
+def test_a_split_across_hosts_keeps_the_rpc_server_off_the_lan(
+    lan: Lan, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A head on one host, a stage on another (mDNS finds it): the split serves, and the stage's
+    llama.cpp RPC server answers neither on the stage's LAN address nor from any other host —
+    only the mesh's ZeroMQ tunnel reaches it."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / tiny_model.name).symlink_to(tiny_model)
+    made: list[Host] = []
+    try:
+        for i, what in enumerate((["--models-dir", str(models)], ["--model", str(tiny_model), "--split"])):
+            ns, address = lan.add_host()
+            argv = [
+                "ip", "netns", "exec", ns, str(BIN / "mesh-llm"), "serve", *what, "--host", address,
+                "--mesh", "lan-split", "--threads", "1", "--ctx", "256",
+                "--state-dir", str(tmp_path / f"s{i}"),
+            ]  # fmt: skip
+            log_path = tmp_path / f"split{i}.log"
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            made.append(Host(ns, address, proc, log_path))
+        stage, head = made
+
+        def split_state() -> str:
+            out = head.ctl("splits", "--json")
+            rows = json.loads(out.stdout) if out.returncode == 0 else []
+            return rows[0]["state"] if rows else "none"
+
+        eventually(lambda: split_state() == "serving", 90, split_state)
+        found = re.search(r"RPC server pid \d+ on ([\d.]+):(\d+)", stage.log.read_text())
+        assert found, stage.log.read_text()[-3000:]
+        rpc_host, rpc_port = found.group(1), found.group(2)
+        assert rpc_host == "127.0.0.1"  # the stage's own loopback, in its own namespace
+        probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
+        for ns, target in ((head.ns, stage.address), (stage.ns, stage.address), (head.ns, "127.0.0.1")):
+            done = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", probe, target, rpc_port],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert done.returncode != 0 and "Connection refused" in done.stderr, (ns, target, done.stderr)
+    finally:
+        for host in made:
+            stop_process(host.proc)
