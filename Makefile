@@ -49,3 +49,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/mesh.py
 	$(BIN)/python bench/speculative.py
 	$(BIN)/python bench/moe.py
+	$(BIN)/python bench/split.py

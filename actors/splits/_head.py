@@ -167,6 +167,7 @@ class SplitHead(Actor):
 
     def _candidates(self) -> list[Candidate]:
         now = self.clock()
+        self.excluded = {n: until for n, until in self.excluded.items() if until > now}
         out = []
         for node, peer in self.peers.items():
             offer = peer.offer
@@ -195,12 +196,13 @@ class SplitHead(Actor):
             )
             self._start(plan)
         elif isinstance(result, NoFit):
-            if self.state != "failed" or self.detail != result.reason:
+            if self.state != "failed" or self.detail != result.reason:  # news: say it once
                 log.warning("split of %s: cannot form: %s", self.spec.model_id, result.reason)
-            self._set("failed", result.reason)
-            self._tell_worker(
-                WorkerState(worker_id="", model_id=self.spec.model_id, state="failed", detail=result.reason)
-            )
+                self._set("failed", result.reason)
+                failed = WorkerState(
+                    worker_id="", model_id=self.spec.model_id, state="failed", detail=result.reason
+                )
+                self._tell_worker(failed)
         else:
             self._start(result)
 
