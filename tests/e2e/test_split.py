@@ -166,9 +166,12 @@ def test_a_stage_killed_or_frozen_mid_stream_is_replaced_and_the_stream_complete
             os.kill(victim.proc.pid, signal.SIGCONT)
 
 
-def test_a_model_too_big_for_the_whole_mesh_gets_a_503_naming_why(models: Path, tmp_path: Path) -> None:
+def test_a_model_too_big_for_the_whole_mesh_gets_a_503_naming_why_until_a_node_with_room_joins(
+    models: Path, tmp_path: Path
+) -> None:
     mesh = ["--no-mdns", "--mesh", "too-big", "--ctx", "2048", "--slots", "2"]
     stage = launch(tmp_path, None, *mesh, "--max-memory", "0.07", models_dir=models)
+    stages = [stage]
     head = launch(
         tmp_path,
         models / f"{MODEL}.gguf",
@@ -192,6 +195,24 @@ def test_a_model_too_big_for_the_whole_mesh_gets_a_503_naming_why(models: Path, 
         workers = head.status()["workers"]
         assert [w["restarts"] for w in workers] == [0]  # no crash loop
         assert head.proc.poll() is None
+        # A node with room joins (or a lost stage comes back): the head plans again and serves.
+        roomy = launch(
+            tmp_path,
+            None,
+            *mesh,
+            "--max-memory",
+            "0.08",
+            "--peer",
+            f"127.0.0.1:{head.zmq_port}",
+            models_dir=models,
+        )
+        stages = [stage, roomy]
+        eventually(lambda: any(r["state"] == "serving" for r in splits_of(head)), timeout_s=90)
+        reply = httpx.post(
+            f"{head.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4}, timeout=60
+        )
+        assert reply.status_code == 200, reply.text
     finally:
         head.stop()
-        stage.stop()
+        for node in stages:
+            node.stop()
