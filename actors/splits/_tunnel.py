@@ -23,6 +23,7 @@ from actors.runtime._actor import Actor
 TAG = b"T"
 OPEN, DATA, CLOSE = 0, 1, 2
 MAX_CHUNK_BYTES = 256 * 1024  # bytes coalesced into one message at most (well under frame limits)
+MAX_PENDING_BYTES = 16 * 1024 * 1024  # bytes a stage holds for an RPC connection still connecting
 _HEADER = struct.Struct("!QIB")  # epoch, connection, op
 
 
@@ -158,6 +159,7 @@ class _Conn:
     sock: zmq.Socket
     connected: bool = False
     pending: list[bytes] = field(default_factory=list)
+    pending_bytes: int = 0
 
 
 class StageEnd:
@@ -179,7 +181,10 @@ class StageEnd:
                 self._send(tunnel_frames(epoch, conn, CLOSE))
                 return
             sock = unbounded(self.actor.socket(zmq.STREAM))
-            sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a reconnect would be a new RPC client
+            # A reconnect would be a new RPC client: we close the socket as soon as the server hangs
+            # up, long before this. (Not -1: with reconnects off, ZeroMQ never says it hung up.)
+            sock.setsockopt(zmq.RECONNECT_IVL, 60_000)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
             sock.setsockopt(zmq.CONNECT_ROUTING_ID, b"rpc")
             sock.connect(f"tcp://{self.rpc_endpoint}")
             self._conns[conn] = _Conn(sock)
@@ -189,8 +194,13 @@ class StageEnd:
         elif op == DATA:
             if c.connected:
                 c.sock.send_multipart([b"rpc", data])
+            elif c.pending_bytes + len(data) > MAX_PENDING_BYTES:  # the server never answered
+                self.actor.stats["tunnel_overflows"] += 1
+                self._close(conn)
+                self._send(tunnel_frames(epoch, conn, CLOSE))
             else:
                 c.pending.append(data)
+                c.pending_bytes += len(data)
         else:  # the head closed it: after the bytes queued for the server
             c.sock.send_multipart([b"rpc", b""])
             self._close(conn, linger_ms=1000)
