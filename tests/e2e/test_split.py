@@ -73,6 +73,11 @@ def complete(node: NodeProcess, max_tokens: int, prompt: str = PROMPT) -> str:
     return reply.choices[0].text
 
 
+def plan(row: dict) -> dict:
+    """A split row without its moving traffic counters."""
+    return {k: v for k, v in row.items() if k not in ("tunnel_bytes_up", "tunnel_bytes_down", "round_trips")}
+
+
 def splits_of(node: NodeProcess) -> list[dict]:
     done = node.ctl("splits", "--json")
     assert done.returncode == 0, done.stderr
@@ -95,8 +100,9 @@ def test_a_model_bigger_than_its_node_is_served_by_a_split(
     layers = [s["layers"] for s in row["stages"]]
     assert layers[0][0] == 0 and layers[-1][1] == 3 and layers[0][1] + 1 == layers[1][0], layers
     assert row["stages"][-1]["output"] is True  # logits stay on the head
-    assert splits_of(stage) == [row] or eventually(lambda: splits_of(stage) == splits_of(head))
-    assert status["splits"] == splits_of(head)
+    # The stage and `status` show the same split (the tunnel counters move between the asks).
+    eventually(lambda: [plan(r) for r in splits_of(stage)] == [plan(row)])
+    assert [plan(r) for r in status["splits"]] == [plan(row)]
     # `models` lists the split model once, served by its head.
     models = json.loads(head.ctl("models", "--json").stdout)
     assert [(m["id"], m["nodes"]) for m in models] == [(MODEL, [head_id])]
