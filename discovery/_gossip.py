@@ -406,7 +406,7 @@ class Gossip(Actor):
             zmq_port=self.me.zmq_port,
             http_port=self.me.http_port,
             role="left" if self.membership.left else self.role,
-            models=[] if self.far else self._models,
+            models=[] if self.far else self._advertised(),
             load=self._load,
             sent_at=now,
             echoes={
@@ -420,6 +420,12 @@ class Gossip(Actor):
             splits=self.splits,
         )
         self._pub.send(encode(beat))
+
+    def _advertised(self) -> list[str]:
+        """The models we serve: those ready here, and a dense split's while it forms or re-forms
+        (its head queues their requests meanwhile; a split that cannot form is not advertised)."""
+        forming = {row.model for row in self.splits if row.state != "failed"}
+        return sorted(set(self._models) | forming)
 
     def _greet_strangers(self) -> None:
         """Say where we are to seeds we have not heard from, and to peers whose heartbeats show

@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from actors import PROTOCOL_VERSION, NodeConfig, ask, encode, make_socket
+from actors.wire import decode
 from actors.wire._messages import Heartbeat, Load, ViewRow
 from discovery import Advert, Gossip, mesh_hash
 from tests.support.nodes import free_port_pair
@@ -172,3 +173,47 @@ def test_a_frame_over_the_gossip_limit_is_refused_before_it_is_unpacked(
 
 def _fields(message: Heartbeat) -> dict[str, object]:
     return msgpack.unpackb(encode(message), raw=False)[2]  # type: ignore[no-any-return]
+
+
+def test_a_forming_split_is_advertised_and_a_failed_one_is_not(
+    rig: tuple[Gossip, zmq.Socket], zmq_ctx: zmq.Context
+) -> None:
+    """Our heartbeat lists a split model while its head plans or loads it (requests then queue at
+    the head instead of meeting a 404 elsewhere), not once it cannot form; our offer travels too."""
+    from actors.wire._messages import Holding, Offer, SplitNews, SplitRow
+
+    gossip, _ = rig
+    sub = make_socket(zmq_ctx, zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(gossip.bind_endpoint)
+    inbox = make_socket(zmq_ctx, zmq.PUSH)
+    inbox.connect("inproc://g-inbox")
+
+    def next_beat() -> Heartbeat:
+        while True:
+            assert sub.poll(3000)
+            heard = decode(sub.recv())
+            if isinstance(heard, Heartbeat):
+                return heard
+
+    def split(state: str) -> SplitNews:
+        return SplitNews(
+            splits=[SplitRow(model="big", head="me", epoch=1, state=state, load_mode="hash-cache", stages=[])]
+        )  # type: ignore[arg-type]
+
+    try:
+        offer = Offer(memory_bytes=10, free_bytes=5, holdings=[Holding(model_id="big", identity="x", size=1)])
+        inbox.send(encode(offer))
+        for state, listed in (("planning", True), ("serving", True), ("failed", False), ("loading", True)):
+            inbox.send(encode(split(state)))
+            deadline = time.monotonic() + 3
+            while True:
+                heard = next_beat()
+                if (heard.splits and heard.splits[0].state == state) or time.monotonic() > deadline:
+                    break
+            assert heard.splits[0].state == state
+            assert ("big" in heard.models) is listed, (state, heard.models)
+            assert heard.offer == offer
+    finally:
+        sub.close()
+        inbox.close()
