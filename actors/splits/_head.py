@@ -46,6 +46,8 @@ from actors.wire._messages import (
 )
 
 log = logging.getLogger(__name__)
+_MAX_FAILED_LOADS = 3  # engine loads failing in a row before the split is held failed
+_RETRY_FAILED_S = 30.0  # and then planned again after this
 
 
 @dataclass(slots=True)
@@ -111,6 +113,7 @@ class SplitHead(Actor):
         self.peers: dict[str, PeerRow] = {}
         self.excluded: dict[str, float] = {}  # node -> until when it is not recruited
         self.bytes_crossed = 0
+        self._failed_loads = 0
         self._epochs = itertools.count(1)
         self._plan_at = self._earliest_plan = self._news_due = 0.0
         self._renewed_at = 0.0
@@ -316,9 +319,23 @@ class SplitHead(Actor):
                 "split of %s serving: %d stage(s); %.1f MB crossed to stages holding %.1f MB of weights",
                 self.spec.model_id, len(split.stages), self.bytes_crossed / 1e6, weights / 1e6,
             )  # fmt: skip
+            self._failed_loads = 0
             self._set("serving", "")
-        elif news.state == "loading" and news.engine_pid is None and "exited" in news.detail:
-            self._replan(f"the head's engine died ({news.detail})")
+        elif news.state == "loading" and news.engine_pid is None and news.detail.startswith("engine exited"):
+            if self.state != "serving":
+                self._failed_loads += 1
+            if self._failed_loads >= _MAX_FAILED_LOADS:  # it will not load like this: no crash loop
+                why = f"the head's engine failed to load the split {self._failed_loads} times ({news.detail})"
+                log.error("split of %s: %s; trying again in %.0f s", self.spec.model_id, why, _RETRY_FAILED_S)
+                self._dissolve()
+                self._set("failed", why)
+                self._tell_worker(
+                    WorkerState(worker_id="", model_id=self.spec.model_id, state="failed", detail=why)
+                )
+                self._failed_loads = 0
+                self._plan_at = self._earliest_plan = self.clock() + _RETRY_FAILED_S
+            else:
+                self._replan(f"the head's engine died ({news.detail})")
 
     def _on_view(self, frames: list[bytes]) -> None:
         view = self.decode(frames[-1], "gossip")

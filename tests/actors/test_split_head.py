@@ -1,0 +1,68 @@
+"""The split head actor in process, with a real stage host (and its RPC server child)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import zmq
+
+from actors import NodeConfig, encode
+from actors.gguf._layout import read_layout
+from actors.shard._worker import ShardWorker
+from actors.splits._head import SplitHead
+from actors.splits._stage import StageHost
+from actors.wire._messages import EngineSpec, Holding, MeshView, Offer, PeerRow
+from tests.support.nodes import eventually, free_port_pair
+
+CONFIG = dataclasses.replace(NodeConfig(), split_wait_for_peers_s=0.1, lease_renew_s=0.2)
+GIB = 1024**3
+
+
+def test_a_split_whose_engine_never_loads_is_held_failed_instead_of_reloaded_forever(
+    zmq_ctx: zmq.Context, tiny_model: Path, tmp_path: Path
+) -> None:
+    layout = read_layout(tiny_model)
+    port = free_port_pair()
+    stage = StageHost(
+        zmq_ctx, node_id="stage-1", endpoint=f"tcp://127.0.0.1:{port + 3}", holdings=[layout],
+        memory_bytes=2 * GIB, used_bytes=0, work_dir=tmp_path, rpc_host="127.0.0.2", n_threads=1,
+        config=CONFIG,
+    )  # fmt: skip
+    backend = zmq_ctx.socket(zmq.ROUTER)  # stands in for the router's backend
+    backend.setsockopt(zmq.LINGER, 0)
+    backend.bind("inproc://split-head-router")
+    spec = EngineSpec(model="fake:fail_load=1", model_id="tiny")  # every load of the engine fails
+    worker = ShardWorker(
+        zmq_ctx, "worker-0", spec=spec, router_endpoint="inproc://split-head-router",
+        control_endpoint="inproc://split-head-worker", config=CONFIG,
+    )  # fmt: skip
+    head = SplitHead(
+        zmq_ctx, node_id="head-1", spec=spec, layout=layout, free_bytes=GIB, force=True,
+        load_mode="hash-cache", worker=worker, control_endpoint="inproc://split-head-worker",
+        view_endpoint="inproc://split-head-view", config=CONFIG,
+    )  # fmt: skip
+    views = zmq_ctx.socket(zmq.PUSH)
+    views.setsockopt(zmq.LINGER, 0)
+    offer = Offer(
+        memory_bytes=2 * GIB, free_bytes=2 * GIB,
+        holdings=[Holding(model_id="tiny", identity=layout.identity, size=layout.size)],
+    )  # fmt: skip
+    peer = PeerRow(
+        node_id="stage-1", host="127.0.0.1", state="alive", rtt_ms=0.5, role="standby", models=[],
+        incarnation=1, zmq_port=port, offer=offer,
+    )  # fmt: skip
+    try:
+        with stage, head:
+            views.connect("inproc://split-head-view")
+            views.send(encode(MeshView(peers=[peer])))
+            # The stage is claimed and made ready; the head's engine fails to load three times.
+            eventually(lambda: head.state == "failed", timeout_s=60, show=lambda: (head.state, head.detail))
+            assert "failed to load the split 3 times" in head.detail
+            assert worker.state == "failed" and worker.restarts == 3
+            eventually(lambda: stage.lease is None, timeout_s=10)  # the split dissolved: the stage is free
+            row = head.row()
+            assert row.state == "failed" and row.stages == []
+    finally:
+        views.close()
+        backend.close()
