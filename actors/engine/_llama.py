@@ -37,6 +37,7 @@ from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
 from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started
 
 DRAFTERS = ("draft", "lookup")
+PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 
 
 @dataclass(slots=True)
@@ -212,6 +213,8 @@ class LlamaEngine:
         free = [s for s in self._slots if s.request is None]
         if not free:
             raise InvalidRequest(f"all {self.slots} slots are busy")
+        drafter = self._drafter_for(request)  # these two may refuse the request: before the slot changes
+        sampler = self._sampler(request, tokens)
         slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
         keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)  # re-feed >= 1 token
         if keep < 2:
@@ -232,9 +235,9 @@ class LlamaEngine:
         slot.unsent = []
         slot.replay_from = len(tokens) - len(request.resume_tokens) if request.resume_tokens else None
         slot.n_prompt = len(tokens)
-        slot.sampler = self._sampler(request)
+        slot.sampler = sampler
         slot.stream = TextStream(request.stop)
-        slot.drafter = self._drafter_for(request)
+        slot.drafter = drafter
         slot.n_drafted = slot.n_accepted = 0
         slot.draft_len = DraftLength()
         slot.lookup = NgramIndex(tokens) if slot.drafter == "lookup" else None
@@ -426,18 +429,50 @@ class LlamaEngine:
         # Fed-but-unsampled tokens are in the cache; tokens still to feed are not.
         slot.todo = []
 
-    def _sampler(self, request: Generate) -> Any:
+    def _sampler(self, request: Generate, context: list[int]) -> Any:
+        """llama.cpp's sampler chain for a request: logit bias, then penalties (over the last
+        `PENALTY_WINDOW` tokens of `context` and of what it generates), then greedy, or top-k,
+        top-p, min-p, temperature and a seeded draw. Raises `InvalidRequest` for a bias on a
+        token this model does not have."""
         lib = self._lib
+        n_vocab = self.llm.n_vocab()
+        bias = self._logit_bias(request.logit_bias, n_vocab)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if bias:
+            array = (lib.llama_logit_bias * len(bias))(*(lib.llama_logit_bias(t, b) for t, b in bias))
+            add(lib.llama_sampler_init_logit_bias(n_vocab, len(bias), array))
+        penalties = (request.repeat_penalty, request.frequency_penalty, request.presence_penalty)
+        if penalties != (1.0, 0.0, 0.0):
+            add(lib.llama_sampler_init_penalties(n_vocab, PENALTY_WINDOW, *penalties))
+            for token in context[-PENALTY_WINDOW:]:  # what the text so far holds counts too
+                lib.llama_sampler_accept(chain, token)
         if request.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            add(lib.llama_sampler_init_greedy())
             return chain
         seed = request.seed if request.seed is not None else random.getrandbits(31)
+        if request.top_k > 0:
+            add(lib.llama_sampler_init_top_k(request.top_k))
         if request.top_p < 1.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(request.top_p, 1))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(request.temperature))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            add(lib.llama_sampler_init_top_p(request.top_p, 1))
+        if request.min_p > 0.0:
+            add(lib.llama_sampler_init_min_p(request.min_p, 1))
+        add(lib.llama_sampler_init_temp(request.temperature))
+        add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+    @staticmethod
+    def _logit_bias(bias: dict[str, float], n_vocab: int) -> list[tuple[int, float]]:
+        out = []
+        for key, value in bias.items():
+            token = int(key) if key.isdigit() else -1
+            if not 0 <= token < n_vocab:
+                raise InvalidRequest(
+                    f"logit_bias: {key!r} is not a token id of this model (0..{n_vocab - 1})",
+                    param="logit_bias",
+                )
+            out.append((token, float(value)))
+        return out
 
 
 def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:

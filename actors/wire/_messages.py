@@ -29,6 +29,12 @@ class Generate:
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0  # 1: off
+    logit_bias: dict[str, float] = field(default_factory=dict)  # token id (a string, as in JSON) -> bias
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     session: str = ""  # requests of one session go to the same node (rendezvous hashing)

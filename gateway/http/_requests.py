@@ -12,6 +12,36 @@ from actors import Generate
 from gateway.http._errors import ApiError
 
 _MAX_STOPS = 4
+_MAX_LOGIT_BIAS = 1024  # entries
+
+# Every field a request may carry. Those this node does not implement yet are refused by name
+# when they ask for something (a 400), and accepted when they hold the default: nothing a client
+# asks for is silently ignored.
+_COMMON = {
+    "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+    "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "seed", "stop", "n",
+    "user", "speculative", "metadata", "store", "service_tier",
+}  # fmt: skip
+_CHAT = _COMMON | {"messages", "max_completion_tokens"}
+_COMPLETION = _COMMON | {"prompt"}
+_NOT_YET: dict[str, Any] = {  # field -> a test of the values that ask for nothing
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "parallel_tool_calls": lambda v: isinstance(v, bool),  # without tools it changes nothing
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v == "none",
+    "response_format": lambda v: v == {"type": "text"},
+    "logprobs": lambda v: v is False or v == 0,
+    "top_logprobs": lambda v: v == 0,
+    "echo": lambda v: v is False,
+    "suffix": lambda v: v == "",
+    "best_of": lambda v: v == 1,
+    "modalities": lambda v: v == ["text"],
+    "audio": lambda v: False,
+    "prediction": lambda v: False,
+    "web_search_options": lambda v: False,
+    "reasoning_effort": lambda v: False,
+}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what the wire carries
 
 
@@ -59,7 +89,20 @@ def session_key(body: dict[str, Any], header: str | None, what: dict[str, Any]) 
     return "opening:" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
+def _check_fields(body: dict[str, Any], known: set[str]) -> None:
+    """400 for a field we do not know, or one we do not implement yet set to ask for something."""
+    for key, value in body.items():
+        if key in known or value is None:
+            continue
+        asks_nothing = _NOT_YET.get(key)
+        if asks_nothing is None:
+            raise ApiError(400, f"Unrecognized request argument supplied: {key}", param=key)
+        if not asks_nothing(value):
+            raise ApiError(400, f"'{key}' is not supported by this node yet.", param=key)
+
+
 def parse_chat(body: dict[str, Any], session_header: str | None = None) -> Parsed:
+    _check_fields(body, _CHAT)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
@@ -67,6 +110,7 @@ def parse_chat(body: dict[str, Any], session_header: str | None = None) -> Parse
 
 
 def parse_completion(body: dict[str, Any], session_header: str | None = None) -> Parsed:
+    _check_fields(body, _COMPLETION)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -120,6 +164,12 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
         max_tokens=_number(max_tokens, "max_tokens", int, 1, _INT64_MAX) if max_tokens is not None else None,
         temperature=_number(_or(body, "temperature", 1.0), "temperature", float, 0.0, 2.0),
         top_p=_number(_or(body, "top_p", 1.0), "top_p", float, 0.0, 1.0),
+        top_k=_number(_or(body, "top_k", 0), "top_k", int, 0, 1_000_000),
+        min_p=_number(_or(body, "min_p", 0.0), "min_p", float, 0.0, 1.0),
+        presence_penalty=_number(_or(body, "presence_penalty", 0.0), "presence_penalty", float, -2.0, 2.0),
+        frequency_penalty=_number(_or(body, "frequency_penalty", 0.0), "frequency_penalty", float, -2.0, 2.0),
+        repeat_penalty=_number(_or(body, "repeat_penalty", 1.0), "repeat_penalty", float, 0.01, 10.0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
         seed=_number(body["seed"], "seed", int, _INT64_MIN, _INT64_MAX)
         if body.get("seed") is not None
         else None,
@@ -159,6 +209,22 @@ def _number(value: Any, param: str, kind: type, low: float | None, high: float |
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         raise ApiError(400, f"'{param}' must be {bounds}; got {value}.", param=param)
     return kind(value)
+
+
+def _logit_bias(bias: Any) -> dict[str, float]:
+    """OpenAI's logit_bias: token ids (as strings) to a bias in [-100, 100]."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or len(bias) > _MAX_LOGIT_BIAS:
+        raise ApiError(
+            400, f"'logit_bias' must be an object of at most {_MAX_LOGIT_BIAS} token ids.", param="logit_bias"
+        )
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit() or len(key) > 10:
+            raise ApiError(400, f"'logit_bias' keys must be token ids; got {key!r}.", param="logit_bias")
+        out[str(int(key))] = _number(value, f"logit_bias[{key}]", float, -100.0, 100.0)
+    return out
 
 
 def _stops(stop: Any) -> list[str]:

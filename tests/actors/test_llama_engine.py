@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,69 @@ def test_a_resumed_greedy_request_continues_exactly_on_a_fresh_engine(
         )  # fmt: skip
         rest = [t for e in run_all(fresh, [request]) if isinstance(e, Chunk) for t in e.tokens]
         assert rest == ids[cut:], f"the text diverged after a resume at token {cut}"
+
+
+def tokens_of(events: list[EngineEvent]) -> list[int]:
+    return [t for e in events if isinstance(e, Chunk) for t in e.tokens]
+
+
+def test_penalties_break_the_repetition_greedy_decoding_falls_into(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The random-weight model repeats itself greedily; frequency, presence and repeat penalties
+    each change that (on the text so far), and the same penalised request gives the same text."""
+    path = synthesize("llama", tmp_path_factory.mktemp("p") / "p.gguf", shape_for("llama", "small"), seed=5)
+    engine = LlamaEngine(str(path), n_ctx=512, n_threads=1, slots=2)
+    plain = tokens_of(run_all(engine, [greedy("plain", "Once upon a time", 80)]))
+    assert len(set(plain)) < len(plain) / 2  # it does repeat itself
+    for i, penalty in enumerate(
+        ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repeat_penalty": 1.5})
+    ):
+        request = Generate(
+            request_id=f"p{i}", model="m", prompt="Once upon a time", max_tokens=80, temperature=0, **penalty
+        )  # type: ignore[arg-type]
+        penalised = tokens_of(run_all(engine, [request]))
+        assert penalised != plain and len(set(penalised)) > len(set(plain)), penalty
+        again = tokens_of(run_all(engine, [dataclasses.replace(request, request_id=f"q{i}")]))
+        assert again == penalised
+
+
+def test_logit_bias_forces_or_forbids_tokens(engine: LlamaEngine) -> None:
+    plain = tokens_of(run_all(engine, [greedy("plain", "the model node", 12)]))
+    forced = Generate(
+        request_id="forced", model="m", prompt="the model node", max_tokens=12, temperature=0,
+        logit_bias={"7": 100.0},
+    )  # fmt: skip
+    assert tokens_of(run_all(engine, [forced])) == [7] * 12
+    banned = Generate(
+        request_id="banned", model="m", prompt="the model node", max_tokens=12, temperature=0,
+        logit_bias={str(t): -100.0 for t in set(plain)},
+    )  # fmt: skip
+    assert not set(tokens_of(run_all(engine, [banned]))) & set(plain)
+
+
+def test_a_bias_on_a_token_the_model_lacks_is_refused_and_leaves_no_slot_taken(engine: LlamaEngine) -> None:
+    bad = Generate(request_id="bad", model="m", prompt="x", max_tokens=4, logit_bias={"99999999": 1.0})
+    with pytest.raises(InvalidRequest, match="logit_bias"):
+        engine.admit(bad)
+    assert engine.active == 0
+    assert texts(run_all(engine, [greedy("after", "x", 4)]))["after"]
+
+
+def test_top_k_one_and_min_p_one_sample_the_greedy_token(engine: LlamaEngine) -> None:
+    plain = tokens_of(run_all(engine, [greedy("plain", "the model node", 16)]))
+    for i, narrow in enumerate(({"top_k": 1}, {"min_p": 1.0})):
+        request = Generate(
+            request_id=f"n{i}",
+            model="m",
+            prompt="the model node",
+            max_tokens=16,
+            temperature=1.5,
+            seed=i,
+            **narrow,
+        )  # type: ignore[arg-type]
+        assert tokens_of(run_all(engine, [request])) == plain, narrow
+    wide = Generate(
+        request_id="w", model="m", prompt="the model node", max_tokens=16, temperature=1.5, seed=1
+    )
+    assert tokens_of(run_all(engine, [wide])) != plain  # the control: sampling does wander

@@ -328,3 +328,22 @@ def test_a_node_killed_with_sigkill_leaves_no_process_behind(model: Path, tmp_pa
             if alive(pid) and str(tmp_path).encode() in Path(f"/proc/{pid}/environ").read_bytes():
                 os.kill(pid, signal.SIGKILL)
         doomed.stop()
+
+
+def test_the_openai_client_sampling_controls_take_effect_and_tools_are_refused_by_name(
+    oai: openai.OpenAI,
+) -> None:
+    """Through the official client: penalties and logit_bias change greedy output; parameters the
+    node does not implement yet are a 400 naming them, never silently ignored."""
+    ask = {"model": MODEL, "messages": CHAT["messages"], "max_tokens": 24, "temperature": 0}
+    plain = oai.chat.completions.create(**ask).choices[0].message.content  # type: ignore[call-overload]
+    penalised = oai.chat.completions.create(**ask, frequency_penalty=2.0).choices[0].message.content  # type: ignore[call-overload]
+    assert penalised != plain
+    forced = oai.chat.completions.create(**ask, logit_bias={"300": 100}).choices[0]  # type: ignore[call-overload]
+    assert forced.message.content and forced.finish_reason == "length"
+    assert len(set(forced.message.content.split())) <= 1  # one token, over and over
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):
+        oai.chat.completions.create(**ask, tools=[tool])  # type: ignore[call-overload]
+    with pytest.raises(openai.BadRequestError, match="'response_format' is not supported"):
+        oai.chat.completions.create(**ask, response_format={"type": "json_object"})  # type: ignore[call-overload]

@@ -273,3 +273,81 @@ def test_head_health_is_200_and_a_405_names_the_allowed_methods(client: AsgiClie
     assert client.simulate_head("/health").status_code == 200
     result = client.simulate_get("/v1/chat/completions")
     assert result.status_code == 405 and "POST" in result.headers["Allow"]
+
+
+def test_sampling_controls_reach_the_engine(client: AsgiClient, backend: FakeBackend) -> None:
+    body = {
+        **CHAT, "temperature": 0.7, "top_k": 40, "min_p": 0.05, "presence_penalty": 0.5,
+        "frequency_penalty": -0.25, "repeat_penalty": 1.1, "logit_bias": {"42": -100, "7": 5.5},
+    }  # fmt: skip
+    assert client.simulate_post("/v1/chat/completions", json=body).status_code == 200
+    sent = backend.requests[0]
+    assert (sent.top_k, sent.min_p, sent.presence_penalty, sent.frequency_penalty, sent.repeat_penalty) == (
+        40, 0.05, 0.5, -0.25, 1.1,
+    )  # fmt: skip
+    assert sent.logit_bias == {"42": -100.0, "7": 5.5}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"top_k": -1}, "top_k", "between"),
+        ({"min_p": 1.5}, "min_p", "between"),
+        ({"presence_penalty": 3}, "presence_penalty", "between"),
+        ({"frequency_penalty": "lots"}, "frequency_penalty", "number"),
+        ({"repeat_penalty": 0}, "repeat_penalty", "between"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+        ({"logit_bias": {"3": 101}}, "logit_bias[3]", "between"),
+        ({"logit_bias": [1, 2]}, "logit_bias", "object"),
+        ({"frobnicate": True}, "frobnicate", "Unrecognized request argument"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"tool_choice": "required"}, "tool_choice", "not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"logprobs": True}, "logprobs", "not supported"),
+        ({"top_logprobs": 3}, "top_logprobs", "not supported"),
+    ],
+)
+def test_parameters_not_honoured_are_refused_by_name(
+    client: AsgiClient, extra: dict[str, Any], param: str, words: str
+) -> None:
+    """A parameter the node cannot honour is a 400 naming it, never silently ignored."""
+    result = client.simulate_post("/v1/chat/completions", json={**CHAT, **extra})
+    assert result.status_code == 400, result.text
+    error = result.json["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {
+            "tools": [],
+            "tool_choice": "none",
+            "parallel_tool_calls": False,
+            "response_format": {"type": "text"},
+        },
+        {"logprobs": False, "top_logprobs": 0, "metadata": {"a": "b"}, "store": False, "user": "u"},
+        {"tools": None, "logprobs": None, "response_format": None, "logit_bias": None, "top_k": None},
+    ],
+)
+def test_parameters_that_ask_for_nothing_are_accepted(client: AsgiClient, extra: dict[str, Any]) -> None:
+    assert client.simulate_post("/v1/chat/completions", json={**CHAT, **extra}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"echo": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 2}, "best_of"),
+        ({"logprobs": 2}, "logprobs"),
+    ],
+)
+def test_completion_parameters_not_honoured_are_refused_by_name(
+    client: AsgiClient, extra: dict[str, Any], param: str
+) -> None:
+    body = {"model": "m1", "prompt": "hi", **extra}
+    result = client.simulate_post("/v1/completions", json=body)
+    assert result.status_code == 400 and result.json["error"]["param"] == param
+    fine = {"model": "m1", "prompt": "hi", "echo": False, "suffix": "", "best_of": 1, "logprobs": 0}
+    assert client.simulate_post("/v1/completions", json=fine).status_code == 200
