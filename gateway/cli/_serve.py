@@ -117,7 +117,22 @@ def _node_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--http-connections", type=int, default=1024, help="open HTTP connections before new ones get 503"
     )
+    cmd.add_argument(
+        "--cors-origin", action="append", default=[], type=_origin, metavar="ORIGIN",
+        help="a browser origin (scheme://host[:port], or *) allowed to call the API (repeatable)",
+    )  # fmt: skip
     cmd.add_argument("-v", "--verbose", action="store_true")
+
+
+def _origin(text: str) -> str:
+    if text == "*":
+        return text
+    scheme, sep, rest = text.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest or " " in rest:
+        raise argparse.ArgumentTypeError(
+            f"expected an origin such as https://app.example:8080 or *, got {text!r}"
+        )
+    return text
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -143,6 +158,8 @@ def serve(args: argparse.Namespace) -> int:
                 raise ValueError(f"--max-memory must be a positive number of GB, not {args.max_memory}")
             if args.models_dir is not None and not args.models_dir.is_dir():
                 raise ValueError(f"--models-dir {args.models_dir} is not a directory")
+            if args.models_dir and not args.model and (args.draft or args.split):
+                raise ValueError("--draft and --split need --model")
             holdings = _holdings(args.models_dir) if args.models_dir else []
             if args.model or not args.models_dir:
                 model = args.model or default_model()
@@ -163,8 +180,6 @@ def serve(args: argparse.Namespace) -> int:
                         layout=layout,
                     )
                 )
-            elif args.draft or args.split:
-                raise ValueError("--draft and --split need --model")
         except ValueError as err:
             print(f"mesh-llm: {err}", file=sys.stderr)
             return 2
@@ -326,6 +341,7 @@ def _gunicorn_env(args: argparse.Namespace, spec: NodeSpec) -> dict[str, str]:
         MESH_LLM_MAX_FRAME_BYTES=str(spec.config.max_frame_bytes),
         MESH_LLM_HTTP_CONNECTIONS=str(args.http_connections),
         MESH_LLM_API_KEY=args.api_key or "",
+        MESH_LLM_CORS_ORIGINS=" ".join(args.cors_origin),
         MESH_LLM_PARENT_PID=str(os.getpid()),
     )
     return env

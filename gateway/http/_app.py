@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import falcon
@@ -21,6 +21,7 @@ from gateway.http._errors import ApiError, handle_error
 from gateway.http._resources import ChatCompletions, Completions, Health, Models
 
 _OPEN_PATHS = ("/health",)
+_EXPOSED = ("X-Mesh-Node", "Retry-After")  # response headers a browser app may read
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
@@ -36,8 +37,8 @@ class _MeshHeaders:
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.mesh_node = self.node_id
-        if self.api_key is None or req.path in _OPEN_PATHS:
-            return
+        if self.api_key is None or req.path in _OPEN_PATHS or req.method == "OPTIONS":
+            return  # (a browser's CORS preflight carries no key; it starts nothing)
         scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -103,14 +104,23 @@ def create_app(
     node_id: str,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    cors_origins: Sequence[str] = (),
 ) -> WatchDisconnect:
-    """The OpenAI-compatible API over `backend`, as an ASGI app."""
-    app = falcon.asgi.App(middleware=[_MeshHeaders(node_id, api_key)])
+    """The OpenAI-compatible API over `backend`, as an ASGI app. `cors_origins`: the browser
+    origins (or "*") allowed to call it from another origin (falcon's CORS middleware answers
+    their preflights)."""
+    middleware: list[Any] = [_MeshHeaders(node_id, api_key)]
+    if cors_origins:
+        origins = "*" if "*" in cors_origins else list(cors_origins)
+        middleware.append(falcon.CORSMiddleware(allow_origins=origins, expose_headers=_EXPOSED))
+    app = falcon.asgi.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, handle_error)
     app.add_error_handler(falcon.HTTPError, handle_error)
     app.add_route("/health", Health(backend))
-    app.add_route("/v1/models", Models(backend))
+    models = Models(backend)
+    app.add_route("/v1/models", models)
+    app.add_route("/v1/models/{model_id}", models, suffix="model")
     app.add_route("/v1/chat/completions", ChatCompletions(backend, max_body_bytes))
     app.add_route("/v1/completions", Completions(backend, max_body_bytes))
     return WatchDisconnect(app)
@@ -129,4 +139,5 @@ def get_app() -> WatchDisconnect:
         node_id=env["MESH_LLM_NODE_ID"],
         api_key=env.get("MESH_LLM_API_KEY") or None,
         max_body_bytes=int(env.get("MESH_LLM_MAX_BODY_BYTES", MAX_BODY_BYTES)),
+        cors_origins=env.get("MESH_LLM_CORS_ORIGINS", "").split(),
     )

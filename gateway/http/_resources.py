@@ -15,7 +15,7 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from actors import Accepted, Chunk, EngineFailed, Finished, Message, RequestError, Started
+from actors import Accepted, Chunk, EngineFailed, Finished, Message, ModelNotFound, RequestError, Started
 from gateway.http._backend import Backend, EventStream
 from gateway.http._errors import ApiError, to_api_error
 from gateway.http._requests import Parsed, parse_chat, parse_completion, read_json
@@ -44,10 +44,18 @@ class Models:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         models = (await self.backend.query("models"))["models"]
-        resp.media = {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mesh-llm"} for m in models],
-        }
+        resp.media = {"object": "list", "data": [_model(m) for m in models]}
+
+    async def on_get_model(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, model_id: str) -> None:
+        """`GET /v1/models/{id}`: the model if the mesh serves it, else OpenAI's 404."""
+        models = (await self.backend.query("models"))["models"]
+        if model_id not in models:
+            raise ModelNotFound(f"The model '{model_id}' does not exist on this mesh", param="model")
+        resp.media = _model(model_id)
+
+
+def _model(model_id: str) -> dict[str, object]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "mesh-llm"}
 
 
 async def next_event(events: EventStream) -> Message:

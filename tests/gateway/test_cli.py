@@ -71,3 +71,20 @@ def test_an_http_port_among_the_zmq_ports_is_refused_clearly(tmp_path: Path) -> 
         argv, capture_output=True, text=True, timeout=60, env={"XDG_STATE_HOME": str(tmp_path)}
     )
     assert done.returncode == 2 and "is one of this node's ZeroMQ ports (9400-9403" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--cors-origin", "app.example"], "expected an origin"),
+        (["--cors-origin", "https://app.example/path"], "expected an origin"),
+        (["--max-memory", "0"], "--max-memory must be a positive number"),
+        (["--models-dir", "/nonexistent/dir"], "is not a directory"),
+        (["--models-dir", ".", "--split"], "--draft and --split need --model"),
+    ],
+)
+def test_bad_node_options_are_refused_clearly(tmp_path: Path, args: list[str], words: str) -> None:
+    argv = [str(BIN / "mesh-llm"), "serve", "--no-mdns", "--zmq-port", "9450", "--http-port", "9449", *args]
+    env = {"XDG_STATE_HOME": str(tmp_path)}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and words in done.stderr, done.stderr

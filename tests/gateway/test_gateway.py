@@ -351,3 +351,46 @@ def test_completion_parameters_not_honoured_are_refused_by_name(
     assert result.status_code == 400 and result.json["error"]["param"] == param
     fine = {"model": "m1", "prompt": "hi", "echo": False, "suffix": "", "best_of": 1, "logprobs": 0}
     assert client.simulate_post("/v1/completions", json=fine).status_code == 200
+
+
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_openais_404(client: AsgiClient) -> None:
+    result = client.simulate_get("/v1/models/m1")
+    assert result.status_code == 200
+    assert result.json == {"id": "m1", "object": "model", "created": 0, "owned_by": "mesh-llm"}
+    missing = client.simulate_get("/v1/models/nope")
+    assert missing.status_code == 404 and missing.json["error"]["code"] == "model_not_found"
+
+
+def test_cors_allows_the_configured_origins_and_answers_preflights_without_a_key(
+    backend: FakeBackend,
+) -> None:
+    app = create_app(backend, node_id="node-a", api_key="k3y", cors_origins=["https://app.example"])
+    client = AsgiClient(app)
+    preflight = client.simulate_request(
+        "OPTIONS", "/v1/chat/completions",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"},
+    )  # fmt: skip
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    auth = {"Origin": "https://app.example", "Authorization": "Bearer k3y"}
+    reply = client.simulate_post("/v1/chat/completions", json=CHAT, headers=auth)
+    assert reply.status_code == 200 and reply.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "X-Mesh-Node" in reply.headers["Access-Control-Expose-Headers"]
+    assert (
+        client.simulate_post(
+            "/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"}
+        ).status_code
+        == 401
+    )
+    other = client.simulate_post(
+        "/v1/chat/completions", json=CHAT, headers={**auth, "Origin": "https://evil.example"}
+    )
+    assert "Access-Control-Allow-Origin" not in other.headers
+    # Without --cors-origin no browser origin is allowed.
+    plain = AsgiClient(create_app(backend, node_id="node-a")).simulate_get(
+        "/v1/models", headers={"Origin": "https://app.example"}
+    )
+    assert "Access-Control-Allow-Origin" not in plain.headers
