@@ -14,6 +14,7 @@ Runs inside the engine child process only; every call blocks.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -430,26 +431,65 @@ class LlamaEngine:
         slot.todo = []
 
     def _sampler(self, request: Generate, context: list[int]) -> Any:
-        """llama.cpp's sampler chain for a request: logit bias, then penalties (over the last
-        `PENALTY_WINDOW` tokens of `context` and of what it generates), then greedy, or top-k,
-        top-p, min-p, temperature and a seeded draw. Raises `InvalidRequest` for a bias on a
-        token this model does not have."""
+        """llama.cpp's sampler chain for a request: a grammar for structured output, logit bias,
+        penalties (over the last `PENALTY_WINDOW` tokens of `context` and of what it generates),
+        then greedy, or top-k, top-p, min-p, temperature and a seeded draw. A resumed request's
+        tokens (the end of `context`) go through the chain as if just generated. Raises
+        `InvalidRequest` for what cannot be honoured (a bias on a token the model lacks, a schema
+        with no grammar)."""
         lib = self._lib
         n_vocab = self.llm.n_vocab()
         bias = self._logit_bias(request.logit_bias, n_vocab)
+        grammar = self._grammar(request.response_format)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if grammar is not None:
+            add(grammar)
         if bias:
             array = (lib.llama_logit_bias * len(bias))(*(lib.llama_logit_bias(t, b) for t, b in bias))
             add(lib.llama_sampler_init_logit_bias(n_vocab, len(bias), array))
+        resumed = len(request.resume_tokens)
         penalties = (request.repeat_penalty, request.frequency_penalty, request.presence_penalty)
         if penalties != (1.0, 0.0, 0.0):
-            add(lib.llama_sampler_init_penalties(n_vocab, PENALTY_WINDOW, *penalties))
-            for token in context[-PENALTY_WINDOW:]:  # what the text so far holds counts too
-                lib.llama_sampler_accept(chain, token)
+            penalty = lib.llama_sampler_init_penalties(n_vocab, PENALTY_WINDOW, *penalties)
+            for token in context[: len(context) - resumed][-PENALTY_WINDOW:]:  # the prompt counts too
+                lib.llama_sampler_accept(penalty, token)
+            add(penalty)
         if request.temperature <= 0:
             add(lib.llama_sampler_init_greedy())
-            return chain
+        else:
+            self._add_random(request, add)
+        for token in context[len(context) - resumed :]:  # generated before a failover
+            lib.llama_sampler_accept(chain, token)
+        return chain
+
+    def _grammar(self, response_format: dict[str, Any]) -> Any:
+        """A grammar sampler for structured output, or None for free text."""
+        kind = response_format.get("type", "text")
+        if kind == "text":
+            return None
+        from llama_cpp import llama_grammar
+
+        if kind == "json_object":
+            text = llama_grammar.JSON_GBNF
+        elif kind == "json_schema":
+            try:
+                text = llama_grammar.json_schema_to_gbnf(json.dumps(response_format.get("schema", {})))
+            except Exception as err:  # the converter raises what it likes on schemas it cannot do
+                raise InvalidRequest(
+                    f"response_format: this JSON schema has no grammar: {err}", param="response_format"
+                ) from err
+        else:
+            raise InvalidRequest(f"response_format type {kind!r} is not supported", param="response_format")
+        grammar = self._lib.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
+        if not grammar:
+            raise InvalidRequest(
+                "response_format: llama.cpp could not parse the grammar", param="response_format"
+            )
+        return grammar
+
+    def _add_random(self, request: Generate, add: Any) -> None:
+        lib = self._lib
         seed = request.seed if request.seed is not None else random.getrandbits(31)
         if request.top_k > 0:
             add(lib.llama_sampler_init_top_k(request.top_k))
@@ -459,7 +499,6 @@ class LlamaEngine:
             add(lib.llama_sampler_init_min_p(request.min_p, 1))
         add(lib.llama_sampler_init_temp(request.temperature))
         add(lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
 
     @staticmethod
     def _logit_bias(bias: dict[str, float], n_vocab: int) -> list[tuple[int, float]]:

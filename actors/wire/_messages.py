@@ -35,6 +35,8 @@ class Generate:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0  # 1: off
     logit_bias: dict[str, float] = field(default_factory=dict)  # token id (a string, as in JSON) -> bias
+    # Structured output: {} (free text), {"type": "json_object"}, {"type": "json_schema", "schema": {...}}
+    response_format: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     session: str = ""  # requests of one session go to the same node (rendezvous hashing)

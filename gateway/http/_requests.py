@@ -22,7 +22,7 @@ _COMMON = {
     "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "seed", "stop", "n",
     "user", "speculative", "metadata", "store", "service_tier",
 }  # fmt: skip
-_CHAT = _COMMON | {"messages", "max_completion_tokens"}
+_CHAT = _COMMON | {"messages", "max_completion_tokens", "response_format"}
 _COMPLETION = _COMMON | {"prompt"}
 _NOT_YET: dict[str, Any] = {  # field -> a test of the values that ask for nothing
     "tools": lambda v: v == [],
@@ -106,7 +106,36 @@ def parse_chat(body: dict[str, Any], session_header: str | None = None) -> Parse
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
-    return _parsed(body, session_header, messages=[_message(m, i) for i, m in enumerate(messages)])
+    return _parsed(
+        body,
+        session_header,
+        messages=[_message(m, i) for i, m in enumerate(messages)],
+        response_format=_response_format(body.get("response_format")),
+    )
+
+
+def _response_format(value: Any) -> dict[str, Any]:
+    """OpenAI's response_format, as the engine takes it: {} for text, or the JSON it must emit."""
+    if value is None:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(
+                400,
+                "response_format.json_schema.schema must be a JSON schema object.",
+                param="response_format",
+            )
+        return {"type": "json_schema", "schema": schema}
+    raise ApiError(
+        400, "'response_format' must be of type text, json_object or json_schema.", param="response_format"
+    )
 
 
 def parse_completion(body: dict[str, Any], session_header: str | None = None) -> Parsed:

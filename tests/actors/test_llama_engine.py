@@ -198,3 +198,72 @@ def test_top_k_one_and_min_p_one_sample_the_greedy_token(engine: LlamaEngine) ->
         request_id="w", model="m", prompt="the model node", max_tokens=16, temperature=1.5, seed=1
     )
     assert tokens_of(run_all(engine, [wide])) != plain  # the control: sampling does wander
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "mood": {"type": "string", "enum": ["calm", "busy"]}},
+    "required": ["ok", "mood"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_makes_even_random_weights_answer_valid_json(engine: LlamaEngine) -> None:
+    import json
+
+    for i, temperature in enumerate((0.0, 1.0)):
+        request = Generate(
+            request_id=f"j{i}", model="m", prompt="answer:", max_tokens=64, temperature=temperature, seed=i,
+            response_format={"type": "json_schema", "schema": SCHEMA},
+        )  # fmt: skip
+        events = run_all(engine, [request])
+        answer = json.loads(texts(events)[f"j{i}"])
+        assert (
+            set(answer) == {"ok", "mood"}
+            and isinstance(answer["ok"], bool)
+            and answer["mood"] in ("calm", "busy")
+        )
+        done = events[-1]
+        assert isinstance(done, Finished) and done.finish_reason == "stop"
+    plain = texts(run_all(engine, [greedy("free", "answer:", 16)]))["free"]
+    assert not plain.lstrip().startswith("{")  # the control: unconstrained, it writes no JSON
+
+
+def test_json_object_mode_starts_an_object_and_a_schema_without_a_grammar_is_refused(
+    engine: LlamaEngine,
+) -> None:
+    request = Generate(
+        request_id="o",
+        model="m",
+        prompt="x",
+        max_tokens=8,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert texts(run_all(engine, [request]))["o"].lstrip().startswith("{")
+    dangling = {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}
+    bad = Generate(
+        request_id="bad", model="m", prompt="x", max_tokens=8,
+        response_format={"type": "json_schema", "schema": dangling},
+    )  # fmt: skip
+    with pytest.raises(InvalidRequest, match="response_format"):
+        engine.admit(bad)
+    assert engine.active == 0
+
+
+def test_a_resumed_structured_request_continues_within_its_grammar(engine: LlamaEngine) -> None:
+    """After a failover the grammar state is rebuilt from the tokens already generated."""
+    import json
+
+    request = Generate(
+        request_id="s", model="m", prompt="answer:", max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "schema": SCHEMA},
+    )  # fmt: skip
+    whole = tokens_of(run_all(engine, [request]))
+    for cut in (1, 3, len(whole) // 2):
+        resumed = dataclasses.replace(
+            request, request_id=f"s{cut}", resume_tokens=whole[:cut], max_tokens=64 - cut
+        )
+        rest = tokens_of(run_all(engine, [resumed]))
+        assert whole[:cut] + rest == whole, cut
+    json.loads(engine.llm.detokenize(whole).decode())

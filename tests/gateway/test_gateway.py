@@ -302,7 +302,12 @@ def test_sampling_controls_reach_the_engine(client: AsgiClient, backend: FakeBac
         ({"frobnicate": True}, "frobnicate", "Unrecognized request argument"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         ({"tool_choice": "required"}, "tool_choice", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"response_format": {"type": "xml"}}, "response_format", "must be of type"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "schema",
+        ),
         ({"logprobs": True}, "logprobs", "not supported"),
         ({"top_logprobs": 3}, "top_logprobs", "not supported"),
     ],
