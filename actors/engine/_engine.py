@@ -60,13 +60,21 @@ def check_context(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
 
 
 def render_chat(template: str, messages: list[dict[str, Any]], bos: str, eos: str) -> str:
-    """Render messages with a GGUF's Jinja chat template, as Hugging Face tokenizers do."""
+    """Render messages with a GGUF's Jinja chat template, as Hugging Face tokenizers do. A last
+    assistant message is a prefill: the reply continues it (it is not closed, and no new turn is
+    opened), and the completion holds only what comes after it."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    prefill = ""
+    if messages and messages[-1].get("role") == "assistant":
+        prefill, messages = str(messages[-1].get("content") or ""), messages[:-1]
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     try:
-        text = env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+        text = (
+            env.from_string(template).render(
+                messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+            )
+            + prefill
         )
     except Exception as err:  # a template may raise on roles it does not know
         raise InvalidRequest(f"the chat template rejected the messages: {err}", param="messages") from err

@@ -267,3 +267,18 @@ def test_a_resumed_structured_request_continues_within_its_grammar(engine: Llama
         rest = tokens_of(run_all(engine, [resumed]))
         assert whole[:cut] + rest == whole, cut
     json.loads(engine.llm.detokenize(whole).decode())
+
+
+def test_a_last_assistant_message_is_continued_not_closed(engine: LlamaEngine) -> None:
+    """Prefill: the reply continues the assistant's words, exactly as a completion of the rendered
+    conversation followed by those words would."""
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "My answer is"},
+    ]
+    rendered = engine.render(Generate(request_id="r", model="m", messages=messages[:1]))
+    assert rendered.endswith("assistant\n")  # the template opens the reply turn
+    chat = Generate(request_id="c", model="m", messages=messages, max_tokens=12, temperature=0)
+    assert engine.render(chat) == rendered + "My answer is"
+    completion = greedy("p", rendered + "My answer is", 12)
+    assert texts(run_all(engine, [chat]))["c"] == texts(run_all(engine, [completion]))["p"]
