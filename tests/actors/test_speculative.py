@@ -124,6 +124,8 @@ def test_sampled_requests_decode_plainly_and_a_missing_draft_model_is_a_clear_er
     assert isinstance(done, Finished) and done.drafter == "" and done.drafted_tokens == 0
     with pytest.raises(InvalidRequest, match="no draft model"):
         engine.admit(greedy("d", "hi", "draft"))
+    assert engine.active == 0  # the refusal took no slot: the next request is served
+    assert isinstance(run_all(engine, [greedy("next", "hi", "off")])[-1], Finished)
 
 
 @pytest.mark.slow
