@@ -217,7 +217,9 @@ class SplitHead(Actor):
         log.info("split of %s (split epoch %d): %s", self.spec.model_id, split.epoch, layout)
         for member in plan.stages:
             peer = self.peers[member.node_id]
-            link = unbounded(self.socket(zmq.DEALER, identity=self.node_id.encode()))
+            # A routing id of its own per split: the last split's link may still be closing, and a
+            # stage's ROUTER refuses a second connection under an id in use.
+            link = unbounded(self.socket(zmq.DEALER, identity=f"{self.node_id}/{split.epoch}".encode()))
             link.connect(f"tcp://{peer.host}:{(peer.zmq_port or 0) + TUNNEL_PORT_OFFSET}")
             monitor = self.adopt(link.get_monitor_socket(zmq.EVENT_DISCONNECTED))
             node = member.node_id
