@@ -8,7 +8,9 @@ Map of this room (each folder's `__init__` says more):
 - `shard/`    the shard-worker actor (runs on a poll loop, never blocks).
 - `engine/`   what runs only inside engine child processes (llama.cpp, drafter; may block).
 - `node/`     composition (`Node`) and the control actor behind `mesh-ctl`.
-- `gguf/`     model identity and synthesis; `moe/` expert analysis and splits.
+- `gguf/`     model identity, synthesis, layer layouts and RPC cache files; `moe/` expert
+              analysis and splits.
+- `splits/`   dense layer splits: the planner, the head and stage actors, the RPC tunnel.
 
 This package's surface imports neither numpy nor llama.cpp: `actors.gguf`, `actors.moe` and the
 engine's llama.cpp module are imported where they are used.

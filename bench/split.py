@@ -87,6 +87,15 @@ def small_model() -> Path:
     return model("split-small", lambda p: synthesize("llama", p, shape_for("llama", "small"), seed=13))
 
 
+def models_dir(work: Path, name: str, model: Path) -> Path:
+    """A `--models-dir` holding `model` (a link to it: every node's "own copy" on this machine)."""
+    folder = work / name
+    folder.mkdir(exist_ok=True)
+    if not (folder / model.name).exists():
+        (folder / model.name).symlink_to(model)
+    return folder
+
+
 # -- nodes in namespaces ---------------------------------------------------------------------------
 
 
@@ -193,8 +202,7 @@ def stream_tokens(
 
 def memory_args(layout: Layout, share: float) -> list[str]:
     """--max-memory that holds about `share` of the model's layers (plus what a node always needs)."""
-    kv = layout.kv_bytes_per_token * 1024
-    need = need_of(layout.layer_bytes, layout.input_bytes, layout.output_bytes, kv)
+    need = need_of(layout, 1024)
     fixed = layout.input_bytes + layout.output_bytes + OVERHEAD_BYTES
     return ["--max-memory", f"{(fixed + share * sum(need.layers)) / GIB:.4f}"]
 
@@ -205,11 +213,7 @@ def memory_args(layout: Layout, share: float) -> list[str]:
 def join(work: Path, path: Path, mode: str) -> dict[str, Any]:
     lan = Lan()
     try:
-        folder = work / f"models-{path.stem}"
-        folder.mkdir(exist_ok=True)
-        link = folder / path.name
-        if not link.exists():
-            link.symlink_to(path)
+        folder = models_dir(work, f"models-{path.stem}", path)
         stage = Host(lan, work, "--models-dir", str(folder), *CTX[-2:]).start()
         head = Host(lan, work, "--model", str(path), "--split", "--split-load", mode, *CTX)
         wait(lambda: stage.ctl("status") is not None, 60, "the stage node")
@@ -256,10 +260,7 @@ def decode_rounds(work: Path, path: Path, rounds: int, tokens: int) -> dict[str,
     lan = Lan()
     made: list[Host] = []
     try:
-        folder = work / "models-decode"
-        folder.mkdir(exist_ok=True)
-        if not (folder / path.name).exists():
-            (folder / path.name).symlink_to(path)
+        folder = models_dir(work, "models-decode", path)
         whole = Host(lan, work, "--model", str(path), "--mesh", "whole", *CTX).start()
         s2 = Host(lan, work, "--models-dir", str(folder), "--mesh", "two", *CTX[-2:]).start()
         h2 = Host(lan, work, "--model", str(path), "--mesh", "two", "--split", *CTX)
@@ -333,10 +334,7 @@ def rtt_cost(work: Path, path: Path, tokens: int) -> dict[str, Any]:
     through the proxy, gossip and tunnel alike)."""
     stage_port, proxy_port, head_port = free_port_pair(), free_port_pair(), free_port_pair()
     proxy = DelayProxy([(proxy_port + i, stage_port + i) for i in range(4)], delay_s=0.0)
-    folder = work / "models-rtt"
-    folder.mkdir(exist_ok=True)
-    if not (folder / path.name).exists():
-        (folder / path.name).symlink_to(path)
+    folder = models_dir(work, "models-rtt", path)
     common = ["--host", "127.0.0.1", "--no-mdns", "--mesh", "rtt"]
     stage = subprocess.Popen(
         [str(BIN / "mesh-llm"), "serve", *common, "--models-dir", str(folder), "--zmq-port", str(stage_port),
@@ -444,10 +442,7 @@ def tunnel_vs_direct(work: Path, path: Path, rounds: int, tokens: int) -> dict[s
         stdout=(work / "direct-rpc.log").open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     node_port = free_port_pair()
-    folder = work / "models-tunnel"
-    folder.mkdir(exist_ok=True)
-    if not (folder / path.name).exists():
-        (folder / path.name).symlink_to(path)
+    folder = models_dir(work, "models-tunnel", path)
     node = subprocess.Popen(
         [str(BIN / "mesh-llm"), "serve", "--host", "127.0.0.1", "--no-mdns", "--mesh", "tunnel",
          "--models-dir", str(folder), "--zmq-port", str(node_port), "--http-port", str(free_port_pair(1)),
@@ -541,10 +536,7 @@ def faults(work: Path, path: Path, requests: int, clients: int, max_tokens: int)
     lan = Lan()
     nodes: list[Host] = []
     try:
-        folder = work / "models-faults"
-        folder.mkdir(exist_ok=True)
-        if not (folder / path.name).exists():
-            (folder / path.name).symlink_to(path)
+        folder = models_dir(work, "models-faults", path)
         stages = [
             Host(lan, work, "--models-dir", str(folder), "--mesh", "faults", *CTX[-2:]).start()
             for _ in range(2)

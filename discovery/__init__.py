@@ -6,7 +6,8 @@ Map of this room:
 - `_membership`  the SWIM-style state machine (alive, suspect, dead, left; incarnations,
                  refutation, tombstones), pure and clock-driven.
 - `_gossip`      the gossip actor: heartbeats over PUB/SUB (zmq_port + 2), membership, RTT
-                 (measured and gossiped), latency class (a far node acts as a client only).
+                 (measured and gossiped), latency class (a far node acts as a client only),
+                 and what each node offers dense splits and the splits it heads.
 - `_mesh`        `MeshMembership`: the gossip actor, mDNS and `--peer` seeds for one node.
 
 Still to come: demand signals and standby promotion. (Routing and failover live in the router.)

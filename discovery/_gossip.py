@@ -1,8 +1,10 @@
 """The gossip actor: heartbeats over ZeroMQ PUB/SUB, SWIM-style membership, RTT.
 
 Every `heartbeat_interval_s` the node publishes a `Heartbeat` on its gossip port (zmq_port + 2):
-who it is, its models and load, its view of the mesh, and echoes of the peers' last heartbeats so
-that each peer can measure its round-trip time to us. It subscribes to every peer it learns of —
+who it is, its models and load, its view of the mesh, echoes of the peers' last heartbeats so
+that each peer can measure its round-trip time to us, and what it offers dense splits (from its
+stage host) and the splits it heads (from its split heads), both handed in on the inbox.
+It subscribes to every peer it learns of —
 from mDNS, from `--peer` seeds, or from another node's view. Heartbeats of another mesh or
 protocol version are ignored and counted. On stop it publishes `left` and flushes it.
 """

@@ -4,7 +4,8 @@
 - `_build`        `load_engine(spec)`: llama.cpp or the fake.
 - `_engine`       the `Engine` protocol and rules every engine shares (budget, chat, closing).
 - `_llama`        `LlamaEngine`: continuous batching over llama.cpp; `_llamacpp` the leaf module
-                  of raw llama.cpp calls (contexts, batches, vocabulary checks).
+                  of raw llama.cpp calls (contexts, batches, vocabulary checks, ggml's RPC devices).
+- `_rpc_stage`    a dense split stage's child: builds its RPC cache files, runs llama.cpp's RPC server.
 - `_fake`         `FakeEngine` for tests (delay, crash, hang).
 - `_drafter`      the speculative-drafter actor (a draft model next to the target);
                   `_speculative` prompt lookup, draft length, the governor.

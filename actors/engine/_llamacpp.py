@@ -1,5 +1,6 @@
-"""The one leaf module of raw llama.cpp calls shared by the engine and the drafter: contexts,
-batches, vocabulary checks. Imports nothing of ours; llama.cpp itself is passed in (`lib`)."""
+"""The one leaf module of raw llama.cpp calls shared by the engine, the drafter and a split's RPC
+stage: contexts, batches, vocabulary checks, and ggml's devices (the CPU, RPC servers). Imports
+nothing of ours; llama.cpp itself is passed in (`lib`, `llama_cpp`)."""
 
 from __future__ import annotations
 

@@ -17,12 +17,17 @@ def model_id_of(path: str | Path) -> str:
 
 def check_model(path: Path) -> str:
     """The model id of a GGUF file; raises ValueError with a user-facing reason if unusable."""
+    check_file(path)
+    return _source_model_id(path) or model_id_of(path)
+
+
+def check_file(path: Path) -> None:
+    """Raise ValueError with a user-facing reason unless `path` is a GGUF file (reads 4 bytes)."""
     if not path.is_file():
         raise ValueError(f"model file {path} does not exist")
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ValueError(f"{path} is not a GGUF file")
-    return _source_model_id(path) or model_id_of(path)
 
 
 def check_draft(target: Path, draft: Path) -> None:

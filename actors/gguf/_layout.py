@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
+
 RPC_HASH_MIN_BYTES = 10 * 1024 * 1024  # llama.cpp's RPC client hashes weight tensors larger than this
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _OUTPUT = ("output.weight", "output_norm.weight", "output.bias", "output_norm.bias")
@@ -36,6 +38,7 @@ class Layout:
     """What planning needs to know of a dense model."""
 
     path: str
+    model_id: str  # as `actors.gguf.check_model` names it
     identity: str  # sha256 of (header + tensor table, file size), 32 hex digits
     size: int  # the file's bytes
     n_layer: int
@@ -102,8 +105,10 @@ def read_layout(path: str | Path) -> Layout:
         for offset in range(start, size, step):
             f.seek(offset)
             digest.update(f.read(_SAMPLE_BYTES))
+    source = reader.get_field(SOURCE_MODEL_ID_KEY)
     return Layout(
         path=str(path),
+        model_id=str(source.contents()) if source is not None else model_id_of(path),
         identity=digest.hexdigest()[:32],
         size=size,
         n_layer=n_layer,

@@ -258,7 +258,5 @@ def _need(spec: NodeSpec, model: ModelSpec) -> int:
     """The bytes `model` needs on one node at this node's context size."""
     from actors.splits._plan import need_of
 
-    layout = model.layout
-    assert layout is not None
-    kv = layout.kv_bytes_per_token * spec.n_ctx * spec.slots
-    return need_of(layout.layer_bytes, layout.input_bytes, layout.output_bytes, kv).total
+    assert model.layout is not None
+    return need_of(model.layout, spec.n_ctx * spec.slots).total

@@ -29,12 +29,10 @@ from actors.splits._plan import Candidate, Member, NoFit, Plan, need_of, plan_sp
 from actors.splits._tunnel import HeadEnd, parse_tunnel, unbounded
 from actors.wire._codec import encode
 from actors.wire._messages import (
-    Answer,
     EngineSpec,
     LoadMode,
     MeshView,
     PeerRow,
-    Query,
     SplitNews,
     SplitRow,
     SplitStage,
@@ -43,6 +41,7 @@ from actors.wire._messages import (
     StageGrant,
     StageRelease,
     WorkerState,
+    WorkerStateName,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,6 @@ class _Stage:
     answered_at: float = 0.0
     claimed_at: float = 0.0
     tunnel: HeadEnd | None = None
-    cache_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -86,13 +84,12 @@ class SplitHead(Actor):
         control_endpoint: str,
         view_endpoint: str,
         news_endpoint: str | None = None,
-        query_endpoint: str | None = None,
         **kwargs: object,
     ) -> None:
         """`spec`: the model as a single node would serve it; `free_bytes`: what this node offers
         it; `force`: split even if it fits (--split); `worker`: the managed shard-worker it drives
         over `control_endpoint`; `view_endpoint`: where gossip pushes mesh views; `news_endpoint`:
-        where gossip takes our `SplitNews`; `query_endpoint`: answers `Query("splits")`."""
+        where gossip takes our `SplitNews` (how `mesh-ctl splits` learns of us)."""
         super().__init__(ctx, f"split-{spec.model_id}", **kwargs)  # type: ignore[arg-type]
         self.node_id = node_id
         self.spec = spec
@@ -104,9 +101,7 @@ class SplitHead(Actor):
         self.control_endpoint = control_endpoint
         self.view_endpoint = view_endpoint
         self.news_endpoint = news_endpoint
-        self.query_endpoint = query_endpoint
-        kv = layout.kv_bytes_per_token * spec.n_ctx * spec.slots
-        self.need = need_of(layout.layer_bytes, layout.input_bytes, layout.output_bytes, kv)
+        self.need = need_of(layout, spec.n_ctx * spec.slots)
         self.state: SplitStateName = "planning"
         self.detail = "waiting for peers"
         self.split: _Split | None = None
@@ -114,6 +109,7 @@ class SplitHead(Actor):
         self.excluded: dict[str, float] = {}  # node -> until when it is not recruited
         self.bytes_crossed = 0
         self._failed_loads = 0
+        self._worker_restarts = 0  # the worker's count of engine exits, as last heard
         self._epochs = itertools.count(1)
         self._plan_at = self._earliest_plan = self._news_due = 0.0
         self._renewed_at = 0.0
@@ -132,10 +128,6 @@ class SplitHead(Actor):
         if self.news_endpoint is not None:
             self._news = self.socket(zmq.PUSH)
             self._news.connect(self.news_endpoint)
-        if self.query_endpoint is not None:
-            queries = self.socket(zmq.ROUTER)
-            queries.bind(self.query_endpoint)
-            self.on_socket(queries, lambda frames: self._on_query(queries, frames))
         self.worker.start()
         self._plan_at = self._earliest_plan = self.clock() + self.config.split_wait_for_peers_s
         self._publish()
@@ -202,10 +194,7 @@ class SplitHead(Actor):
             if self.state != "failed" or self.detail != result.reason:  # news: say it once
                 log.warning("split of %s: cannot form: %s", self.spec.model_id, result.reason)
                 self._set("failed", result.reason)
-                failed = WorkerState(
-                    worker_id="", model_id=self.spec.model_id, state="failed", detail=result.reason
-                )
-                self._tell_worker(failed)
+                self._hold_worker("failed", result.reason)
         else:
             self._start(result)
 
@@ -230,9 +219,7 @@ class SplitHead(Actor):
             self._claim(split, stage)
         self._renewed_at = self.clock()
         self._set("loading", f"claiming {len(plan.stages)} stage(s)")
-        self._tell_worker(
-            WorkerState(worker_id="", model_id=self.spec.model_id, state="loading", detail=self.detail)
-        )
+        self._hold_worker("loading", self.detail)
         self._maybe_load()
 
     def _claim(self, split: _Split, stage: _Stage) -> None:
@@ -282,7 +269,6 @@ class SplitHead(Actor):
                 self.spec.model_id, node, m.first, m.last, grant.cache_bytes / 1e6,
             )  # fmt: skip
         stage.epoch, stage.state, stage.answered_at = grant.epoch, grant.state, self.clock()
-        stage.cache_bytes = grant.cache_bytes
         self._maybe_load()
 
     def _maybe_load(self) -> None:
@@ -308,8 +294,12 @@ class SplitHead(Actor):
 
     def _from_worker(self, frames: list[bytes]) -> None:
         news = self.decode(frames[-1], "worker")
+        if not isinstance(news, WorkerState):
+            return
+        died = news.restarts > self._worker_restarts  # an engine exit (not one we ordered)
+        self._worker_restarts = news.restarts
         split = self.split
-        if not isinstance(news, WorkerState) or split is None or not split.engine_asked:
+        if split is None or not split.engine_asked:
             return
         if news.state == "ready" and self.state != "serving":
             self.bytes_crossed = sum(s.tunnel.bytes_up for s in split.stages.values() if s.tunnel is not None)
@@ -323,7 +313,7 @@ class SplitHead(Actor):
             )  # fmt: skip
             self._failed_loads = 0
             self._set("serving", "")
-        elif news.state == "loading" and news.engine_pid is None and news.detail.startswith("engine exited"):
+        elif died:
             if self.state != "serving":
                 self._failed_loads += 1
             if self._failed_loads >= _MAX_FAILED_LOADS:  # it will not load like this: no crash loop
@@ -331,9 +321,7 @@ class SplitHead(Actor):
                 log.error("split of %s: %s; trying again in %.0f s", self.spec.model_id, why, _RETRY_FAILED_S)
                 self._dissolve()
                 self._set("failed", why)
-                self._tell_worker(
-                    WorkerState(worker_id="", model_id=self.spec.model_id, state="failed", detail=why)
-                )
+                self._hold_worker("failed", why)
                 self._failed_loads = 0
                 self._plan_at = self._earliest_plan = self.clock() + _RETRY_FAILED_S
             else:
@@ -367,14 +355,7 @@ class SplitHead(Actor):
         log.warning("split of %s: %s; planning again", self.spec.model_id, why)
         self._dissolve()
         self._set("planning", why)
-        self._tell_worker(
-            WorkerState(
-                worker_id="",
-                model_id=self.spec.model_id,
-                state="loading",
-                detail=f"re-forming the split: {why}",
-            )
-        )
+        self._hold_worker("loading", f"re-forming the split: {why}")
         self._plan_at = self.clock()
 
     def _dissolve(self) -> None:
@@ -392,6 +373,10 @@ class SplitHead(Actor):
             self.forget(stage.monitor)
             stage.link.setsockopt(zmq.LINGER, 200)
             self.forget(stage.link)
+
+    def _hold_worker(self, state: WorkerStateName, detail: str) -> None:
+        """Have the worker wait without an engine ("loading") or fail its requests ("failed")."""
+        self._tell_worker(WorkerState(worker_id="", model_id=self.spec.model_id, state=state, detail=detail))
 
     def _tell_worker(self, message: EngineSpec | WorkerState) -> None:
         assert self._control is not None
@@ -438,15 +423,3 @@ class SplitHead(Actor):
                 self._news.send(encode(SplitNews(splits=[self.row()])), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the gossip actor is gone (the node stops) or not up yet
-
-    def _on_query(self, sock: zmq.Socket, frames: list[bytes]) -> None:
-        query = self.decode(frames[-1], "control")
-        if isinstance(query, Query):
-            data = {"splits": [encode_row(self.row())]}
-            sock.send_multipart([frames[0], encode(Answer(request_id=query.request_id, data=data))])
-
-
-def encode_row(row: SplitRow) -> dict[str, object]:
-    import dataclasses
-
-    return dataclasses.asdict(row)

@@ -10,6 +10,10 @@ recruited, largest room first, nearest first among equals.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from actors.gguf._layout import Layout
 
 GIB = 1024**3
 OVERHEAD_BYTES = 64 * 1024 * 1024  # compute buffers and the like, per member
@@ -69,11 +73,11 @@ class Need:
         return sum(self.layers) + self.input + self.output + OVERHEAD_BYTES
 
 
-def need_of(
-    layer_bytes: tuple[int, ...], input_bytes: int, output_bytes: int, kv_bytes_per_layer: int
-) -> Need:
+def need_of(layout: Layout, tokens: int) -> Need:
+    """What `layout`'s model needs with a KV cache of `tokens` tokens (context times slots)."""
+    kv = layout.kv_bytes_per_token * tokens
     return Need(
-        layers=tuple(b + kv_bytes_per_layer for b in layer_bytes), input=input_bytes, output=output_bytes
+        layers=tuple(b + kv for b in layout.layer_bytes), input=layout.input_bytes, output=layout.output_bytes
     )
 
 

@@ -48,7 +48,6 @@ class _Lease:
     detail: str = ""
     tunnel: StageEnd | None = None
     cache_bytes: int = 0
-    fenced: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -171,8 +170,6 @@ class StageHost(Actor):
         lease = self.lease
         if lease is None or lease.epoch != epoch or lease.zid != zid or lease.tunnel is None:
             self.stats["fenced_frames"] += 1  # a stale head, or one that holds no lease
-            if lease is not None:
-                lease.fenced += 1
             if op != CLOSE:
                 self._send(zid, tunnel_frames(epoch, conn, CLOSE))
             return
@@ -300,23 +297,6 @@ class StageHost(Actor):
             self._sock.send_multipart([zid, *frames])
         except zmq.ZMQError as err:  # the head is gone
             self.warn_once(f"head-gone:{zid!r}", "stage: cannot reach head: %s", err)
-
-    def snapshot(self) -> dict[str, object]:
-        lease = self.lease
-        if lease is None:
-            return {"lease": None}
-        return {
-            "lease": {
-                "head": lease.head,
-                "epoch": lease.epoch,
-                "layers": [lease.claim.first, lease.claim.last],
-                "state": lease.state,
-                "load_mode": lease.claim.load_mode,
-                "rpc_pid": lease.child.pid,
-                "connections": len(lease.tunnel) if lease.tunnel is not None else 0,
-                "fenced_frames": lease.fenced,
-            }
-        }
 
 
 def _free_port(host: str) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from actors import ZMQ_PORT_SPAN, ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
 from actors._config import MAX_BODY_BYTES
-from actors.gguf._identity import check_draft, check_model
+from actors.gguf._identity import check_draft, check_file, check_model
 from actors.gguf._layout import Layout
 from actors.runtime._supervisor import ChildProcess
 from discovery import MeshMembership
@@ -163,12 +163,13 @@ def serve(args: argparse.Namespace) -> int:
             holdings = _holdings(args.models_dir) if args.models_dir else []
             if args.model or not args.models_dir:
                 model = args.model or default_model()
-                model_id = check_model(model)
+                check_file(model)
+                layout = _layout(model)  # one read of the file: its layers, identity and model id
+                model_id = layout.model_id if layout is not None else check_model(model)
                 if args.draft:
                     check_draft(model, args.draft)
                 speculative = "draft" if args.draft else "lookup" if args.lookup else ""
                 draft = str(args.draft) if args.draft else None
-                layout = _layout(model)
                 if layout is not None and all(h.identity != layout.identity for h in holdings):
                     holdings.append(layout)
                 models.append(
