@@ -41,7 +41,13 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(ARGS)
+	@# If pytest dies (a signal from native code), say which test it was in and what it printed
+	@# about it: CI shows only the end of the output.
+	@bash -c 'set -o pipefail; MESH_LLM_TEST_TRACE=$(VENV)/pytest-running $(BIN)/python -m pytest $(ARGS) 2>&1 \
+		| tee $(VENV)/pytest.log; rc=$$?; if [ $$rc -ne 0 ] && [ -s $(VENV)/pytest-running ]; then \
+		echo "== pytest died (exit $$rc) in $$(cat $(VENV)/pytest-running); the crash, as printed:"; \
+		grep -n -m12 -A8 -E "GGML_|Assertion|[Aa]bort|Fatal Python|double free|terminate called|Current thread" \
+		$(VENV)/pytest.log | head -60; fi; exit $$rc'
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
