@@ -3,6 +3,7 @@ completion budget, chat rendering, the closing events of a request."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol
 
 from actors._errors import ContextOverflow, InvalidRequest
@@ -59,20 +60,24 @@ def check_context(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
     return max_tokens
 
 
-def render_chat(template: str, messages: list[dict[str, Any]], bos: str, eos: str) -> str:
+def render_chat(
+    template: str,
+    messages: list[dict[str, Any]],
+    bos: str,
+    eos: str,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     """Render messages with a GGUF's Jinja chat template, as Hugging Face tokenizers do. A last
     assistant message is a prefill: the reply continues it (it is not closed, and no new turn is
     opened), and the completion holds only what comes after it."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     prefill = ""
-    if messages and messages[-1].get("role") == "assistant":
+    if messages and messages[-1].get("role") == "assistant" and not messages[-1].get("tool_calls"):
         prefill, messages = str(messages[-1].get("content") or ""), messages[:-1]
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _template_env()
     try:
         text = (
             env.from_string(template).render(
-                messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+                messages=messages, tools=tools, add_generation_prompt=True, bos_token=bos, eos_token=eos
             )
             + prefill
         )
@@ -80,6 +85,26 @@ def render_chat(template: str, messages: list[dict[str, Any]], bos: str, eos: st
         raise InvalidRequest(f"the chat template rejected the messages: {err}", param="messages") from err
     # The tokenizer adds BOS itself; a template that writes it too would double it.
     return text[len(bos) :] if bos and text.startswith(bos) else text
+
+
+def _template_env() -> Any:
+    """Jinja as Hugging Face's `apply_chat_template` sets it up: `tojson` writes plain JSON (not
+    HTML-escaped Markup, keys in their order), `raise_exception` and `strftime_now` exist."""
+    import datetime
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, **kw: Any) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, **kw)
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
 
 
 def closing_events(

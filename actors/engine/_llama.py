@@ -34,6 +34,7 @@ from actors.engine._llamacpp import (
 )
 from actors.engine._speculative import DraftLength, Governor, NgramIndex
 from actors.engine._textstream import TextStream
+from actors.engine._tools import call_grammar, grammar_schema, knows_tools, template_messages, tool_syntax
 from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
 from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started
 
@@ -114,6 +115,7 @@ class LlamaEngine:
         self.slots = slots
         self.n_params = int(lib.llama_model_n_params(self.llm.model))
         self._template = meta.get("tokenizer.chat_template")
+        self.tool_syntax = tool_syntax(self._template)
         self._vocab = lib.llama_model_get_vocab(self.llm.model)
         self._bos = self._piece(self.llm.token_bos())
         self._eos = self._piece(self.llm.token_eos())
@@ -190,7 +192,12 @@ class LlamaEngine:
             return request.prompt
         if not self._template:
             raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
-        return render_chat(self._template, request.messages or [], self._bos, self._eos)
+        native = knows_tools(self._template)
+        messages = request.messages or []
+        if request.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            messages = template_messages(messages, request.tools, native)
+        tools = request.tools if native and request.tools else None
+        return render_chat(self._template, messages, self._bos, self._eos, tools)
 
     def admit(self, request: Generate) -> list[EngineEvent]:
         """Take a request into a free slot; raises `RequestError` if it cannot be served."""
@@ -243,7 +250,8 @@ class LlamaEngine:
         slot.draft_len = DraftLength()
         slot.lookup = NgramIndex(tokens) if slot.drafter == "lookup" else None
         slot.mirror_ok = 0
-        return [Started(request_id=request.request_id, prompt_tokens=len(tokens))]
+        syntax = self.tool_syntax if request.tools else ""
+        return [Started(request_id=request.request_id, prompt_tokens=len(tokens), tool_syntax=syntax)]
 
     def _drafter_for(self, request: Generate) -> str:
         """The drafter a request gets: its own choice, else the node's; only greedy requests
@@ -440,7 +448,7 @@ class LlamaEngine:
         lib = self._lib
         n_vocab = self.llm.n_vocab()
         bias = self._logit_bias(request.logit_bias, n_vocab)
-        grammar = self._grammar(request.response_format)
+        grammar = self._grammar(request)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731
         if grammar is not None:
@@ -463,18 +471,25 @@ class LlamaEngine:
             lib.llama_sampler_accept(chain, token)
         return chain
 
-    def _grammar(self, response_format: dict[str, Any]) -> Any:
-        """A grammar sampler for structured output, or None for free text."""
+    def _grammar(self, request: Generate) -> Any:
+        """A grammar sampler for a forced tool call or structured output, or None for free text."""
+        response_format = request.response_format
         kind = response_format.get("type", "text")
-        if kind == "text":
+        forced = request.tools and (
+            request.tool_choice == "required" or request.tool_choice.startswith("function:")
+        )
+        if not forced and kind == "text":
             return None
         from llama_cpp import llama_grammar
 
-        if kind == "json_object":
+        if forced:
+            text = call_grammar(self.tool_syntax, request.tools, request.tool_choice)
+        elif kind == "json_object":
             text = llama_grammar.JSON_GBNF
         elif kind == "json_schema":
             try:
-                text = llama_grammar.json_schema_to_gbnf(json.dumps(response_format.get("schema", {})))
+                schema = grammar_schema(response_format.get("schema", {}))
+                text = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
             except Exception as err:  # the converter raises what it likes on schemas it cannot do
                 raise InvalidRequest(
                     f"response_format: this JSON schema has no grammar: {err}", param="response_format"

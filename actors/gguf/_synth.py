@@ -17,11 +17,34 @@ from pathlib import Path
 import numpy as np
 
 ARCHS = ("llama", "llama-moe", "qwen2moe")
+# ChatML with tools as Qwen 2.5 renders them (Hermes syntax); without tools, plain ChatML.
 CHATML_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n\' }}'
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '\n<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 _UNK, _BOS, _EOS, _IM_END = 0, 1, 2, 4
@@ -87,6 +110,7 @@ def synthesize(
     quiet_scale: float = 1.0,
     router_skew: float = 0.0,
     add_bos: bool = True,
+    chat_template: str = CHATML_TEMPLATE,
 ) -> Path:
     """Write a loadable GGUF of `arch` and `shape` with random weights to `out`.
 
@@ -97,7 +121,8 @@ def synthesize(
     draft model that agrees with it strongly). `router_skew` > 0 makes an MoE router favour a few
     experts of each layer, as trained MoEs do: expert rows of `ffn_gate_inp` are scaled by
     exp(skew x a rank from 1 down to 0), in a random order per layer. `add_bos=False` makes a
-    tokenizer that adds no BOS token, as the Qwen2 family's does."""
+    tokenizer that adds no BOS token, as the Qwen2 family's does. `chat_template`: the Jinja
+    template the GGUF carries (by default ChatML with Qwen 2.5's tools)."""
     import gguf
 
     if arch not in ARCHS:
@@ -108,7 +133,7 @@ def synthesize(
     gguf_arch = "qwen2moe" if arch == "qwen2moe" else "llama"
     writer = gguf.GGUFWriter(str(out), gguf_arch)
     _write_metadata(writer, arch, shape, out.stem, dtype)
-    _write_tokenizer(writer, shape.n_vocab, add_bos=add_bos)
+    _write_tokenizer(writer, shape.n_vocab, add_bos=add_bos, chat_template=chat_template)
     for name, dims in _tensor_shapes(arch, shape):
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         scale = 1.0
@@ -198,7 +223,7 @@ def _filler() -> Iterator[str]:
             yield "".join(combo)
 
 
-def _write_tokenizer(writer: object, n_vocab: int, *, add_bos: bool) -> None:
+def _write_tokenizer(writer: object, n_vocab: int, *, add_bos: bool, chat_template: str) -> None:
     tokens, scores, types = vocabulary(n_vocab)
     w = writer
     w.add_tokenizer_model("llama")  # type: ignore[attr-defined]
@@ -211,7 +236,7 @@ def _write_tokenizer(writer: object, n_vocab: int, *, add_bos: bool) -> None:
     w.add_eot_token_id(_IM_END)  # type: ignore[attr-defined]
     w.add_add_bos_token(add_bos)  # type: ignore[attr-defined]
     w.add_add_eos_token(False)  # type: ignore[attr-defined]
-    w.add_chat_template(CHATML_TEMPLATE)  # type: ignore[attr-defined]
+    w.add_chat_template(chat_template)  # type: ignore[attr-defined]
 
 
 def _tensor_shapes(arch: str, s: Shape) -> list[tuple[str, tuple[int, ...]]]:

@@ -37,6 +37,9 @@ class Generate:
     logit_bias: dict[str, float] = field(default_factory=dict)  # token id (a string, as in JSON) -> bias
     # Structured output: {} (free text), {"type": "json_object"}, {"type": "json_schema", "schema": {...}}
     response_format: dict[str, Any] = field(default_factory=dict)
+    # Tools the model may call: OpenAI function tools, {"type": "function", "function": {...}}.
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str = "auto"  # "auto", "none", "required", or "function:NAME" (that call, forced)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     session: str = ""  # requests of one session go to the same node (rendezvous hashing)
@@ -78,6 +81,7 @@ class Started:
     request_id: str
     prompt_tokens: int
     node_id: str = ""  # the node generating it, stamped by that node's router
+    tool_syntax: str = ""  # with tools: how this model writes a call (actors.engine._tools.SYNTAXES)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from gateway.http._errors import ApiError
 
 _MAX_STOPS = 4
 _MAX_LOGIT_BIAS = 1024  # entries
+_MAX_TOOLS = 128
 
 # Every field a request may carry. Those this node does not implement yet are refused by name
 # when they ask for something (a 400), and accepted when they hold the default: nothing a client
@@ -22,12 +24,14 @@ _COMMON = {
     "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "seed", "stop", "n",
     "user", "speculative", "metadata", "store", "service_tier",
 }  # fmt: skip
-_CHAT = _COMMON | {"messages", "max_completion_tokens", "response_format"}
+_CHAT = _COMMON | {
+    "messages", "max_completion_tokens", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+}  # fmt: skip
 _COMPLETION = _COMMON | {"prompt"}
 _NOT_YET: dict[str, Any] = {  # field -> a test of the values that ask for nothing
-    "tools": lambda v: v == [],
+    "tools": lambda v: v == [],  # completions: no chat template to render them
     "tool_choice": lambda v: v == "none",
-    "parallel_tool_calls": lambda v: isinstance(v, bool),  # without tools it changes nothing
+    "parallel_tool_calls": lambda v: isinstance(v, bool),
     "functions": lambda v: v == [],
     "function_call": lambda v: v == "none",
     "response_format": lambda v: v == {"type": "text"},
@@ -106,12 +110,83 @@ def parse_chat(body: dict[str, Any], session_header: str | None = None) -> Parse
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
+    tools = _tools(body.get("tools"))
     return _parsed(
         body,
         session_header,
         messages=[_message(m, i) for i, m in enumerate(messages)],
         response_format=_response_format(body.get("response_format")),
+        tools=tools,
+        tool_choice=_tool_choice(body.get("tool_choice"), tools),
     )
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # OpenAI's rule for function names (plus . and :)
+
+
+def _tools(value: Any) -> list[dict[str, Any]]:
+    """OpenAI's `tools`: function tools with a name and a JSON-schema object for parameters."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > _MAX_TOOLS:
+        raise ApiError(400, f"'tools' must be an array of at most {_MAX_TOOLS} tools.", param="tools")
+    out, names = [], set()
+    for i, tool in enumerate(value):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise ApiError(400, f"{param}: only tools of type 'function' are supported.", param=param)
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise ApiError(400, f"{param}.function must be an object.", param=f"{param}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ApiError(
+                400,
+                f"{param}.function.name must be 1-64 letters, digits, '_' or '-'.",
+                param=f"{param}.function",
+            )
+        if name in names:
+            raise ApiError(400, f"{param}: the function name {name!r} is used twice.", param=param)
+        names.add(name)
+        parameters = function.get("parameters")
+        if parameters is not None and (
+            not isinstance(parameters, dict) or parameters.get("type", "object") != "object"
+        ):
+            raise ApiError(
+                400, f"{param}.function.parameters must be a JSON schema of an object.",
+                param=f"{param}.function.parameters",
+            )  # fmt: skip
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise ApiError(400, f"{param}.function.description must be a string.", param=f"{param}.function")
+        clean: dict[str, Any] = {"name": name}
+        if description:
+            clean["description"] = description
+        clean["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+        out.append({"type": "function", "function": clean})
+    return out
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]]) -> str:
+    """OpenAI's `tool_choice` as the engine takes it: auto, none, required or function:NAME."""
+    if value is None:
+        return "auto"
+    if value in ("auto", "none", "required"):
+        if value == "required" and not tools:
+            raise ApiError(400, "tool_choice 'required' needs 'tools'.", param="tool_choice")
+        return str(value)
+    function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise ApiError(
+            400,
+            "'tool_choice' must be 'auto', 'none', 'required' or "
+            '{"type": "function", "function": {"name": ...}}.',
+            param="tool_choice",
+        )
+    if name not in {t["function"]["name"] for t in tools}:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
+    return f"function:{name}"
 
 
 def _response_format(value: Any) -> dict[str, Any]:
@@ -148,7 +223,7 @@ def parse_completion(body: dict[str, Any], session_header: str | None = None) ->
     return _parsed(body, session_header, prompt=prompt)
 
 
-def _message(m: Any, i: int) -> dict[str, str]:
+def _message(m: Any, i: int) -> dict[str, Any]:
     param = f"messages[{i}]"
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise ApiError(400, f"{param} must be an object with a string 'role'.", param=param)
@@ -167,7 +242,43 @@ def _message(m: Any, i: int) -> dict[str, str]:
             400, f"{param}.content must be a string or an array of text parts.", param=f"{param}.content"
         )
     role = "system" if m["role"] == "developer" else m["role"]
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
+    if m["role"] == "assistant" and m.get("tool_calls") is not None:
+        out["tool_calls"] = _tool_calls(m["tool_calls"], param)
+    if m["role"] == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise ApiError(400, f"{param}.tool_call_id must be a string.", param=f"{param}.tool_call_id")
+        out["tool_call_id"] = call_id
+    return out
+
+
+def _tool_calls(calls: Any, param: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier `tool_calls`, checked and kept in OpenAI's shape."""
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{param}.tool_calls must be an array.", param=f"{param}.tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"{param}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+            or not isinstance(call.get("id", ""), str)
+        ):
+            raise ApiError(
+                400, f"{where} must have an 'id' and a 'function' with a 'name' and 'arguments' (a string).",
+                param=where,
+            )  # fmt: skip
+        out.append(
+            {
+                "id": call.get("id", ""),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function["arguments"]},
+            }
+        )
+    return out
 
 
 def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Parsed:

@@ -19,6 +19,7 @@ from actors import Accepted, Chunk, EngineFailed, Finished, Message, ModelNotFou
 from gateway.http._backend import Backend, EventStream
 from gateway.http._errors import ApiError, to_api_error
 from gateway.http._requests import Parsed, parse_chat, parse_completion, read_json
+from gateway.http._tools import Call, CallParser, Found
 
 
 class Health:
@@ -95,11 +96,15 @@ class _Completions:
     def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
         raise NotImplementedError
 
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+    def choice(self, text: str, finish: str | None, calls: list[Call]) -> dict[str, Any]:
         raise NotImplementedError
 
     def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
         raise NotImplementedError
+
+    def call_deltas(self, found: Found, first: bool) -> list[dict[str, Any]]:
+        """The stream's choices for calls begun and grown (chat only)."""
+        return []
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         raw = await read_body(req, self.max_body_bytes)
@@ -116,33 +121,42 @@ class _Completions:
                 "created": int(time.time()),
                 "model": parsed.generate.model,
             }
+            parser = _call_parser(parsed, started)
             if parsed.stream:
                 resp.content_type = "text/event-stream"
                 resp.set_header("Cache-Control", "no-cache")
-                resp.stream = ClosingStream(self.sse(events, meta, parsed))  # type: ignore[assignment]
+                resp.stream = ClosingStream(self.sse(events, meta, parsed, parser))  # type: ignore[assignment]
                 streaming = True
                 return
-            resp.media = await self.whole(events, meta)
+            resp.media = await self.whole(events, meta, parser)
         finally:  # done, failed, or the client gone (this task cancelled): the request ends here
             if not streaming:
                 await events.aclose()
 
-    async def whole(self, events: EventStream, meta: dict[str, Any]) -> dict[str, Any]:
+    async def whole(
+        self, events: EventStream, meta: dict[str, Any], parser: CallParser | None
+    ) -> dict[str, Any]:
         text: list[str] = []
         while True:
             event = await next_event(events)
             if isinstance(event, Chunk):
                 text.append(event.text)
             elif isinstance(event, Finished):
+                content, calls = "".join(text), []
+                if parser is not None:
+                    found = parser.feed(content)
+                    content = found.content + parser.finish().content
+                    calls = parser.calls
+                finish = _finish_reason(event.finish_reason, calls)
                 return {
                     **meta,
                     "object": self.object_name,
-                    "choices": [self.choice("".join(text), event.finish_reason)],
+                    "choices": [self.choice(content, finish, calls)],
                     "usage": usage(event),
                 }
 
     async def sse(
-        self, events: EventStream, meta: dict[str, Any], parsed: Parsed
+        self, events: EventStream, meta: dict[str, Any], parsed: Parsed, parser: CallParser | None
     ) -> AsyncGenerator[bytes, None]:
         """The SSE body; an error after the headers went out becomes an `error` event."""
         base = {**meta, "object": self.chunk_object}
@@ -151,15 +165,24 @@ class _Completions:
         try:
             while True:
                 event = await next_event(events)
-                if isinstance(event, Chunk):
+                if isinstance(event, Chunk) and parser is not None:
+                    for choice in self.call_deltas(parser.feed(event.text), first):
+                        yield _sse({**base, "choices": [choice], **usage_null})
+                        first = False
+                elif isinstance(event, Chunk):
                     if not event.text and not first:
                         continue
                     yield _sse({**base, "choices": [self.delta(event.text, first, None)], **usage_null})
                     first = False
                 elif isinstance(event, Finished):
-                    yield _sse(
-                        {**base, "choices": [self.delta("", first, event.finish_reason)], **usage_null}
-                    )
+                    calls: list[Call] = []
+                    if parser is not None:
+                        for choice in self.call_deltas(parser.finish(), first):
+                            yield _sse({**base, "choices": [choice], **usage_null})
+                            first = False
+                        calls = parser.calls
+                    finish = _finish_reason(event.finish_reason, calls)
+                    yield _sse({**base, "choices": [self.delta("", first, finish)], **usage_null})
                     if parsed.include_usage:
                         yield _sse({**base, "choices": [], "usage": usage(event)})
                     yield b"data: [DONE]\n\n"
@@ -176,9 +199,34 @@ class ChatCompletions(_Completions):
     def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
         return parse_chat(body, session_header)
 
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
+    def choice(self, text: str, finish: str | None, calls: list[Call]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["content"] = text or None
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in calls
+            ]
         return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+
+    def call_deltas(self, found: Found, first: bool) -> list[dict[str, Any]]:
+        out = []
+        if found.content:
+            out.append(self.delta(found.content, first, None))
+            first = False
+        for call in found.begun:
+            header = {
+                "index": call.index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            role: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
+            out.append(_call_delta({**role, "tool_calls": [header]}))
+            first = False
+        for index, fragment in found.grown:
+            out.append(_call_delta({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}))
+        return out
 
     def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
@@ -193,11 +241,27 @@ class Completions(_Completions):
     def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
         return parse_completion(body, session_header)
 
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+    def choice(self, text: str, finish: str | None, calls: list[Call]) -> dict[str, Any]:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
     def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
-        return self.choice(text, finish)
+        return self.choice(text, finish, [])
+
+
+def _call_parser(parsed: Parsed, started: Started) -> CallParser | None:
+    """A parser of tool calls when the request offered tools the model may call."""
+    generate = parsed.generate
+    if not generate.tools or generate.tool_choice == "none" or not started.tool_syntax:
+        return None
+    return CallParser(started.tool_syntax)
+
+
+def _call_delta(delta: dict[str, Any]) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+
+
+def _finish_reason(reason: str, calls: list[Call]) -> str:
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def usage(done: Finished) -> dict[str, Any]:

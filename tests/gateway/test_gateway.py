@@ -300,8 +300,8 @@ def test_sampling_controls_reach_the_engine(client: AsgiClient, backend: FakeBac
         ({"logit_bias": {"3": 101}}, "logit_bias[3]", "between"),
         ({"logit_bias": [1, 2]}, "logit_bias", "object"),
         ({"frobnicate": True}, "frobnicate", "Unrecognized request argument"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
-        ({"tool_choice": "required"}, "tool_choice", "not supported"),
+        ({"functions": [{"name": "f"}]}, "functions", "not supported"),
+        ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
         ({"response_format": {"type": "xml"}}, "response_format", "must be of type"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},

@@ -1,0 +1,232 @@
+"""The OpenAI surface that agents and frameworks use, driven by the official `openai` client and
+`langchain-openai` against a real node serving a synthesized model with a tool-aware chat template
+(Qwen 2.5's Hermes syntax). With random weights, constrained decoding is what makes a call or a
+JSON answer come out: that is what these tests rely on, and what they check."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import httpx
+import openai
+import pytest
+
+from actors.gguf import shape_for, synthesize
+from tests.support.nodes import NodeProcess, start_node
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+MODEL = "api-tiny"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 9},
+                "metric": {"type": "boolean"},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "parameters": {
+            "type": "object",
+            "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}},
+            "required": ["hour"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Oslo for 3 days?"}]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    model = synthesize(
+        "llama", tmp_path_factory.mktemp("api") / f"{MODEL}.gguf", shape_for("llama", "tiny"), seed=4
+    )
+    proc = start_node(tmp_path_factory.mktemp("node"), model, "--slots", "2")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def oai(node: NodeProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def valid_weather(arguments: dict[str, Any]) -> bool:
+    """The schema of get_weather, checked by hand."""
+    return (
+        set(arguments) <= {"city", "days", "metric"}
+        and arguments.get("city") in ("Paris", "Oslo", "Lima")
+        and isinstance(arguments.get("days"), int)
+        and 1 <= arguments["days"] <= 9
+        and isinstance(arguments.get("metric", True), bool)
+    )
+
+
+def test_tool_choice_required_returns_a_call_whose_arguments_fit_the_schema(oai: openai.OpenAI) -> None:
+    reply = oai.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER, CLOCK], tool_choice="required",  # type: ignore[list-item,arg-type]
+        max_tokens=200, temperature=0,
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    calls = choice.message.tool_calls
+    assert calls and len(calls) == 1 and calls[0].type == "function" and calls[0].id.startswith("call_")
+    function = calls[0].function  # type: ignore[union-attr]
+    arguments = json.loads(function.arguments)
+    if function.name == "get_weather":
+        assert valid_weather(arguments), arguments
+    else:
+        assert (
+            function.name == "set_alarm"
+            and isinstance(arguments["hour"], int)
+            and 0 <= arguments["hour"] <= 23
+        )
+    # The control: without tools, the same greedy request writes no call.
+    plain = oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=30, temperature=0)  # type: ignore[arg-type]
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason != "tool_calls"
+
+
+def test_a_named_function_is_the_one_called_even_when_sampling(oai: openai.OpenAI) -> None:
+    for seed in (1, 2, 3):
+        reply = oai.chat.completions.create(
+            model=MODEL, messages=ASK, tools=[CLOCK, WEATHER],  # type: ignore[list-item]
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            max_tokens=200, temperature=1.0, seed=seed,
+        )  # fmt: skip
+        calls = reply.choices[0].message.tool_calls
+        assert calls and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+        assert valid_weather(json.loads(calls[0].function.arguments))  # type: ignore[union-attr]
+
+
+def test_streamed_tool_call_deltas_reassemble_into_the_same_call(oai: openai.OpenAI) -> None:
+    ask = dict(
+        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=200, temperature=0
+    )
+    whole = oai.chat.completions.create(**ask)  # type: ignore[call-overload]
+    chunks = list(oai.chat.completions.create(**ask, stream=True))  # type: ignore[call-overload]
+    calls: dict[int, dict[str, str]] = {}
+    fragments = 0
+    for chunk in chunks:
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            if delta.id:
+                call["id"] = delta.id
+            if delta.function and delta.function.name:
+                call["name"] = delta.function.name
+            if delta.function and delta.function.arguments:
+                call["arguments"] += delta.function.arguments
+                fragments += 1
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    expected = whole.choices[0].message.tool_calls[0].function  # type: ignore[index]
+    assert list(calls) == [0] and calls[0]["id"].startswith("call_")
+    assert (calls[0]["name"], calls[0]["arguments"]) == (expected.name, expected.arguments)
+    assert fragments > 1  # the arguments stream as they are generated
+
+
+def test_a_conversation_with_earlier_calls_and_their_results_is_rendered(oai: openai.OpenAI) -> None:
+    arguments = json.dumps({"city": "Oslo", "days": 3})
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Snow, -4 C."},
+    ]  # fmt: skip
+    short = oai.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=4, temperature=0
+    )  # type: ignore[list-item,arg-type]
+    long = oai.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER], max_tokens=4, temperature=0
+    )  # type: ignore[list-item,arg-type]
+    assert long.usage and short.usage
+    # The call and its result reach the prompt: at least their words' worth of tokens more.
+    assert long.usage.prompt_tokens >= short.usage.prompt_tokens + len("get_weather Oslo days Snow") // 2
+
+
+def test_bad_tool_requests_are_400s_naming_the_field(node: NodeProcess) -> None:
+    def post(body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(
+            f"{node.url}/v1/chat/completions", json={"model": MODEL, "messages": ASK, **body}, timeout=30
+        )
+
+    cases = [
+        ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function"),
+        ({"tools": [WEATHER, WEATHER]}, "tools[1]"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"functions": [WEATHER["function"]]}, "functions"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c"}]}]}, "messages[0].tool_calls[0]"),
+    ]
+    for body, param in cases:
+        reply = post(body)
+        assert reply.status_code == 400, (body, reply.text)
+        assert reply.json()["error"]["param"] == param, (body, reply.json())
+
+
+def test_a_json_schema_response_validates_and_the_client_parses_it(oai: openai.OpenAI) -> None:
+    from pydantic import BaseModel, Field
+
+    class Forecast(BaseModel):
+        city: str = Field(max_length=12)  # random weights close a string only when they must
+        days: int = Field(ge=1, le=9)
+        sunny: bool
+
+    reply = oai.chat.completions.parse(
+        model=MODEL, messages=ASK, response_format=Forecast, max_tokens=200, temperature=0
+    )  # type: ignore[arg-type]
+    forecast = reply.choices[0].message.parsed
+    assert isinstance(forecast, Forecast), reply.choices[0].message.content
+    whole = oai.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        response_format={"type": "json_object"},
+        max_tokens=60,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    text = whole.choices[0].message.content or ""
+    assert text.lstrip().startswith("{")
+
+
+def test_langchain_binds_tools_and_gets_structured_output(node: NodeProcess) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    @tool
+    def get_weather(city: Literal["Paris", "Oslo", "Lima"], days: int) -> str:
+        """The weather in a city for some days."""
+        return "sunny"
+
+    class Answer(BaseModel):
+        sure: bool
+        count: int = Field(ge=0, le=99)
+
+    llm = ChatOpenAI(
+        base_url=f"{node.url}/v1", api_key="unused", model=MODEL, temperature=0, max_tokens=200,  # type: ignore[arg-type]
+        max_retries=0,
+    )  # fmt: skip
+    message = llm.bind_tools([get_weather], tool_choice="required").invoke("Weather in Lima for 2 days?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
+    args = message.tool_calls[0]["args"]  # type: ignore[attr-defined]
+    assert isinstance(args["city"], str) and isinstance(args["days"], int)
+    answer = llm.with_structured_output(Answer, method="json_schema").invoke("Are you sure? How many?")
+    assert isinstance(answer, Answer)
