@@ -60,6 +60,8 @@ class Tunnel(Actor):
         super().__init__(ctx, "tunnel", config=NodeConfig())
         self.server_port = server_port
         self.kw = kw
+        self.closing = threading.Event()
+        self.tick_interval_s = 0.01
 
     def setup(self) -> None:
         a, b = self.socket(zmq.PAIR), self.socket(zmq.PAIR)
@@ -69,6 +71,16 @@ class Tunnel(Actor):
         self.stage = StageEnd(self, f"127.0.0.1:{self.server_port}", b.send_multipart, max_connections=4)
         self.on_socket(a, self._to_head)
         self.on_socket(b, self._to_stage)
+
+    def close_all_soon(self) -> None:
+        """Have the actor's thread close the head's connections (its sockets are its own: a
+        send from this thread while it sends would abort inside libzmq)."""
+        self.closing.set()
+
+    def on_tick(self, now: float) -> None:
+        if self.closing.is_set():
+            self.closing.clear()
+            self.head.close_all()
 
     def _to_head(self, frames: list[bytes]) -> None:
         parsed = parse_tunnel(frames)
@@ -121,7 +133,7 @@ def test_closing_all_connections_gives_the_engine_eof_at_once(tunnel: Tunnel) ->
     instead of waiting forever)."""
     conn = socket.create_connection(("127.0.0.1", tunnel.head.port), timeout=10)
     assert ask(conn, b"xy") == b"yx"
-    tunnel.head.close_all()
+    tunnel.close_all_soon()
     assert conn.recv(10) == b""
     conn.close()
 
