@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from actors._errors import ContextOverflow, InvalidRequest
 from actors.engine._textstream import TextStream
-from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started
+from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started, TokenLogprob
 
 EngineEvent = Started | Chunk | Finished | ErrorReply  # an ErrorReply ends that request
 
@@ -108,12 +108,20 @@ def _template_env() -> Any:
 
 
 def closing_events(
-    rid: str, stream: TextStream, unsent: list[int], reason: str, n_prompt: int, n_done: int
+    rid: str,
+    stream: TextStream,
+    unsent: list[int],
+    reason: str,
+    n_prompt: int,
+    n_done: int,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> list[EngineEvent]:
     """The last events of a request: withheld text (if any), then `Finished`."""
     events: list[EngineEvent] = []
     tail = stream.flush()
     if tail or unsent:
-        events.append(Chunk(request_id=rid, text=tail, n_tokens=len(unsent), tokens=unsent))
+        events.append(
+            Chunk(request_id=rid, text=tail, n_tokens=len(unsent), tokens=unsent, logprobs=logprobs or [])
+        )
     done = Finished(request_id=rid, finish_reason=reason, prompt_tokens=n_prompt, completion_tokens=n_done)
     return [*events, done]

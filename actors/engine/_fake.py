@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from actors._errors import InvalidRequest
 from actors.engine._engine import EngineEvent, check_context, closing_events
 from actors.engine._textstream import TextStream
-from actors.wire._messages import Chunk, Generate, Started
+from actors.wire._messages import Chunk, Generate, Started, TokenLogprob, TopLogprob
 
 
 @dataclass(slots=True)
@@ -79,7 +79,12 @@ class FakeEngine:
             token = run.first + run.n_done
             piece, stopped = run.stream.feed(f" w{token}".encode())
             run.n_done += 1
-            events.append(Chunk(request_id=rid, text=piece, n_tokens=1, tokens=[token]))
+            logprobs = []
+            if run.request.logprobs >= 0:  # the fake is certain of every word it writes
+                word = f" w{token}".encode()
+                top = [TopLogprob(piece=word, logprob=0.0)][: run.request.logprobs]
+                logprobs = [TokenLogprob(piece=word, logprob=0.0, top=top)]
+            events.append(Chunk(request_id=rid, text=piece, n_tokens=1, tokens=[token], logprobs=logprobs))
             if stopped or run.n_done >= run.max_tokens:
                 reason = "stop" if stopped else "length"
                 events += closing_events(rid, run.stream, [], reason, run.n_prompt, run.n_done)

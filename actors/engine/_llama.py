@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import zmq
 
 from actors._errors import ContextOverflow, EngineFailed, InvalidRequest
@@ -36,7 +37,7 @@ from actors.engine._speculative import DraftLength, Governor, NgramIndex
 from actors.engine._textstream import TextStream
 from actors.engine._tools import call_grammar, grammar_schema, knows_tools, template_messages, tool_syntax
 from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
-from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started
+from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started, TokenLogprob, TopLogprob
 
 DRAFTERS = ("draft", "lookup")
 PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
@@ -57,6 +58,8 @@ class _Slot:
     max_tokens: int = 0
     n_done: int = 0
     unsent: list[int] = field(default_factory=list)  # generated ids whose text is not sent yet
+    fresh_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens just sampled
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # of the `unsent` tokens
     n_prompt: int = 0
     sampler: Any = None
     stream: TextStream | None = None
@@ -241,6 +244,7 @@ class LlamaEngine:
         slot.max_tokens = max_tokens
         slot.n_done = 0
         slot.unsent = []
+        slot.fresh_logprobs, slot.unsent_logprobs = [], []
         slot.replay_from = len(tokens) - len(request.resume_tokens) if request.resume_tokens else None
         slot.n_prompt = len(tokens)
         slot.sampler = sampler
@@ -376,9 +380,12 @@ class LlamaEngine:
         """The tokens a sequence emits from this step: the drafts the target agrees with, then
         the target's own next token. Rejected drafts are removed from the KV cache."""
         out = []
+        top_k = slot.request.logprobs if slot.request is not None else -1
         for i in range(len(drafts) + 1):
             token = int(self._lib.llama_sampler_sample(slot.sampler, self._ctx, index + i))
             out.append(token)
+            if top_k >= 0:
+                slot.fresh_logprobs.append(self._logprob(index + i, token, top_k))
             if i == len(drafts) or token != drafts[i]:
                 break
         if drafts:
@@ -399,29 +406,61 @@ class LlamaEngine:
         text, and finish the request if it is done."""
         assert slot.request is not None and slot.stream is not None
         events: list[EngineEvent] = []
-        for token in tokens:
+        for i, token in enumerate(tokens):
             if self._lib.llama_vocab_is_eog(self._vocab, token):
                 return events + self._finish(slot, "stop")
             slot.n_done += 1
             slot.unsent.append(token)
+            if slot.fresh_logprobs:
+                slot.unsent_logprobs.append(slot.fresh_logprobs[i])
             if slot.lookup is not None:
                 slot.lookup.add(token)
             text, stopped = slot.stream.feed(self.llm.detokenize([token]))
             if text:
                 rid, sent = slot.request.request_id, slot.unsent
-                events.append(Chunk(request_id=rid, text=text, n_tokens=len(sent), tokens=sent))
-                slot.unsent = []
+                events.append(
+                    Chunk(
+                        request_id=rid,
+                        text=text,
+                        n_tokens=len(sent),
+                        tokens=sent,
+                        logprobs=slot.unsent_logprobs,
+                    )
+                )
+                slot.unsent, slot.unsent_logprobs = [], []
             if stopped:
                 return events + self._finish(slot, "stop")
             if slot.n_done >= slot.max_tokens:
                 return events + self._finish(slot, "length")
         slot.todo = [tokens[-1]]
+        slot.fresh_logprobs = []
         return events
+
+    def _logprob(self, index: int, token: int, top_k: int) -> TokenLogprob:
+        """The log probability of `token` under the logits at batch `index` (the model's, before
+        sampling), and the `top_k` likeliest tokens there."""
+        n_vocab = self.llm.n_vocab()
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(n_vocab,))
+        logits = logits.astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        top = np.argpartition(-logprobs, top_k)[:top_k] if 0 < top_k < n_vocab else np.arange(n_vocab)[:top_k]
+        top = top[np.argsort(-logprobs[top], kind="stable")]
+        return TokenLogprob(
+            piece=self.llm.detokenize([token]),
+            logprob=max(float(logprobs[token]), -9999.0),
+            top=[
+                TopLogprob(piece=self.llm.detokenize([int(t)]), logprob=max(float(logprobs[t]), -9999.0))
+                for t in top
+            ],
+        )
 
     def _finish(self, slot: _Slot, reason: str) -> list[EngineEvent]:
         request, stream = slot.request, slot.stream
         assert request is not None and stream is not None
-        events = closing_events(request.request_id, stream, slot.unsent, reason, slot.n_prompt, slot.n_done)
+        events = closing_events(
+            request.request_id, stream, slot.unsent, reason, slot.n_prompt, slot.n_done, slot.unsent_logprobs
+        )
         if slot.drafter:
             done = events[-1]
             assert isinstance(done, Finished)

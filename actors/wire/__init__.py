@@ -25,6 +25,8 @@ from actors.wire._messages import (
     Pending,
     Query,
     Started,
+    TokenLogprob,
+    TopLogprob,
     WorkerState,
 )
 from actors.wire._sockets import make_socket
@@ -49,6 +51,8 @@ __all__ = [
     "Pending",
     "Query",
     "Started",
+    "TokenLogprob",
+    "TopLogprob",
     "WorkerState",
     "decode",
     "encode",

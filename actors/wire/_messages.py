@@ -40,6 +40,7 @@ class Generate:
     # Tools the model may call: OpenAI function tools, {"type": "function", "function": {...}}.
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str = "auto"  # "auto", "none", "required", or "function:NAME" (that call, forced)
+    logprobs: int = -1  # -1: none; k >= 0: each token's log probability and the k likeliest
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     session: str = ""  # requests of one session go to the same node (rendezvous hashing)
@@ -85,6 +86,24 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TopLogprob:
+    """One of the likeliest tokens at a place: its bytes and log probability."""
+
+    piece: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenLogprob:
+    """A generated token's bytes and log probability (under the model, before sampling), and the
+    likeliest tokens at its place (as many as the request asked)."""
+
+    piece: bytes
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Chunk:
     """Newly generated text, `n_tokens` tokens' worth."""
 
@@ -93,6 +112,7 @@ class Chunk:
     text: str
     n_tokens: int
     tokens: list[int] = field(default_factory=list)  # their ids: a failover resumes after them
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, if asked for
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

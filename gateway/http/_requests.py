@@ -26,8 +26,10 @@ _COMMON = {
 }  # fmt: skip
 _CHAT = _COMMON | {
     "messages", "max_completion_tokens", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+    "logprobs", "top_logprobs",
 }  # fmt: skip
-_COMPLETION = _COMMON | {"prompt"}
+_COMPLETION = _COMMON | {"prompt", "logprobs"}
+_MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's limits
 _NOT_YET: dict[str, Any] = {  # field -> a test of the values that ask for nothing
     "tools": lambda v: v == [],  # completions: no chat template to render them
     "tool_choice": lambda v: v == "none",
@@ -35,8 +37,7 @@ _NOT_YET: dict[str, Any] = {  # field -> a test of the values that ask for nothi
     "functions": lambda v: v == [],
     "function_call": lambda v: v == "none",
     "response_format": lambda v: v == {"type": "text"},
-    "logprobs": lambda v: v is False or v == 0,
-    "top_logprobs": lambda v: v == 0,
+    "top_logprobs": lambda v: v == 0,  # completions: `logprobs` is the count there
     "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
     "best_of": lambda v: v == 1,
@@ -118,7 +119,22 @@ def parse_chat(body: dict[str, Any], session_header: str | None = None) -> Parse
         response_format=_response_format(body.get("response_format")),
         tools=tools,
         tool_choice=_tool_choice(body.get("tool_choice"), tools),
+        logprobs=_chat_logprobs(body),
     )
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int:
+    """Chat's `logprobs` (a bool) and `top_logprobs` (how many alternatives) as the engine's count."""
+    wanted = _typed(body, "logprobs", bool, False)
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else -1
+    top = _number(top, "top_logprobs", int, 0, _MAX_TOP_LOGPROBS["chat"])
+    if not wanted and top:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    if not wanted:
+        return -1
+    return int(top)
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # OpenAI's rule for function names (plus . and :)
@@ -220,7 +236,9 @@ def parse_completion(body: dict[str, Any], session_header: str | None = None) ->
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (or an array of one string).", param="prompt")
-    return _parsed(body, session_header, prompt=prompt)
+    count = body.get("logprobs")
+    logprobs = -1 if count is None else _number(count, "logprobs", int, 0, _MAX_TOP_LOGPROBS["completion"])
+    return _parsed(body, session_header, prompt=prompt, logprobs=logprobs)
 
 
 def _message(m: Any, i: int) -> dict[str, Any]:

@@ -15,7 +15,17 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from actors import Accepted, Chunk, EngineFailed, Finished, Message, ModelNotFound, RequestError, Started
+from actors import (
+    Accepted,
+    Chunk,
+    EngineFailed,
+    Finished,
+    Message,
+    ModelNotFound,
+    RequestError,
+    Started,
+    TokenLogprob,
+)
 from gateway.http._backend import Backend, EventStream
 from gateway.http._errors import ApiError, to_api_error
 from gateway.http._requests import Parsed, parse_chat, parse_completion, read_json
@@ -96,10 +106,14 @@ class _Completions:
     def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
         raise NotImplementedError
 
-    def choice(self, text: str, finish: str | None, calls: list[Call]) -> dict[str, Any]:
+    def choice(
+        self, text: str, finish: str | None, calls: list[Call], logprobs: list[TokenLogprob] | None
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
-    def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
+    def delta(
+        self, text: str, first: bool, finish: str | None, logprobs: list[TokenLogprob] | None = None
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
     def call_deltas(self, found: Found, first: bool) -> list[dict[str, Any]]:
@@ -128,19 +142,22 @@ class _Completions:
                 resp.stream = ClosingStream(self.sse(events, meta, parsed, parser))  # type: ignore[assignment]
                 streaming = True
                 return
-            resp.media = await self.whole(events, meta, parser)
+            resp.media = await self.whole(events, meta, parser, parsed.generate.logprobs >= 0)
         finally:  # done, failed, or the client gone (this task cancelled): the request ends here
             if not streaming:
                 await events.aclose()
 
     async def whole(
-        self, events: EventStream, meta: dict[str, Any], parser: CallParser | None
+        self, events: EventStream, meta: dict[str, Any], parser: CallParser | None, want_logprobs: bool
     ) -> dict[str, Any]:
         text: list[str] = []
+        logprobs: list[TokenLogprob] | None = [] if want_logprobs else None
         while True:
             event = await next_event(events)
             if isinstance(event, Chunk):
                 text.append(event.text)
+                if logprobs is not None:
+                    logprobs += event.logprobs
             elif isinstance(event, Finished):
                 content, calls = "".join(text), []
                 if parser is not None:
@@ -151,7 +168,7 @@ class _Completions:
                 return {
                     **meta,
                     "object": self.object_name,
-                    "choices": [self.choice(content, finish, calls)],
+                    "choices": [self.choice(content, finish, calls, logprobs)],
                     "usage": usage(event),
                 }
 
@@ -162,18 +179,22 @@ class _Completions:
         base = {**meta, "object": self.chunk_object}
         usage_null = {"usage": None} if parsed.include_usage else {}
         first = True
+        held: list[TokenLogprob] | None = [] if parsed.generate.logprobs >= 0 else None  # not yet sent
         try:
             while True:
                 event = await next_event(events)
+                if isinstance(event, Chunk) and held is not None:
+                    held += event.logprobs
                 if isinstance(event, Chunk) and parser is not None:
                     for choice in self.call_deltas(parser.feed(event.text), first):
                         yield _sse({**base, "choices": [choice], **usage_null})
                         first = False
                 elif isinstance(event, Chunk):
-                    if not event.text and not first:
+                    if not event.text and not first and not held:
                         continue
-                    yield _sse({**base, "choices": [self.delta(event.text, first, None)], **usage_null})
-                    first = False
+                    delta = self.delta(event.text, first, None, held)
+                    yield _sse({**base, "choices": [delta], **usage_null})
+                    first, held = False, [] if held is not None else None
                 elif isinstance(event, Finished):
                     calls: list[Call] = []
                     if parser is not None:
@@ -182,7 +203,7 @@ class _Completions:
                             first = False
                         calls = parser.calls
                     finish = _finish_reason(event.finish_reason, calls)
-                    yield _sse({**base, "choices": [self.delta("", first, finish)], **usage_null})
+                    yield _sse({**base, "choices": [self.delta("", first, finish, held)], **usage_null})
                     if parsed.include_usage:
                         yield _sse({**base, "choices": [], "usage": usage(event)})
                     yield b"data: [DONE]\n\n"
@@ -199,7 +220,9 @@ class ChatCompletions(_Completions):
     def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
         return parse_chat(body, session_header)
 
-    def choice(self, text: str, finish: str | None, calls: list[Call]) -> dict[str, Any]:
+    def choice(
+        self, text: str, finish: str | None, calls: list[Call], logprobs: list[TokenLogprob] | None
+    ) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
             message["content"] = text or None
@@ -207,7 +230,7 @@ class ChatCompletions(_Completions):
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in calls
             ]
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "message": message, "logprobs": _chat_logprobs(logprobs), "finish_reason": finish}
 
     def call_deltas(self, found: Found, first: bool) -> list[dict[str, Any]]:
         out = []
@@ -228,11 +251,14 @@ class ChatCompletions(_Completions):
             out.append(_call_delta({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}))
         return out
 
-    def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
+    def delta(
+        self, text: str, first: bool, finish: str | None, logprobs: list[TokenLogprob] | None = None
+    ) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
         if finish is not None:
             delta = {"role": "assistant", "content": ""} if first else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        lp = _chat_logprobs(logprobs) if logprobs else None
+        return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
 
 class Completions(_Completions):
@@ -241,11 +267,55 @@ class Completions(_Completions):
     def parse(self, body: dict[str, Any], session_header: str | None) -> Parsed:
         return parse_completion(body, session_header)
 
-    def choice(self, text: str, finish: str | None, calls: list[Call]) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(
+        self, text: str, finish: str | None, calls: list[Call], logprobs: list[TokenLogprob] | None
+    ) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": _completion_logprobs(logprobs), "finish_reason": finish}
 
-    def delta(self, text: str, first: bool, finish: str | None) -> dict[str, Any]:
-        return self.choice(text, finish, [])
+    def delta(
+        self, text: str, first: bool, finish: str | None, logprobs: list[TokenLogprob] | None = None
+    ) -> dict[str, Any]:
+        return self.choice(text, finish, [], logprobs)
+
+
+def _token(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def _chat_logprobs(logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """Chat's `logprobs` object: each token with its bytes and its likeliest alternatives."""
+    if logprobs is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": _token(lp.piece),
+                "logprob": lp.logprob,
+                "bytes": list(lp.piece),
+                "top_logprobs": [
+                    {"token": _token(t.piece), "logprob": t.logprob, "bytes": list(t.piece)} for t in lp.top
+                ],
+            }
+            for lp in logprobs
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(logprobs: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions' `logprobs` object (parallel lists)."""
+    if logprobs is None:
+        return None
+    offsets, at = [], offset
+    for lp in logprobs:
+        offsets.append(at)
+        at += len(_token(lp.piece))
+    return {
+        "tokens": [_token(lp.piece) for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{_token(t.piece): t.logprob for t in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
 
 
 def _call_parser(parsed: Parsed, started: Started) -> CallParser | None:

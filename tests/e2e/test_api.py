@@ -230,3 +230,69 @@ def test_langchain_binds_tools_and_gets_structured_output(node: NodeProcess) -> 
     assert isinstance(args["city"], str) and isinstance(args["days"], int)
     answer = llm.with_structured_output(Answer, method="json_schema").invoke("Are you sure? How many?")
     assert isinstance(answer, Answer)
+
+
+def test_logprobs_come_with_every_token_chat_and_completion_streamed_or_not(oai: openai.OpenAI) -> None:
+    import math
+
+    reply = oai.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,  # type: ignore[arg-type]
+    )
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == reply.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    for token in content:
+        assert len(token.top_logprobs) == 3 and token.logprob <= 0
+        assert token.top_logprobs[0].token == token.token  # greedy: the likeliest is the one chosen
+        assert token.top_logprobs[0].logprob == pytest.approx(token.logprob)
+        assert sum(math.exp(t.logprob) for t in token.top_logprobs) <= 1 + 1e-6
+    streamed = oai.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,  # type: ignore[arg-type]
+    )
+    tokens = [
+        t
+        for c in streamed
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or []
+    ]
+    assert [(t.token, t.logprob) for t in tokens] == [(t.token, t.logprob) for t in content]
+    completion = oai.completions.create(
+        model=MODEL, prompt="the model", max_tokens=6, temperature=0, logprobs=2
+    )
+    lp = completion.choices[0].logprobs
+    assert (
+        lp is not None
+        and len(lp.tokens or []) == 6
+        and "".join(lp.tokens or []) == completion.choices[0].text
+    )
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs or [])  # a dict: equal pieces merge
+    plain = oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    assert plain.choices[0].logprobs is None  # not asked, not given
+
+
+def test_penalties_and_bias_change_greedy_output_through_the_api(oai: openai.OpenAI) -> None:
+    def greedy(**kw: Any) -> str:
+        reply = oai.completions.create(
+            model=MODEL, prompt="the model node", max_tokens=24, temperature=0, **kw
+        )
+        return reply.choices[0].text
+
+    plain = greedy()
+    assert greedy(frequency_penalty=2.0) != plain
+    assert greedy(presence_penalty=2.0) != plain
+    forced = oai.completions.create(
+        model=MODEL, prompt="the model node", max_tokens=6, temperature=0, logprobs=0, logit_bias={"300": 100}
+    )
+    tokens = forced.choices[0].logprobs.tokens  # type: ignore[union-attr]
+    assert forced.choices[0].text != plain[: len(forced.choices[0].text)] and len(set(tokens or [])) == 1

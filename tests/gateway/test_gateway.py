@@ -308,8 +308,9 @@ def test_sampling_controls_reach_the_engine(client: AsgiClient, backend: FakeBac
             "response_format",
             "schema",
         ),
-        ({"logprobs": True}, "logprobs", "not supported"),
-        ({"top_logprobs": 3}, "top_logprobs", "not supported"),
+        ({"logprobs": 1}, "logprobs", "must be a bool"),
+        ({"top_logprobs": 3}, "top_logprobs", "needs 'logprobs'"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "between"),
     ],
 )
 def test_parameters_not_honoured_are_refused_by_name(
@@ -345,7 +346,7 @@ def test_parameters_that_ask_for_nothing_are_accepted(client: AsgiClient, extra:
         ({"echo": True}, "echo"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 2}, "best_of"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 6}, "logprobs"),  # OpenAI allows up to 5
     ],
 )
 def test_completion_parameters_not_honoured_are_refused_by_name(
