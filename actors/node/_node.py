@@ -40,6 +40,7 @@ class ModelSpec:
     draft: str | None = None  # a draft GGUF for speculative decoding
     speculative: str = ""  # the drafter requests get by default: "draft", "lookup" or "" (none)
     layout: Layout | None = None  # a dense GGUF's layers and identity: it may be split
+    aliases: tuple[str, ...] = ()  # other names clients may ask for it by (--alias)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +121,7 @@ class Node:
             frontend_endpoints=[spec.router_endpoint],
             backend_endpoint=backend,
             inside_endpoint=local,
+            aliases={alias: m.model_id for m in spec.models for alias in m.aliases},
             **kw,
         )
         self._backend = backend

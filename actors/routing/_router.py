@@ -64,10 +64,13 @@ class Router(Actor):
         frontend_endpoints: list[str],
         backend_endpoint: str,
         inside_endpoint: str | None = None,
+        aliases: dict[str, str] | None = None,
         **kwargs: object,
     ) -> None:
+        """`aliases`: other names of models this node serves (name -> model id)."""
         super().__init__(ctx, "router", **kwargs)  # type: ignore[arg-type]
         self.node_id = node_id
+        self.aliases = dict(aliases or {})
         self.frontend_endpoints = frontend_endpoints
         self.backend_endpoint = backend_endpoint
         self.inside_endpoint = inside_endpoint
@@ -172,6 +175,8 @@ class Router(Actor):
                 queue.remove(rid)
 
     def _admit(self, client: Client, request: Generate) -> None:
+        if request.model in self.aliases:  # another name of a model served here
+            request = replace(request, model=self.aliases[request.model])
         rid = request.request_id
         local = [w for w in self._workers.values() if w.state.model_id == request.model]
         remote = self._remote_nodes(request)
@@ -583,13 +588,18 @@ class Router(Actor):
 
     # -- snapshots ----------------------------------------------------------------------------
 
+    def _local_ids(self, ready: bool = False) -> set[str]:
+        """Ids of the models our workers serve (are ready to serve), and their aliases."""
+        ids = {w.state.model_id for w in self._workers.values() if not ready or w.state.state == "ready"}
+        return ids | {alias for alias, model in self.aliases.items() if model in ids}
+
     def models(self) -> set[str]:
-        """Models this node or a live peer serves."""
-        return {w.state.model_id for w in self._workers.values()} | self.peers.models()
+        """Models this node or a live peer serves (their aliases here included)."""
+        return self._local_ids() | self.peers.models()
 
     def snapshot(self, what: str) -> dict[str, object]:
         """Plain data for `Query(what)`: "models", "health" or "status"."""
-        local_ready = {w.state.model_id for w in self._workers.values() if w.state.state == "ready"}
+        local_ready = self._local_ids(ready=True)
         ready = sorted(local_ready | self.peers.models())
         if what == "models":
             return {"models": sorted(self.models()), "ready": ready}

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, help="GGUF to serve (default: a built-in demo model with random weights)"
     )
     serve.add_argument(
+        "--alias", action="append", default=[], type=_alias, metavar="NAME",
+        help="another name clients may ask for the model by (repeatable); listed in /v1/models",
+    )  # fmt: skip
+    serve.add_argument(
         "--draft", type=Path, help="a small draft GGUF with the same vocabulary: speculative decoding"
     )
     serve.add_argument(
@@ -124,6 +128,12 @@ def _node_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("-v", "--verbose", action="store_true")
 
 
+def _alias(text: str) -> str:
+    if not text or len(text) > 256 or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"a model alias is 1-256 characters without spaces, not {text!r}")
+    return text
+
+
 def _origin(text: str) -> str:
     if text == "*":
         return text
@@ -158,8 +168,8 @@ def serve(args: argparse.Namespace) -> int:
                 raise ValueError(f"--max-memory must be a positive number of GB, not {args.max_memory}")
             if args.models_dir is not None and not args.models_dir.is_dir():
                 raise ValueError(f"--models-dir {args.models_dir} is not a directory")
-            if args.models_dir and not args.model and (args.draft or args.split):
-                raise ValueError("--draft and --split need --model")
+            if args.models_dir and not args.model and (args.draft or args.split or args.alias):
+                raise ValueError("--draft, --split and --alias need --model")
             holdings = _holdings(args.models_dir) if args.models_dir else []
             if args.model or not args.models_dir:
                 model = args.model or default_model()
@@ -179,6 +189,7 @@ def serve(args: argparse.Namespace) -> int:
                         draft=draft,
                         speculative=speculative,
                         layout=layout,
+                        aliases=_aliases(args.alias, model_id),
                     )
                 )
         except ValueError as err:
@@ -198,6 +209,12 @@ def serve(args: argparse.Namespace) -> int:
         return rc
     finally:
         state.close()
+
+
+def _aliases(names: list[str], model_id: str) -> tuple[str, ...]:
+    if model_id in names:
+        raise ValueError(f"--alias {model_id} is the model's own id")
+    return tuple(dict.fromkeys(names))
 
 
 def _serve(

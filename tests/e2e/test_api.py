@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from actors.gguf import shape_for, synthesize
-from tests.support.nodes import NodeProcess, start_node
+from tests.support.nodes import NodeProcess, eventually, start_node, start_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 MODEL = "api-tiny"
@@ -54,7 +54,18 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     model = synthesize(
         "llama", tmp_path_factory.mktemp("api") / f"{MODEL}.gguf", shape_for("llama", "tiny"), seed=4
     )
-    proc = start_node(tmp_path_factory.mktemp("node"), model, "--slots", "2")
+    args = ("--slots", "2", "--alias", "gpt-4o-mini", "--alias", "local", "--no-mdns", "--mesh", "api")
+    proc = start_node(tmp_path_factory.mktemp("node"), model, *args)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client_node(node: NodeProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """A node serving nothing that reaches `node` through the mesh."""
+    args = ["--no-mdns", "--mesh", "api", "--peer", f"127.0.0.1:{node.zmq_port}"]
+    proc = start_nodes(tmp_path_factory.mktemp("client"), None, [args])[0]
+    eventually(lambda: MODEL in httpx.get(f"{proc.url}/v1/models", timeout=5).text, timeout_s=30)
     yield proc
     proc.stop()
 
@@ -296,3 +307,43 @@ def test_penalties_and_bias_change_greedy_output_through_the_api(oai: openai.Ope
     )
     tokens = forced.choices[0].logprobs.tokens  # type: ignore[union-attr]
     assert forced.choices[0].text != plain[: len(forced.choices[0].text)] and len(set(tokens or [])) == 1
+
+
+def test_aliases_are_listed_and_answer_like_the_model(node: NodeProcess, oai: openai.OpenAI) -> None:
+    listed = {m.id for m in oai.models.list()}
+    assert {MODEL, "gpt-4o-mini", "local"} <= listed
+    assert oai.models.retrieve("local").id == "local"
+    ask = dict(messages=ASK, max_tokens=8, temperature=0)
+    by_id = oai.chat.completions.create(model=MODEL, **ask)  # type: ignore[call-overload]
+    by_alias = oai.chat.completions.create(model="gpt-4o-mini", **ask)  # type: ignore[call-overload]
+    assert (
+        by_alias.model == "gpt-4o-mini"
+        and by_alias.choices[0].message.content == by_id.choices[0].message.content
+    )
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="gpt-5", **ask)  # type: ignore[call-overload]
+
+
+def test_tools_json_and_logprobs_work_through_another_node_by_alias(client_node: NodeProcess) -> None:
+    """The request crosses the mesh: a node that serves nothing forwards it to the one that does."""
+    remote = openai.OpenAI(base_url=f"{client_node.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    reply = remote.chat.completions.create(
+        model="local", messages=ASK, tools=[WEATHER], tool_choice="required",  # type: ignore[list-item,arg-type]
+        max_tokens=200, temperature=0, logprobs=True,
+    )  # fmt: skip
+    call = reply.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name == "get_weather" and valid_weather(json.loads(call.function.arguments))  # type: ignore[union-attr]
+    assert (
+        reply.choices[0].logprobs
+        and len(reply.choices[0].logprobs.content or []) == reply.usage.completion_tokens
+    )  # type: ignore[union-attr]
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 5}},
+        "required": ["n"],
+    }
+    shaped = remote.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},  # type: ignore[typeddict-item]
+    )  # fmt: skip
+    assert 1 <= json.loads(shaped.choices[0].message.content or "")["n"] <= 5
