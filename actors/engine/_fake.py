@@ -3,6 +3,8 @@ and hang, for tests. Runs inside an engine child process like the real one."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from actors._errors import InvalidRequest
 from actors.engine._engine import EngineEvent, check_context, closing_events
 from actors.engine._textstream import TextStream
-from actors.wire._messages import Chunk, Generate, Started, TokenLogprob, TopLogprob
+from actors.wire._messages import Chunk, Finished, Generate, Started, TokenLogprob, TopLogprob
 
 
 @dataclass(slots=True)
@@ -62,6 +64,18 @@ class FakeEngine:
         if len(self._runs) >= self.slots:
             raise InvalidRequest(f"all {self.slots} slots are busy")
         self._misbehave_at(0)
+        if request.embed:  # a unit vector that depends on the text only
+            digest = hashlib.sha256(text.encode()).digest()
+            raw = [b - 127.5 for b in digest[:8]]
+            norm = math.sqrt(sum(x * x for x in raw))
+            rid = request.request_id
+            return [
+                Started(request_id=rid, prompt_tokens=n_prompt),
+                Finished(
+                    request_id=rid, finish_reason="stop", prompt_tokens=n_prompt, completion_tokens=0,
+                    embedding=[x / norm for x in raw],
+                ),
+            ]  # fmt: skip
         first = request.resume_tokens[-1] + 1 if request.resume_tokens else 0  # token k is " wk"
         self._runs[request.request_id] = _FakeRun(
             request, max_tokens, TextStream(request.stop), n_prompt, first=first

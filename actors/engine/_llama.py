@@ -40,6 +40,7 @@ from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
 from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started, TokenLogprob, TopLogprob
 
 DRAFTERS = ("draft", "lookup")
+EMBED_BATCH = 64  # tokens per decode when embedding (each one an output row)
 PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 
 
@@ -220,8 +221,13 @@ class LlamaEngine:
                 "to generate from.",
                 param="prompt" if request.prompt is not None else "messages",
             )
-        max_tokens = check_context(self.n_ctx, len(tokens), request.max_tokens)
         free = [s for s in self._slots if s.request is None]
+        if request.embed:
+            check_context(self.n_ctx, len(tokens), 1)
+            if not free:
+                raise InvalidRequest(f"all {self.slots} slots are busy")
+            return self._embed(request, tokens, free[0])
+        max_tokens = check_context(self.n_ctx, len(tokens), request.max_tokens)
         if not free:
             raise InvalidRequest(f"all {self.slots} slots are busy")
         drafter = self._drafter_for(request)  # these two may refuse the request: before the slot changes
@@ -256,6 +262,44 @@ class LlamaEngine:
         slot.mirror_ok = 0
         syntax = self.tool_syntax if request.tools else ""
         return [Started(request_id=request.request_id, prompt_tokens=len(tokens), tool_syntax=syntax)]
+
+    def _embed(self, request: Generate, tokens: list[int], slot: _Slot) -> list[EngineEvent]:
+        """The prompt's embedding, at once: the model's last hidden states, mean-pooled over its
+        tokens and L2-normalized. The slot's sequence is used and left empty."""
+        lib, batch, seq = self._lib, self._batch, slot.seq_id
+        lib.llama_memory_seq_rm(self._memory, seq, 0, -1)
+        slot.cached = []
+        n_embd = lib.llama_model_n_embd(self.llm.model)
+        total = np.zeros(n_embd, dtype=np.float64)
+        lib.llama_set_embeddings(self._ctx, True)
+        try:
+            for start in range(0, len(tokens), EMBED_BATCH):  # a few rows of outputs at a time
+                part = tokens[start : start + EMBED_BATCH]
+                batch.n_tokens = 0
+                for i, token in enumerate(part):
+                    add_token(batch, token, start + i, seq, True)
+                if lib.llama_decode(self._ctx, batch) != 0:
+                    raise EngineFailed("llama_decode failed while embedding")
+                for i in range(len(part)):
+                    total += np.ctypeslib.as_array(
+                        lib.llama_get_embeddings_ith(self._ctx, i), shape=(n_embd,)
+                    )
+        finally:
+            lib.llama_set_embeddings(self._ctx, False)
+            lib.llama_memory_seq_rm(self._memory, seq, 0, -1)
+        norm = float(np.linalg.norm(total))
+        vector = (total / norm if norm > 0 else total).tolist()
+        rid = request.request_id
+        return [
+            Started(request_id=rid, prompt_tokens=len(tokens)),
+            Finished(
+                request_id=rid,
+                finish_reason="stop",
+                prompt_tokens=len(tokens),
+                completion_tokens=0,
+                embedding=vector,
+            ),
+        ]
 
     def _drafter_for(self, request: Generate) -> str:
         """The drafter a request gets: its own choice, else the node's; only greedy requests

@@ -41,6 +41,7 @@ class Generate:
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str = "auto"  # "auto", "none", "required", or "function:NAME" (that call, forced)
     logprobs: int = -1  # -1: none; k >= 0: each token's log probability and the k likeliest
+    embed: bool = False  # not a completion: the prompt's embedding, in `Finished.embedding`
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     session: str = ""  # requests of one session go to the same node (rendezvous hashing)
@@ -127,6 +128,7 @@ class Finished:
     drafter: str = ""  # the speculative drafter used ("draft", "lookup"), "" for none
     drafted_tokens: int = 0  # tokens proposed by the drafter
     accepted_tokens: int = 0  # of which the target model accepted
+    embedding: list[float] = field(default_factory=list)  # an `embed` request's answer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

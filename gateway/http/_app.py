@@ -18,7 +18,7 @@ import falcon.asgi
 from actors._config import MAX_BODY_BYTES, MAX_FRAME_BYTES
 from gateway.http._backend import Backend, RouterClient
 from gateway.http._errors import ApiError, handle_error
-from gateway.http._resources import ChatCompletions, Completions, Health, Models
+from gateway.http._resources import ChatCompletions, Completions, Embeddings, Health, Models
 
 _OPEN_PATHS = ("/health",)
 _EXPOSED = ("X-Mesh-Node", "Retry-After")  # response headers a browser app may read
@@ -123,6 +123,7 @@ def create_app(
     app.add_route("/v1/models/{model_id}", models, suffix="model")
     app.add_route("/v1/chat/completions", ChatCompletions(backend, max_body_bytes))
     app.add_route("/v1/completions", Completions(backend, max_body_bytes))
+    app.add_route("/v1/embeddings", Embeddings(backend, max_body_bytes))
     return WatchDisconnect(app)
 
 

@@ -394,3 +394,44 @@ def _stops(stop: Any) -> list[str]:
             400, f"'stop' must be a string or an array of up to {_MAX_STOPS} strings.", param="stop"
         )
     return stops
+
+
+_MAX_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
+_EMBEDDINGS = {"model", "input", "encoding_format", "user", "dimensions"}
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingsRequest:
+    model: str
+    inputs: list[str]
+    base64: bool
+
+
+def parse_embeddings(body: dict[str, Any]) -> EmbeddingsRequest:
+    """`/v1/embeddings`: a string or an array of strings to embed."""
+    for key, value in body.items():
+        if key not in _EMBEDDINGS:
+            raise ApiError(400, f"Unrecognized request argument supplied: {key}", param=key)
+        if key == "dimensions" and value is not None:
+            raise ApiError(
+                400,
+                "'dimensions' is not supported: embeddings have the model's own size.",
+                param="dimensions",
+            )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' must be a non-empty string.", param="model")
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) else value
+    if not isinstance(inputs, list) or not inputs or len(inputs) > _MAX_INPUTS:
+        raise ApiError(
+            400, f"'input' must be a string or an array of 1 to {_MAX_INPUTS} strings.", param="input"
+        )
+    if not all(isinstance(text, str) for text in inputs):
+        raise ApiError(400, "'input' of token ids is not supported: send text.", param="input")
+    if not all(inputs):
+        raise ApiError(400, "'input' must not hold an empty string.", param="input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, "'encoding_format' must be float or base64.", param="encoding_format")
+    return EmbeddingsRequest(model=model, inputs=inputs, base64=encoding == "base64")

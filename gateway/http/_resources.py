@@ -7,8 +7,12 @@ the backend stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import struct
 import time
+import uuid
+from base64 import b64encode
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -20,6 +24,7 @@ from actors import (
     Chunk,
     EngineFailed,
     Finished,
+    Generate,
     Message,
     ModelNotFound,
     RequestError,
@@ -28,7 +33,7 @@ from actors import (
 )
 from gateway.http._backend import Backend, EventStream
 from gateway.http._errors import ApiError, to_api_error
-from gateway.http._requests import Parsed, parse_chat, parse_completion, read_json
+from gateway.http._requests import Parsed, parse_chat, parse_completion, parse_embeddings, read_json
 from gateway.http._tools import Call, CallParser, Found
 
 
@@ -212,6 +217,56 @@ class _Completions:
             yield b"event: error\ndata: " + json.dumps(to_api_error(err).body).encode() + b"\n\n"
         finally:
             await events.aclose()
+
+
+class Embeddings:
+    """`/v1/embeddings`: each input is a request of its own, placed like any other (on this node
+    or a peer serving the model), all at once."""
+
+    def __init__(self, backend: Backend, max_body_bytes: int) -> None:
+        self.backend = backend
+        self.max_body_bytes = max_body_bytes
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        asked = parse_embeddings(read_json(await read_body(req, self.max_body_bytes)))
+        tasks = [asyncio.ensure_future(self._one(asked.model, text)) for text in asked.inputs]
+        try:
+            done = await asyncio.gather(*tasks)
+        finally:  # one failed or the client left: the others stop too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _vector(f.embedding, asked.base64)}
+            for i, f in enumerate(done)
+        ]
+        tokens = sum(f.prompt_tokens for f in done)
+        resp.media = {
+            "object": "list",
+            "data": data,
+            "model": asked.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    async def _one(self, model: str, text: str) -> Finished:
+        generate = Generate(request_id=uuid.uuid4().hex, model=model, prompt=text, embed=True)
+        events = self.backend.stream(generate)
+        try:
+            while True:
+                event = await next_event(events)
+                if isinstance(event, Finished):
+                    if not event.embedding:
+                        raise EngineFailed("the node answered an embedding request without an embedding")
+                    return event
+        finally:
+            await events.aclose()
+
+
+def _vector(values: list[float], base64: bool) -> list[float] | str:
+    """An embedding as OpenAI sends it: floats, or base64 of little-endian float32s."""
+    if not base64:
+        return values
+    return b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
 
 
 class ChatCompletions(_Completions):

@@ -282,3 +282,28 @@ def test_a_last_assistant_message_is_continued_not_closed(engine: LlamaEngine) -
     assert engine.render(chat) == rendered + "My answer is"
     completion = greedy("p", rendered + "My answer is", 12)
     assert texts(run_all(engine, [chat]))["c"] == texts(run_all(engine, [completion]))["p"]
+
+
+def test_an_embedding_is_a_unit_vector_and_leaves_generation_as_it_was(engine: LlamaEngine) -> None:
+    import numpy as np
+
+    before = texts(run_all(engine, [greedy("g1", "the model node", 12)]))["g1"]
+
+    def embed(rid: str, text: str) -> np.ndarray:
+        events = run_all(engine, [Generate(request_id=rid, model="m", prompt=text, embed=True)])
+        done = events[-1]
+        assert isinstance(done, Finished) and done.completion_tokens == 0 and done.prompt_tokens > 1
+        return np.array(done.embedding)
+
+    long_text = " ".join(["memory layer"] * 15)  # more tokens than one embedding batch
+    a, b, c, d = (
+        embed("e1", "the model node"),
+        embed("e2", "the model node"),
+        embed("e3", "while"),
+        embed("e4", long_text),
+    )
+    assert abs(np.linalg.norm(a) - 1) < 1e-6 and abs(np.linalg.norm(d) - 1) < 1e-6
+    assert a @ b > 0.99999 and a @ c < 0.999
+    assert engine.active == 0
+    after = texts(run_all(engine, [greedy("g2", "the model node", 12)]))["g2"]
+    assert after == before

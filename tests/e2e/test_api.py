@@ -347,3 +347,40 @@ def test_tools_json_and_logprobs_work_through_another_node_by_alias(client_node:
         response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},  # type: ignore[typeddict-item]
     )  # fmt: skip
     assert 1 <= json.loads(shaped.choices[0].message.content or "")["n"] <= 5
+
+
+def test_embeddings_are_unit_vectors_that_tell_texts_apart(
+    oai: openai.OpenAI, client_node: NodeProcess
+) -> None:
+    import base64
+    import struct
+
+    texts = ["the model node", "the model node", "memory error while", "x" * 50]
+    reply = oai.embeddings.create(model=MODEL, input=texts)
+    vectors = [d.embedding for d in sorted(reply.data, key=lambda d: d.index)]
+    assert len(vectors) == 4 and len({len(v) for v in vectors}) == 1 and len(vectors[0]) > 8
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert all(abs(dot(v, v) - 1) < 1e-4 for v in vectors)
+    assert dot(vectors[0], vectors[1]) > 0.9999 and dot(vectors[0], vectors[2]) < 0.999
+    assert reply.usage.prompt_tokens > 4
+    # base64 (what the openai client asks for by default when numpy is around) decodes the same
+    raw = httpx.post(
+        f"{oai.base_url}embeddings",
+        json={"model": MODEL, "input": texts[2], "encoding_format": "base64"},
+        timeout=30,
+    ).json()
+    decoded = struct.unpack(f"<{len(vectors[2])}f", base64.b64decode(raw["data"][0]["embedding"]))
+    assert max(abs(a - b) for a, b in zip(decoded, vectors[2], strict=True)) < 1e-6
+    # through another node, by alias
+    remote = openai.OpenAI(base_url=f"{client_node.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    far = remote.embeddings.create(model="local", input="memory error while").data[0].embedding
+    assert max(abs(a - b) for a, b in zip(far, vectors[2], strict=True)) < 1e-5
+    for bad, param in (([], "input"), ([1, 2], "input"), ([""], "input")):
+        answer = httpx.post(f"{oai.base_url}embeddings", json={"model": MODEL, "input": bad}, timeout=30)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+    dims = httpx.post(
+        f"{oai.base_url}embeddings", json={"model": MODEL, "input": "x", "dimensions": 8}, timeout=30
+    )
+    assert dims.status_code == 400 and dims.json()["error"]["param"] == "dimensions"
+    missing = httpx.post(f"{oai.base_url}embeddings", json={"model": "nope", "input": "x"}, timeout=30)
+    assert missing.status_code == 404
