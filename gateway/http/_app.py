@@ -17,6 +17,7 @@ import falcon.asgi
 
 from actors._config import MAX_BODY_BYTES, MAX_FRAME_BYTES
 from gateway.http._backend import Backend, RouterClient
+from gateway.http._dialects import Messages, Responses
 from gateway.http._errors import ApiError, handle_error
 from gateway.http._resources import ChatCompletions, Completions, Embeddings, Health, Models
 
@@ -124,6 +125,8 @@ def create_app(
     app.add_route("/v1/chat/completions", ChatCompletions(backend, max_body_bytes))
     app.add_route("/v1/completions", Completions(backend, max_body_bytes))
     app.add_route("/v1/embeddings", Embeddings(backend, max_body_bytes))
+    app.add_route("/v1/responses", Responses(backend, max_body_bytes))
+    app.add_route("/v1/messages", Messages(backend, max_body_bytes))
     return WatchDisconnect(app)
 
 

@@ -98,6 +98,11 @@ async def handle_error(
     else:
         api = to_api_error(err)
     resp.status = api.status
-    resp.media = api.body
+    if req.path.startswith("/v1/messages"):  # Anthropic's clients read Anthropic's error shape
+        from gateway.http._dialects import anthropic_error
+
+        resp.media = anthropic_error(api)
+    else:
+        resp.media = api.body
     for name, value in api.headers.items():
         resp.set_header(name, value)

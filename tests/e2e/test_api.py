@@ -384,3 +384,101 @@ def test_embeddings_are_unit_vectors_that_tell_texts_apart(
     assert dims.status_code == 400 and dims.json()["error"]["param"] == "dimensions"
     missing = httpx.post(f"{oai.base_url}embeddings", json={"model": "nope", "input": "x"}, timeout=30)
     assert missing.status_code == 404
+
+
+def test_the_responses_api_answers_text_tools_and_streams_events(oai: openai.OpenAI) -> None:
+    text = oai.responses.create(model=MODEL, input="Say something.", max_output_tokens=8, temperature=0)
+    assert text.output_text and text.status == "incomplete" and text.usage.output_tokens == 8  # type: ignore[union-attr]
+    assert text.incomplete_details and text.incomplete_details.reason == "max_output_tokens"
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}  # type: ignore[index]
+    ask: dict[str, Any] = dict(
+        model=MODEL,
+        input=ASK[0]["content"],
+        tools=[tool],
+        tool_choice="required",
+        max_output_tokens=200,
+        temperature=0,
+    )
+    called = oai.responses.create(**ask)
+    calls = [item for item in called.output if item.type == "function_call"]
+    assert (
+        len(calls) == 1 and calls[0].name == "get_weather" and valid_weather(json.loads(calls[0].arguments))
+    )  # type: ignore[union-attr]
+    kinds, fragments, final = [], "", None
+    for event in oai.responses.create(**ask, stream=True):
+        kinds.append(event.type)
+        if event.type == "response.function_call_arguments.delta":
+            fragments += event.delta
+        if event.type == "response.completed":
+            final = event.response
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.output_item.added" in kinds and "response.function_call_arguments.done" in kinds
+    assert final is not None and fragments == calls[0].arguments  # type: ignore[union-attr]
+    # The call and its output go back in as items of the next turn.
+    call_id, arguments = calls[0].call_id, calls[0].arguments  # type: ignore[union-attr]
+    follow = oai.responses.create(
+        model=MODEL, max_output_tokens=4, temperature=0, tools=[tool],  # type: ignore[list-item]
+        input=[
+            {"role": "user", "content": ASK[0]["content"]},
+            {"type": "function_call", "call_id": call_id, "name": "get_weather", "arguments": arguments},
+            {"type": "function_call_output", "call_id": call_id, "output": "Snow."},
+        ],
+    )  # fmt: skip
+    assert follow.usage and follow.usage.input_tokens > called.usage.input_tokens  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        oai.responses.create(model=MODEL, input="x", previous_response_id="resp_1")
+
+
+def test_anthropic_s_client_gets_text_streams_and_tool_use(node: NodeProcess) -> None:
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=node.url, api_key="unused", max_retries=0, timeout=60)
+    GREEDY = {"temperature": 0}  # this client no longer has the argument; older ones send it
+    reply = claude.messages.create(
+        model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}], extra_body=GREEDY
+    )
+    assert reply.content[0].type == "text" and reply.content[0].text and reply.stop_reason == "max_tokens"  # type: ignore[union-attr]
+    with claude.messages.stream(
+        model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}], extra_body=GREEDY
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == reply.content[0].text == final.content[0].text  # type: ignore[union-attr]
+    tool = {
+        "name": "get_weather",
+        "description": "Weather.",
+        "input_schema": WEATHER["function"]["parameters"],
+    }  # type: ignore[index]
+    used = claude.messages.create(
+        model=MODEL, max_tokens=200, extra_body=GREEDY, tools=[tool], tool_choice={"type": "any"},  # type: ignore[list-item]
+        messages=[{"role": "user", "content": ASK[0]["content"]}],
+    )  # fmt: skip
+    blocks = [b for b in used.content if b.type == "tool_use"]
+    assert used.stop_reason == "tool_use" and len(blocks) == 1 and valid_weather(blocks[0].input)  # type: ignore[arg-type,union-attr]
+    with claude.messages.stream(
+        model=MODEL,
+        max_tokens=200,
+        extra_body=GREEDY,
+        tools=[tool],
+        tool_choice={"type": "any"},  # type: ignore[list-item]
+        messages=[{"role": "user", "content": ASK[0]["content"]}],
+    ) as stream:
+        again = stream.get_final_message()
+    assert [b.input for b in again.content if b.type == "tool_use"] == [blocks[0].input]  # type: ignore[union-attr]
+    use = {"id": blocks[0].id, "name": "get_weather", "input": blocks[0].input}  # type: ignore[union-attr]
+    after = claude.messages.create(
+        model=MODEL, max_tokens=4, extra_body=GREEDY, tools=[tool],  # type: ignore[list-item]
+        messages=[
+            {"role": "user", "content": ASK[0]["content"]},
+            {"role": "assistant", "content": [{"type": "tool_use", **use}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"], "content": "S"}]},
+        ],
+    )  # fmt: skip
+    assert after.usage.input_tokens > used.usage.input_tokens
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude.messages.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens="x")  # type: ignore[arg-type]
+    assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(
+            model="claude-nope", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+        )
