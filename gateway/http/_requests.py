@@ -15,6 +15,7 @@ from gateway.http._errors import ApiError
 _MAX_STOPS = 4
 _MAX_LOGIT_BIAS = 1024  # entries
 _MAX_TOOLS = 128
+_MAX_N = 16  # choices per request (each one a request of its own)
 
 # Every field a request may carry. Those this node does not implement yet are refused by name
 # when they ask for something (a 400), and accepted when they hold the default: nothing a client
@@ -57,6 +58,7 @@ class Parsed:
     generate: Generate
     stream: bool
     include_usage: bool
+    n: int = 1  # choices: as many requests
 
 
 def read_json(raw: bytes) -> dict[str, Any]:
@@ -303,9 +305,7 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' must be a non-empty string.", param="model")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise ApiError(400, "Only n=1 is supported.", param="n")
+    n = _number(_or(body, "n", 1), "n", int, 1, _MAX_N)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     stream = _typed(body, "stream", bool, False)
     options = body.get("stream_options")
@@ -339,7 +339,7 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
     include_usage = bool(
         options and _typed(options, "include_usage", bool, False, "stream_options.include_usage")
     )
-    return Parsed(generate=generate, stream=stream, include_usage=include_usage)
+    return Parsed(generate=generate, stream=stream, include_usage=include_usage, n=n)
 
 
 def _or(body: dict[str, Any], key: str, default: Any) -> Any:

@@ -14,6 +14,7 @@ import time
 import uuid
 from base64 import b64encode
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any
 
 import falcon
@@ -128,33 +129,50 @@ class _Completions:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         raw = await read_body(req, self.max_body_bytes)
         parsed = self.parse(read_json(raw), req.get_header("X-Session-Id"))
-        events = self.backend.stream(parsed.generate)
-        streaming = False  # once the body streams, falcon owns `events` (and closes it)
+        # n choices are n requests, placed and generated like any (a seed gives each its own).
+        asks = [parsed.generate] + [
+            replace(
+                parsed.generate,
+                request_id=uuid.uuid4().hex,
+                seed=None if parsed.generate.seed is None else parsed.generate.seed + i,
+            )
+            for i in range(1, parsed.n)
+        ]
+        streams = [self.backend.stream(ask) for ask in asks]
+        streaming = False  # once the body streams, falcon owns the streams (and closes them)
         try:
-            accepted, started = await next_event(events), await next_event(events)
-            if not isinstance(accepted, Accepted) or not isinstance(started, Started):
-                raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
-            req.context.mesh_node = started.node_id or accepted.node_id  # who generates it
+            parsers = []
+            for events in streams:
+                accepted, started = await next_event(events), await next_event(events)
+                if not isinstance(accepted, Accepted) or not isinstance(started, Started):
+                    raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
+                req.context.mesh_node = started.node_id or accepted.node_id  # who generates it
+                parsers.append(_call_parser(parsed, started))
             meta = {
                 "id": f"{self.prefix}-{parsed.generate.request_id}",
                 "created": int(time.time()),
                 "model": parsed.generate.model,
             }
-            parser = _call_parser(parsed, started)
             if parsed.stream:
                 resp.content_type = "text/event-stream"
                 resp.set_header("Cache-Control", "no-cache")
-                resp.stream = ClosingStream(self.sse(events, meta, parsed, parser))  # type: ignore[assignment]
+                resp.stream = ClosingStream(self.sse(streams, meta, parsed, parsers))  # type: ignore[assignment]
                 streaming = True
                 return
-            resp.media = await self.whole(events, meta, parser, parsed.generate.logprobs >= 0)
-        finally:  # done, failed, or the client gone (this task cancelled): the request ends here
+            want = parsed.generate.logprobs >= 0
+            pairs = zip(streams, parsers, strict=True)
+            answers = await asyncio.gather(*(self.whole(events, parser, want) for events, parser in pairs))
+            choices = [{**choice, "index": i} for i, (choice, _) in enumerate(answers)]
+            done = [finished for _, finished in answers]
+            resp.media = {**meta, "object": self.object_name, "choices": choices, "usage": usage(*done)}
+        finally:  # done, failed, or the client gone (this task cancelled): they end here
             if not streaming:
-                await events.aclose()
+                for events in streams:
+                    await events.aclose()
 
     async def whole(
-        self, events: EventStream, meta: dict[str, Any], parser: CallParser | None, want_logprobs: bool
-    ) -> dict[str, Any]:
+        self, events: EventStream, parser: CallParser | None, want_logprobs: bool
+    ) -> tuple[dict[str, Any], Finished]:
         text: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if want_logprobs else None
         while True:
@@ -170,53 +188,83 @@ class _Completions:
                     content = found.content + parser.finish().content
                     calls = parser.calls
                 finish = _finish_reason(event.finish_reason, calls)
-                return {
-                    **meta,
-                    "object": self.object_name,
-                    "choices": [self.choice(content, finish, calls, logprobs)],
-                    "usage": usage(event),
-                }
+                return self.choice(content, finish, calls, logprobs), event
 
     async def sse(
-        self, events: EventStream, meta: dict[str, Any], parsed: Parsed, parser: CallParser | None
+        self,
+        streams: list[EventStream],
+        meta: dict[str, Any],
+        parsed: Parsed,
+        parsers: list[CallParser | None],
     ) -> AsyncGenerator[bytes, None]:
-        """The SSE body; an error after the headers went out becomes an `error` event."""
+        """The SSE body, the choices' chunks as they come; an error after the headers went out
+        becomes an `error` event."""
         base = {**meta, "object": self.chunk_object}
         usage_null = {"usage": None} if parsed.include_usage else {}
-        first = True
-        held: list[TokenLogprob] | None = [] if parsed.generate.logprobs >= 0 else None  # not yet sent
+        queue: asyncio.Queue[tuple[int, dict[str, Any] | Finished | Exception]] = asyncio.Queue()
+
+        async def pump(index: int, events: EventStream, parser: CallParser | None) -> None:
+            try:
+                async for item in self.deltas(events, parsed, parser):
+                    await queue.put((index, item))
+            except Exception as err:
+                await queue.put((index, err))
+
+        pumps = [
+            asyncio.ensure_future(pump(i, e, p))
+            for i, (e, p) in enumerate(zip(streams, parsers, strict=True))
+        ]
+        finished: list[Finished] = []
         try:
-            while True:
-                event = await next_event(events)
-                if isinstance(event, Chunk) and held is not None:
-                    held += event.logprobs
-                if isinstance(event, Chunk) and parser is not None:
-                    for choice in self.call_deltas(parser.feed(event.text), first):
-                        yield _sse({**base, "choices": [choice], **usage_null})
-                        first = False
-                elif isinstance(event, Chunk):
-                    if not event.text and not first and not held:
-                        continue
-                    delta = self.delta(event.text, first, None, held)
-                    yield _sse({**base, "choices": [delta], **usage_null})
-                    first, held = False, [] if held is not None else None
-                elif isinstance(event, Finished):
-                    calls: list[Call] = []
-                    if parser is not None:
-                        for choice in self.call_deltas(parser.finish(), first):
-                            yield _sse({**base, "choices": [choice], **usage_null})
-                            first = False
-                        calls = parser.calls
-                    finish = _finish_reason(event.finish_reason, calls)
-                    yield _sse({**base, "choices": [self.delta("", first, finish, held)], **usage_null})
-                    if parsed.include_usage:
-                        yield _sse({**base, "choices": [], "usage": usage(event)})
-                    yield b"data: [DONE]\n\n"
-                    return
+            while len(finished) < len(streams):
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, Finished):
+                    finished.append(item)
+                    continue
+                yield _sse({**base, "choices": [{**item, "index": index}], **usage_null})
+            if parsed.include_usage:
+                yield _sse({**base, "choices": [], "usage": usage(*finished)})
+            yield b"data: [DONE]\n\n"
         except Exception as err:
             yield b"event: error\ndata: " + json.dumps(to_api_error(err).body).encode() + b"\n\n"
         finally:
-            await events.aclose()
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for events in streams:
+                await events.aclose()
+
+    async def deltas(
+        self, events: EventStream, parsed: Parsed, parser: CallParser | None
+    ) -> AsyncGenerator[dict[str, Any] | Finished, None]:
+        """One choice's stream: its chunk choices (index 0), then its `Finished`."""
+        first = True
+        held: list[TokenLogprob] | None = [] if parsed.generate.logprobs >= 0 else None  # not yet sent
+        while True:
+            event = await next_event(events)
+            if isinstance(event, Chunk) and held is not None:
+                held += event.logprobs
+            if isinstance(event, Chunk) and parser is not None:
+                for choice in self.call_deltas(parser.feed(event.text), first):
+                    yield choice
+                    first = False
+            elif isinstance(event, Chunk):
+                if not event.text and not first and not held:
+                    continue
+                yield self.delta(event.text, first, None, held)
+                first, held = False, [] if held is not None else None
+            elif isinstance(event, Finished):
+                calls: list[Call] = []
+                if parser is not None:
+                    for choice in self.call_deltas(parser.finish(), first):
+                        yield choice
+                        first = False
+                    calls = parser.calls
+                yield self.delta("", first, _finish_reason(event.finish_reason, calls), held)
+                yield event
+                return
 
 
 class Embeddings:
@@ -389,12 +437,14 @@ def _finish_reason(reason: str, calls: list[Call]) -> str:
     return "tool_calls" if calls and reason == "stop" else reason
 
 
-def usage(done: Finished) -> dict[str, Any]:
-    """OpenAI's usage object; with speculative decoding, an extension `speculative` object."""
+def usage(done: Finished, *more: Finished) -> dict[str, Any]:
+    """OpenAI's usage object (of all the choices: the prompt counted once); with speculative
+    decoding, an extension `speculative` object (of the first choice)."""
+    completion = done.completion_tokens + sum(d.completion_tokens for d in more)
     out: dict[str, Any] = {
         "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": done.prompt_tokens + completion,
     }
     if done.drafter:
         rate = done.accepted_tokens / done.drafted_tokens if done.drafted_tokens else None

@@ -307,3 +307,22 @@ def test_an_embedding_is_a_unit_vector_and_leaves_generation_as_it_was(engine: L
     assert engine.active == 0
     after = texts(run_all(engine, [greedy("g2", "the model node", 12)]))["g2"]
     assert after == before
+
+
+def test_a_grammar_s_shortlist_finds_the_token_a_full_check_finds(
+    engine: LlamaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy structured output checks the likeliest tokens against the grammar first: its text
+    is the one checking every token gives (a shortlist of one sends nearly every step there)."""
+    import actors.engine._llama as llama_module
+
+    def run(rid: str) -> str:
+        request = Generate(
+            request_id=rid, model="m", prompt="numbers:", max_tokens=48, temperature=0,
+            response_format={"type": "json_object"},
+        )  # fmt: skip
+        return texts(run_all(engine, [request]))[rid]
+
+    shortlisted = run("short")
+    monkeypatch.setattr(llama_module, "GRAMMAR_SHORTLISTS", (1,))
+    assert run("full") == shortlisted and shortlisted.lstrip().startswith("{")

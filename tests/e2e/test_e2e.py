@@ -330,11 +330,12 @@ def test_a_node_killed_with_sigkill_leaves_no_process_behind(model: Path, tmp_pa
         doomed.stop()
 
 
-def test_the_openai_client_sampling_controls_take_effect_and_tools_are_refused_by_name(
+def test_the_openai_client_sampling_controls_take_effect_and_n_gives_several_choices(
     oai: openai.OpenAI,
 ) -> None:
     """Through the official client: penalties and logit_bias change greedy output; parameters the
-    node does not implement yet are a 400 naming them, never silently ignored."""
+    node does not implement are a 400 naming them, never silently ignored; `n` asks for as many
+    choices (seeded: reproducible, and different from each other)."""
     ask = {"model": MODEL, "messages": CHAT["messages"], "max_tokens": 24, "temperature": 0}
     plain = oai.chat.completions.create(**ask).choices[0].message.content  # type: ignore[call-overload]
     penalised = oai.chat.completions.create(**ask, frequency_penalty=2.0).choices[0].message.content  # type: ignore[call-overload]
@@ -342,11 +343,20 @@ def test_the_openai_client_sampling_controls_take_effect_and_tools_are_refused_b
     forced = oai.chat.completions.create(**ask, logit_bias={"300": 100}).choices[0]  # type: ignore[call-overload]
     assert forced.message.content and forced.finish_reason == "length"
     assert len(set(forced.message.content.split())) <= 1  # one token, over and over
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):
-        oai.chat.completions.create(**ask, tools=[tool])  # type: ignore[call-overload]
-    with pytest.raises(openai.BadRequestError, match="'logprobs' is not supported"):
-        oai.chat.completions.create(**ask, logprobs=True)  # type: ignore[call-overload]
+    with pytest.raises(openai.BadRequestError, match="'functions' is not supported"):
+        oai.chat.completions.create(**ask, functions=[{"name": "f"}])  # type: ignore[call-overload]
+    sampled = {**ask, "temperature": 1.0, "seed": 7, "max_tokens": 12}
+    three = oai.chat.completions.create(**sampled, n=3)  # type: ignore[call-overload]
+    texts = [c.message.content for c in sorted(three.choices, key=lambda c: c.index)]
+    assert [c.index for c in three.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert three.usage.completion_tokens == 36  # type: ignore[union-attr]
+    again = oai.chat.completions.create(**sampled, n=3)  # type: ignore[call-overload]
+    assert [c.message.content for c in sorted(again.choices, key=lambda c: c.index)] == texts
+    streamed: dict[int, str] = {}
+    for chunk in oai.chat.completions.create(**sampled, n=3, stream=True):  # type: ignore[call-overload]
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
 
 
 def test_structured_output_through_the_openai_clients_parse(oai: openai.OpenAI) -> None:
