@@ -56,3 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/speculative.py
 	$(BIN)/python bench/moe.py
 	$(BIN)/python bench/split.py
+	$(BIN)/python bench/api.py
