@@ -145,3 +145,44 @@ def test_a_node_killed_mid_stream_with_no_replica_left_ends_with_an_error_event(
     eventually(lambda: sum(p["state"] == "alive" for p in c.status()["peers"]) == 1)
     lines = stream_and_kill(c, "frank", victim, max_tokens=3000)
     assert "event: error" in lines and "data: [DONE]" not in lines
+
+
+def test_a_structured_stream_cut_by_a_node_s_death_resumes_inside_its_grammar(
+    trio: list[NodeProcess],
+) -> None:
+    """Failover keeps what a grammar holds: the resumed node rebuilds the grammar's state from the
+    tokens already sent, and the JSON comes out whole and valid, the same as without the kill."""
+    a, b, c = trio
+    schema = {
+        "type": "object",
+        "properties": {
+            "values": {
+                "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                "minItems": 150, "maxItems": 150,
+            },
+        },
+        "required": ["values"],
+    }  # fmt: skip
+    body = {
+        "model": "shared", "messages": [{"role": "user", "content": "numbers"}], "max_tokens": 1500,
+        "temperature": 0, "user": "grace",
+        "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
+    }  # fmt: skip
+    whole = httpx.post(f"{c.url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"][
+        "content"
+    ]
+    victim = next(
+        n for n in (a, b) if n.status()["node_id"] == home_of(c, "grace", [a, b]).status()["node_id"]
+    )
+    lines: list[str] = []
+    with httpx.stream("POST", f"{c.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith(("data: ", "event: ")):
+                lines.append(line)
+            if len(lines) == 5:
+                os.kill(victim.proc.pid, signal.SIGKILL)
+    assert lines[-1] == "data: [DONE]" and not any(line.startswith("event: error") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert text == whole and len(json.loads(text)["values"]) == 150
+    assert c.status()["requests"]["resumed"] == 1, "the stream really was cut and resumed"
