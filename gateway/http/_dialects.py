@@ -48,7 +48,7 @@ async def _generate(backend: Backend, parsed: Parsed) -> tuple[EventStream, Call
     generate = parsed.generate
     parser = None
     if generate.tools and generate.tool_choice != "none" and started.tool_syntax:
-        parser = CallParser(started.tool_syntax)
+        parser = CallParser(started.tool_syntax, single=not parsed.parallel_tool_calls)
     return events, parser, started
 
 

@@ -34,7 +34,7 @@ _MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's limits
 _NOT_YET: dict[str, Any] = {  # field -> a test of the values that ask for nothing
     "tools": lambda v: v == [],  # completions: no chat template to render them
     "tool_choice": lambda v: v == "none",
-    "parallel_tool_calls": lambda v: isinstance(v, bool),
+    "parallel_tool_calls": lambda v: isinstance(v, bool),  # completions: no tools
     "functions": lambda v: v == [],
     "function_call": lambda v: v == "none",
     "response_format": lambda v: v == {"type": "text"},
@@ -59,6 +59,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     n: int = 1  # choices: as many requests
+    parallel_tool_calls: bool = True  # False: one tool call at most
 
 
 def read_json(raw: bytes) -> dict[str, Any]:
@@ -339,7 +340,10 @@ def _parsed(body: dict[str, Any], session_header: str | None, **what: Any) -> Pa
     include_usage = bool(
         options and _typed(options, "include_usage", bool, False, "stream_options.include_usage")
     )
-    return Parsed(generate=generate, stream=stream, include_usage=include_usage, n=n)
+    parallel = _typed(body, "parallel_tool_calls", bool, True)
+    return Parsed(
+        generate=generate, stream=stream, include_usage=include_usage, n=n, parallel_tool_calls=parallel
+    )
 
 
 def _or(body: dict[str, Any], key: str, default: Any) -> Any:

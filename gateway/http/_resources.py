@@ -118,8 +118,14 @@ class _Completions:
         raise NotImplementedError
 
     def delta(
-        self, text: str, first: bool, finish: str | None, logprobs: list[TokenLogprob] | None = None
+        self,
+        text: str,
+        first: bool,
+        finish: str | None,
+        logprobs: list[TokenLogprob] | None = None,
+        offset: int = 0,
     ) -> dict[str, Any]:
+        """A stream chunk's choice; `offset`: characters of the text sent before it."""
         raise NotImplementedError
 
     def call_deltas(self, found: Found, first: bool) -> list[dict[str, Any]]:
@@ -240,7 +246,7 @@ class _Completions:
         self, events: EventStream, parsed: Parsed, parser: CallParser | None
     ) -> AsyncGenerator[dict[str, Any] | Finished, None]:
         """One choice's stream: its chunk choices (index 0), then its `Finished`."""
-        first = True
+        first, offset = True, 0
         held: list[TokenLogprob] | None = [] if parsed.generate.logprobs >= 0 else None  # not yet sent
         while True:
             event = await next_event(events)
@@ -253,7 +259,8 @@ class _Completions:
             elif isinstance(event, Chunk):
                 if not event.text and not first and not held:
                     continue
-                yield self.delta(event.text, first, None, held)
+                yield self.delta(event.text, first, None, held, offset)
+                offset += sum(len(_token(lp.piece)) for lp in held or [])
                 first, held = False, [] if held is not None else None
             elif isinstance(event, Finished):
                 calls: list[Call] = []
@@ -262,7 +269,7 @@ class _Completions:
                         yield choice
                         first = False
                     calls = parser.calls
-                yield self.delta("", first, _finish_reason(event.finish_reason, calls), held)
+                yield self.delta("", first, _finish_reason(event.finish_reason, calls), held, offset)
                 yield event
                 return
 
@@ -355,7 +362,12 @@ class ChatCompletions(_Completions):
         return out
 
     def delta(
-        self, text: str, first: bool, finish: str | None, logprobs: list[TokenLogprob] | None = None
+        self,
+        text: str,
+        first: bool,
+        finish: str | None,
+        logprobs: list[TokenLogprob] | None = None,
+        offset: int = 0,
     ) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
         if finish is not None:
@@ -376,9 +388,15 @@ class Completions(_Completions):
         return {"index": 0, "text": text, "logprobs": _completion_logprobs(logprobs), "finish_reason": finish}
 
     def delta(
-        self, text: str, first: bool, finish: str | None, logprobs: list[TokenLogprob] | None = None
+        self,
+        text: str,
+        first: bool,
+        finish: str | None,
+        logprobs: list[TokenLogprob] | None = None,
+        offset: int = 0,
     ) -> dict[str, Any]:
-        return self.choice(text, finish, [], logprobs)
+        lp = _completion_logprobs(logprobs, offset)
+        return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
 
 
 def _token(piece: bytes) -> str:
@@ -426,7 +444,7 @@ def _call_parser(parsed: Parsed, started: Started) -> CallParser | None:
     generate = parsed.generate
     if not generate.tools or generate.tool_choice == "none" or not started.tool_syntax:
         return None
-    return CallParser(started.tool_syntax)
+    return CallParser(started.tool_syntax, single=not parsed.parallel_tool_calls)
 
 
 def _call_delta(delta: dict[str, Any]) -> dict[str, Any]:

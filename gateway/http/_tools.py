@@ -44,8 +44,10 @@ def new_call_id() -> str:
 
 
 class CallParser:
-    def __init__(self, syntax: str) -> None:
+    def __init__(self, syntax: str, single: bool = False) -> None:
+        """`single`: one call at most (`parallel_tool_calls: false`); later ones are dropped."""
         self.syntax = syntax
+        self.single = single
         self.calls: list[Call] = []
         self._buffer = ""  # text not yet given out
         self._in_call = False  # hermes: inside <tool_call>
@@ -83,6 +85,14 @@ class CallParser:
                 continue
             end = self._buffer.find(_CLOSE)
             body = self._buffer if end < 0 else self._buffer[:end]
+            if self.single and self.calls and self._open is None:  # a second call: dropped
+                if end < 0 and not final:
+                    return out
+                self._buffer = "" if end < 0 else self._buffer[end + len(_CLOSE) :]
+                self._in_call = False
+                if end < 0:
+                    return out
+                continue
             header = _HEADER.match(body)
             if header and self._open is None:
                 self._open = Call(len(self.calls), new_call_id(), _unescape(header.group(1)))
@@ -136,6 +146,8 @@ class CallParser:
         if not final:
             return out
         calls = _parse_reply(self._buffer, self.syntax)
+        if calls is not None and self.single:
+            calls = calls[:1]
         if calls is None:
             out.content, self._buffer = self._buffer, ""
             return out

@@ -482,3 +482,18 @@ def test_anthropic_s_client_gets_text_streams_and_tool_use(node: NodeProcess) ->
         claude.messages.create(
             model="claude-nope", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
         )
+
+
+def test_streamed_completion_logprobs_have_offsets_into_the_whole_text(node: NodeProcess) -> None:
+    body = {"model": MODEL, "prompt": "the model", "max_tokens": 10, "temperature": 0, "logprobs": 1}
+    whole = httpx.post(f"{node.url}/v1/completions", json=body, timeout=30).json()["choices"][0]
+    tokens, offsets = [], []
+    with httpx.stream("POST", f"{node.url}/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                if lp:
+                    tokens += lp["tokens"]
+                    offsets += lp["text_offset"]
+    assert tokens == whole["logprobs"]["tokens"] and offsets == whole["logprobs"]["text_offset"]
+    assert offsets == sorted(offsets) and len(set(offsets)) > 1

@@ -55,3 +55,17 @@ def test_what_is_not_a_call_stays_content(
     parser = CallParser(syntax)
     out = "".join(parser.feed(ch).content for ch in text) + parser.finish().content
     assert [(c.name, c.arguments) for c in parser.calls] == calls and out == content
+
+
+def test_with_parallel_calls_off_only_the_first_call_is_kept() -> None:
+    for step in (1, 7, 1000):
+        parser = CallParser("hermes", single=True)
+        content = ""
+        for at in range(0, len(HERMES_REPLY), step):
+            content += parser.feed(HERMES_REPLY[at : at + step]).content
+        content += parser.finish().content
+        assert [c.name for c in parser.calls] == ["set_alarm"] and content == "Let me check.\n"
+    parser = CallParser("llama3", single=True)
+    parser.feed('{"name": "f", "parameters": {}}; {"name": "g", "parameters": {}}')
+    parser.finish()
+    assert [c.name for c in parser.calls] == ["f"]
