@@ -22,7 +22,7 @@ import falcon.asgi
 from actors import Accepted, Chunk, EngineFailed, Finished, Started
 from gateway.http._backend import Backend, EventStream
 from gateway.http._errors import ApiError, to_api_error
-from gateway.http._requests import Parsed, parse_chat, read_json
+from gateway.http._requests import Parsed, check_fields, parse_chat, read_json
 from gateway.http._resources import ClosingStream, next_event, read_body
 from gateway.http._tools import Call, CallParser
 
@@ -93,17 +93,6 @@ def _text_of(content: Any, where: str, kinds: tuple[str, ...]) -> str:
     raise ApiError(400, f"{where}: only text is supported ({', '.join(kinds)} parts).", param=where)
 
 
-def _refuse(body: dict[str, Any], allowed: set[str], asks_nothing: dict[str, Any]) -> None:
-    for key, value in body.items():
-        if key in allowed or value is None:
-            continue
-        test = asks_nothing.get(key)
-        if test is None:
-            raise ApiError(400, f"Unrecognized request argument supplied: {key}", param=key)
-        if not test(value):
-            raise ApiError(400, f"'{key}' is not supported by this node.", param=key)
-
-
 # -- OpenAI Responses ------------------------------------------------------------------------
 
 _RESPONSES = {
@@ -123,7 +112,7 @@ _RESPONSES_NOTHING: dict[str, Any] = {
 
 def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """A Responses request as the chat request it amounts to."""
-    _refuse(body, _RESPONSES, _RESPONSES_NOTHING)
+    check_fields(body, _RESPONSES, _RESPONSES_NOTHING)
     messages: list[dict[str, Any]] = []
     if body.get("instructions") is not None:
         messages.append({"role": "system", "content": _text_of(body["instructions"], "instructions", ())})
@@ -201,29 +190,37 @@ def _response_tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-class Responses:
-    """`POST /v1/responses`: text, function tools and structured output; streamed as events."""
+class _Dialect:
+    """The flow both dialects share: translate, generate, answer whole or as a stream."""
 
     def __init__(self, backend: Backend, max_body_bytes: int) -> None:
         self.backend = backend
         self.max_body_bytes = max_body_bytes
 
+    def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def head(self, parsed: Parsed) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def answer(self, head: dict[str, Any], turn: Turn) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def stream(
+        self, events: EventStream, parser: CallParser | None, head: dict[str, Any], started: Started
+    ) -> AsyncGenerator[bytes, None]:
+        raise NotImplementedError
+
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = read_json(await read_body(req, self.max_body_bytes))
-        parsed = parse_chat(responses_to_chat(body), req.get_header("X-Session-Id"))
+        parsed = parse_chat(self.to_chat(body), req.get_header("X-Session-Id"))
         events, parser, started = await _generate(self.backend, parsed)
         req.context.mesh_node = started.node_id
-        rid = "resp_" + parsed.generate.request_id
-        head = {
-            "id": rid,
-            "object": "response",
-            "created_at": int(time.time()),
-            "model": parsed.generate.model,
-        }
+        head = self.head(parsed)
         if parsed.stream:
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
-            resp.stream = ClosingStream(self._events(events, parser, head))  # type: ignore[assignment]
+            resp.stream = ClosingStream(self.stream(events, parser, head, started))  # type: ignore[assignment]
             return
         turn = Turn()
         try:
@@ -231,10 +228,29 @@ class Responses:
                 pass
         finally:
             await events.aclose()
-        resp.media = _response(head, turn, _items(turn))
+        resp.media = self.answer(head, turn)
 
-    async def _events(
-        self, events: EventStream, parser: CallParser | None, head: dict[str, Any]
+
+class Responses(_Dialect):
+    """`POST /v1/responses`: text, function tools and structured output; streamed as events."""
+
+    def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        return responses_to_chat(body)
+
+    def head(self, parsed: Parsed) -> dict[str, Any]:
+        rid = "resp_" + parsed.generate.request_id
+        return {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": parsed.generate.model,
+        }
+
+    def answer(self, head: dict[str, Any], turn: Turn) -> dict[str, Any]:
+        return _response(head, turn, _items(turn))
+
+    async def stream(
+        self, events: EventStream, parser: CallParser | None, head: dict[str, Any], started: Started
     ) -> AsyncGenerator[bytes, None]:
         seq = 0
 
@@ -369,7 +385,7 @@ _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """An Anthropic Messages request as the chat request it amounts to."""
-    _refuse(body, _MESSAGES, _MESSAGES_NOTHING)
+    check_fields(body, _MESSAGES, _MESSAGES_NOTHING)
     if not isinstance(body.get("max_tokens"), int) or isinstance(body.get("max_tokens"), bool):
         raise ApiError(400, "max_tokens: Field required (an integer).", param="max_tokens")
     messages: list[dict[str, Any]] = []
@@ -462,38 +478,22 @@ def _anthropic_tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-class Messages:
+class Messages(_Dialect):
     """`POST /v1/messages`: Anthropic's API (text, streaming, client tools)."""
 
-    def __init__(self, backend: Backend, max_body_bytes: int) -> None:
-        self.backend = backend
-        self.max_body_bytes = max_body_bytes
+    def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        return messages_to_chat(body)
 
-    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        body = read_json(await read_body(req, self.max_body_bytes))
-        parsed = parse_chat(messages_to_chat(body), req.get_header("X-Session-Id"))
-        events, parser, started = await _generate(self.backend, parsed)
-        req.context.mesh_node = started.node_id
-        head = {
-            "id": "msg_" + parsed.generate.request_id, "type": "message", "role": "assistant",
-            "model": parsed.generate.model,
-        }  # fmt: skip
-        if parsed.stream:
-            resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-cache")
-            resp.stream = ClosingStream(self._events(events, parser, head, started))  # type: ignore[assignment]
-            return
-        turn = Turn()
-        try:
-            async for _ in _pieces(events, parser, turn):
-                pass
-        finally:
-            await events.aclose()
+    def head(self, parsed: Parsed) -> dict[str, Any]:
+        rid, model = "msg_" + parsed.generate.request_id, parsed.generate.model
+        return {"id": rid, "type": "message", "role": "assistant", "model": model}
+
+    def answer(self, head: dict[str, Any], turn: Turn) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": turn.text}] if turn.text else []
         content += [_tool_use(c, _object(c.arguments)) for c in turn.calls]
-        resp.media = {**head, "content": content, **_stop(turn)}
+        return {**head, "content": content, **_stop(turn)}
 
-    async def _events(
+    async def stream(
         self, events: EventStream, parser: CallParser | None, head: dict[str, Any], started: Started
     ) -> AsyncGenerator[bytes, None]:
         turn = Turn()

@@ -97,12 +97,13 @@ def session_key(body: dict[str, Any], header: str | None, what: dict[str, Any]) 
     return "opening:" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-def _check_fields(body: dict[str, Any], known: set[str]) -> None:
-    """400 for a field we do not know, or one we do not implement yet set to ask for something."""
+def check_fields(body: dict[str, Any], known: set[str], not_yet: dict[str, Any] | None = None) -> None:
+    """400 for a field we do not know, or one we do not implement (`not_yet`: field -> a test of
+    the values that ask for nothing) set to ask for something."""
     for key, value in body.items():
         if key in known or value is None:
             continue
-        asks_nothing = _NOT_YET.get(key)
+        asks_nothing = (_NOT_YET if not_yet is None else not_yet).get(key)
         if asks_nothing is None:
             raise ApiError(400, f"Unrecognized request argument supplied: {key}", param=key)
         if not asks_nothing(value):
@@ -110,7 +111,7 @@ def _check_fields(body: dict[str, Any], known: set[str]) -> None:
 
 
 def parse_chat(body: dict[str, Any], session_header: str | None = None) -> Parsed:
-    _check_fields(body, _CHAT)
+    check_fields(body, _CHAT)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
@@ -233,7 +234,7 @@ def _response_format(value: Any) -> dict[str, Any]:
 
 
 def parse_completion(body: dict[str, Any], session_header: str | None = None) -> Parsed:
-    _check_fields(body, _COMPLETION)
+    check_fields(body, _COMPLETION)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
