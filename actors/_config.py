@@ -40,6 +40,14 @@ class NodeConfig:
     remote_silence_s: float = 6.0  # a peer silent this long about a forwarded request has failed
     # Gossip and membership (discovery/): a dead node is declared dead in about 4 s on a LAN.
     heartbeat_interval_s: float = 0.25  # how often a node publishes its heartbeat
+    # Elastic serving (DESIGN §2.10): unmet demand, standby promotion and stepping back.
+    demand_wait_s: float = 0.5  # a request waiting longer than this is unmet demand
+    demand_window_s: float = 10.0  # 429s are counted per second over this window
+    demand_ttl_s: float = 1.5  # a peer's demand not refreshed for this long counts no more
+    promote_after_s: float = 1.0  # mesh demand above nothing this long: a standby promotes
+    step_back_after_s: float = 45.0  # no demand this long: a promoted node steps back
+    min_serving_s: float = 20.0  # a promoted node serves at least this long (no flapping)
+    claim_timeout_s: float = 300.0  # a promotion that does not serve by then is given up
     suspect_after_s: float = 1.5  # a peer not heard from this long is suspect
     dead_after_s: float = 2.5  # a suspect that does not refute within this long is dead
     tombstone_s: float = 3600.0  # dead/left members are remembered this long to stop ghosts

@@ -25,7 +25,8 @@ import zmq
 
 from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, ZMQ_PORT_SPAN, Actor, Answer, Query, encode
 from actors.wire import Heartbeat, MeshView, PeerSeen, peek_version
-from actors.wire._messages import Echo, Load, Offer, PeerRow, SplitNews, SplitRow, ViewRow
+from actors.wire._messages import Demand, Echo, Load, Offer, PeerRow, SplitNews, SplitRow, ViewRow
+from discovery._elastic import Elastic, Standby
 from discovery._mdns import Advert
 from discovery._membership import Change, Membership
 
@@ -45,6 +46,9 @@ class _Peer:
     rtts: dict[str, float] = field(default_factory=dict)  # what it measures to its peers (ms)
     offer: Offer | None = None
     splits: list[SplitRow] = field(default_factory=list)
+    demand: dict[str, Demand] = field(default_factory=dict)  # unmet demand at it, per model
+    standby_for: tuple[str, ...] = ()
+    claims: tuple[str, ...] = ()
 
     @property
     def rtt_ms(self) -> float | None:
@@ -75,11 +79,15 @@ class Gossip(Actor):
         bind_endpoint: str | None = None,
         on_collision: Callable[[str], None] | None = None,
         view_endpoints: Sequence[str] = (),
+        standby_for: Sequence[str] = (),
+        on_elastic: Callable[[str, str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         """`on_collision(why)` is called (on this actor's thread) when another live node process
         uses our node id and we are the one that must take a fresh id; `view_endpoints` get the
-        mesh view too (PUSH), like the router."""
+        mesh view too (PUSH), like the router. `standby_for`: models this node holds and may load
+        when the mesh needs them; `on_elastic(action, model)` ("promote" or "step_back") is called
+        on this actor's thread when it should."""
         super().__init__(ctx, "gossip", **kwargs)
         self.me = me
         self.tick_interval_s = self.config.heartbeat_interval_s
@@ -106,6 +114,10 @@ class Gossip(Actor):
         self.offer: Offer | None = None  # what the stage host says we offer dense splits
         self.splits: list[SplitRow] = []  # the splits this node heads
         self.view_endpoints = list(view_endpoints)
+        self.elastic = Elastic(me.node_id, standby_for, self.config)
+        self.on_elastic = on_elastic
+        self.role_override: str | None = None  # set by the node: "serving", "standby", "draining"
+        self._demand: dict[str, Demand] = {}  # our router's, per model
         self._views: list[zmq.Socket] = []
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
@@ -150,6 +162,7 @@ class Gossip(Actor):
             self._log_change(change)
         self._prune()
         self._update_latency_class()
+        self._elastic(now)
         self._publish()
         assert self._router is not None
         self._router.send(encode(Query(request_id="gossip", what="status")))
@@ -175,6 +188,7 @@ class Gossip(Actor):
         if isinstance(answer, Answer):  # our own router's status (in-process, trusted)
             data = answer.data
             self._models = list(data["local_ready"])
+            self._demand = {m: Demand(**d) for m, d in data.get("demand", {}).items()}
             self._load = Load(
                 in_flight=data["in_flight"],
                 queued=sum(data["queues"].values()),
@@ -223,6 +237,12 @@ class Gossip(Actor):
         peer.role, peer.models, peer.load = beat.role, tuple(beat.models), beat.load
         news = news or (peer.offer, peer.splits) != (beat.offer, beat.splits)
         peer.offer, peer.splits = beat.offer, [s for s in beat.splits if s.head == beat.node_id]
+        news = news or peer.claims != tuple(beat.claims)
+        peer.demand, peer.standby_for, peer.claims = (
+            dict(beat.demand),
+            tuple(beat.standby_for),
+            tuple(beat.claims),
+        )
         known = self.membership.state_of
         peer.rtts = {n: ms for n, ms in beat.rtts.items() if ms >= 0 and (n == self.me.node_id or known(n))}
         peer.their_sent_at, peer.heard_at = beat.sent_at, now
@@ -304,6 +324,12 @@ class Gossip(Actor):
                 "stats": stats,
                 "offer": dataclasses.asdict(self.offer) if self.offer is not None else None,
                 "splits": [dataclasses.asdict(s) for s in splits],
+                "demand": self.demand_report(),
+                "elastic": {
+                    "standby_for": sorted(self.elastic.standby_for),
+                    "claims": sorted(self.elastic.claims),
+                    "promoted": sorted(self.elastic.promoted),
+                },
             }
             sock.send_multipart([frames[0], encode(Answer(request_id=query.request_id, data=data))])
 
@@ -311,8 +337,43 @@ class Gossip(Actor):
 
     @property
     def role(self) -> str:
-        """What this node does for the mesh now: its configured role, or "client" while far."""
-        return "client" if self.far else self.me.role
+        """What this node does for the mesh now: its configured role (or the one the node set
+        since: promoted, stepped back, draining), or "client" while far."""
+        return "client" if self.far else self.role_override or self.me.role
+
+    # -- elastic serving ----------------------------------------------------------------------
+
+    def mesh_demand(self, now: float) -> dict[str, float]:
+        """Unmet demand per model over the mesh: ours plus each live peer's fresh report."""
+        total: dict[str, float] = {m: d.units for m, d in self._demand.items()}
+        alive = {n for n, m in self.membership.members().items() if m.state == "alive"}
+        for node_id, peer in self._peers.items():
+            if node_id in alive and now - peer.heard_at <= self.config.demand_ttl_s:
+                for model, demand in peer.demand.items():
+                    total[model] = total.get(model, 0.0) + demand.units
+        return {m: round(units, 3) for m, units in total.items() if units > 0}
+
+    def demand_report(self) -> dict[str, Any]:
+        """`status --json`'s `demand`: the mesh's per model, and what of it is ours."""
+        mesh = self.mesh_demand(self.clock())
+        return {
+            m: {"mesh": units, "here": dataclasses.asdict(self._demand.get(m, Demand()))}
+            for m, units in sorted(mesh.items())
+        }
+
+    def _elastic(self, now: float) -> None:
+        alive = {n for n, m in self.membership.members().items() if m.state == "alive"}
+        others = [
+            Standby(node_id=n, role=p.role, standby_for=p.standby_for, claims=p.claims)
+            for n, p in self._peers.items()
+            if n in alive
+        ]
+        if self.role == "draining":
+            return
+        for action, model in self.elastic.step(now, self.mesh_demand(now), set(self._models), others):
+            log.info("elastic: %s %s (mesh demand %s)", action, model, self.mesh_demand(now).get(model, 0))
+            if self.on_elastic is not None:
+                self.on_elastic(action, model)
 
     def _update_latency_class(self) -> None:
         """Become an API client only when every serving peer is over `max_rtt_ms` from us while
@@ -381,6 +442,9 @@ class Gossip(Actor):
                     heard_s_ago=round(now - peer.heard_at, 3) if peer.heard_at else None,
                     offer=peer.offer,
                     splits=list(peer.splits),
+                    demand=dict(peer.demand),
+                    standby_for=list(peer.standby_for),
+                    claims=list(peer.claims),
                 )
             )
         return rows
@@ -420,6 +484,9 @@ class Gossip(Actor):
             rtts={n: round(p.rtt_ms, 2) for n, p in self._peers.items() if p.rtt_ms is not None},
             offer=self.offer,
             splits=self.splits,
+            demand=self._demand,
+            standby_for=sorted(self.elastic.standby_for - set(self._models)),
+            claims=sorted(self.elastic.claims),
         )
         self._pub.send(encode(beat))
 

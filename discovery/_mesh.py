@@ -31,10 +31,16 @@ class MeshMembership:
         seeds: Sequence[tuple[str, int]] = (),
         advertise: tuple[str, int] | None = None,
         on_collision: Callable[[str], None] | None = None,
+        standby_for: Sequence[str] = (),
+        on_elastic: Callable[[str, str], None] | None = None,
     ) -> None:
         """`advertise`: the (host, zmq_port) peers reach us at, when not the bound ones;
-        `on_collision`: called (on the gossip thread) when we must give up our node id."""
+        `on_collision`: called (on the gossip thread) when we must give up our node id;
+        `standby_for` and `on_elastic`: see `Gossip`."""
         self.on_collision = on_collision
+        self.standby_for = list(standby_for)
+        self.on_elastic = on_elastic
+        self.gossip: Gossip | None = None  # once the node made it
         self.spec = spec
         host, zmq_port = advertise or (spec.host, spec.zmq_port)
         self.identity = Advert(
@@ -53,7 +59,7 @@ class MeshMembership:
         self._push: zmq.Socket | None = None
 
     def actor(self, node: Node) -> Gossip:
-        return Gossip(
+        self.gossip = Gossip(
             node.ctx,
             me=self.identity,
             router_endpoint=node.router_local_endpoint,
@@ -63,8 +69,11 @@ class MeshMembership:
             bind_endpoint=gossip_endpoint(self.spec.host, self.spec.zmq_port),
             on_collision=self.on_collision,
             view_endpoints=node.view_endpoints,
+            standby_for=self.standby_for,
+            on_elastic=self.on_elastic,
             config=node.spec.config,
         )
+        return self.gossip
 
     def start_discovery(self, node: Node) -> None:
         """Advertise and browse mDNS on the node's interface (blocks ~2 s for zeroconf's probes)."""

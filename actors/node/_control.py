@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from actors.wire._codec import encode
 from actors.wire._messages import Answer, PeerSeen, Query
 
 COMMANDS = ("status", "peers", "models", "splits")
+OPERATIONS = ("drain", "promote", "swap")  # commands that change the node (answered at once)
 
 
 @dataclass(slots=True)
@@ -32,6 +34,8 @@ class _Pending:
     gossip_stats: dict[str, int] | None = None
     splits: list[dict[str, Any]] = field(default_factory=list)  # every split the mesh knows of
     offer: dict[str, Any] | None = None  # what this node offers splits
+    demand: dict[str, Any] = field(default_factory=dict)  # unmet demand per model (mesh and here)
+    elastic: dict[str, Any] = field(default_factory=dict)  # what we stand by for, claim, promoted
 
 
 def mesh_models(me: str, router: dict[str, Any], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -61,9 +65,13 @@ class Control(Actor):
         node_info: dict[str, Any],
         peers_endpoint: str | None = None,
         inbox_endpoint: str | None = None,
+        operations: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
         **kwargs: object,
     ) -> None:
+        """`operations(what, args)`: the node's handler of the commands in `OPERATIONS` (it
+        answers at once whether it took the command; the work goes on after)."""
         super().__init__(ctx, "control", **kwargs)  # type: ignore[arg-type]
+        self.operations = operations
         self.endpoint = endpoint
         self.router_endpoint = router_endpoint
         self.peers_endpoint = peers_endpoint
@@ -104,6 +112,13 @@ class Control(Actor):
             return
         if not isinstance(query, Query):
             return
+        if query.what in OPERATIONS:
+            if self.operations is None:
+                data = {"error": f"this node takes no {query.what!r} command"}
+            else:
+                data = self.operations(query.what, dict(query.args))
+            self._reply(client, Answer(request_id=query.request_id, data=data))
+            return
         if query.what not in COMMANDS:
             error = {"error": f"unknown command {query.what!r}"}
             self._reply(client, Answer(request_id=query.request_id, data=error))
@@ -128,6 +143,8 @@ class Control(Actor):
             pending.gossip_stats = answer.data.get("stats")
             pending.splits = answer.data.get("splits") or []
             pending.offer = answer.data.get("offer")
+            pending.demand = answer.data.get("demand") or {}
+            pending.elastic = answer.data.get("elastic") or {}
         else:
             pending.router = answer.data
         if pending.router is not None and pending.peers is not None:
@@ -173,6 +190,8 @@ class Control(Actor):
             "actors": actors,
             "splits": pending.splits,
             "offer": pending.offer,
+            "demand": pending.demand,
+            "elastic": {**pending.elastic, "draining": router.get("draining", False)},
         }
 
     def _reply(self, client: bytes, answer: Answer) -> None:

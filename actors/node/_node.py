@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -106,10 +106,12 @@ class Node:
         more: Sequence[ActorFactory] = (),
         peers_endpoint: str | None = None,
         inbox_endpoint: str | None = None,
+        operations: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         """`more` makes actors of other rooms (gossip) on this node's context; they start after the
         workers. The control actor asks `peers_endpoint` for the mesh's peers and passes the
-        hellos of joining nodes to `inbox_endpoint`."""
+        hellos of joining nodes to `inbox_endpoint`; `operations` takes mesh-ctl's commands that
+        change the node (drain, promote, swap)."""
         self.spec = spec
         self.ctx = zmq.Context()
         local = self.router_local_endpoint
@@ -151,6 +153,7 @@ class Node:
             node_info=info,
             peers_endpoint=peers_endpoint,
             inbox_endpoint=inbox_endpoint,
+            operations=operations,
             config=spec.config,
         )
         self._started: list[Actor] = []

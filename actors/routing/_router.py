@@ -10,8 +10,9 @@ with an error reply, and a sweep fails any flight nothing would ever answer.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -38,6 +39,7 @@ from actors.wire._messages import (
     Answer,
     Cancel,
     Chunk,
+    Demand,
     ErrorReply,
     Finished,
     Generate,
@@ -78,6 +80,11 @@ class Router(Actor):
         self._workers: dict[bytes, WorkerSlots] = {}
         self._queues: dict[str, deque[str]] = {}
         self._held: deque[str] = deque()  # requests waiting for any of their nodes to have room
+        self._rejections: deque[tuple[float, str]] = deque(maxlen=100_000)  # (when, model) of our 429s
+        # Set from the node's own thread (plain assignments): a draining node takes no new request
+        # for itself; retiring workers (a model swap) get none either.
+        self.draining = False
+        self.retiring: frozenset[str] = frozenset()
         self._homes: OrderedDict[tuple[str, str], str] = OrderedDict()  # (session, model) -> node
         self._flights: dict[str, Flight] = {}
         self._front: zmq.Socket | None = None
@@ -232,6 +239,7 @@ class Router(Actor):
             # order of preference), rather than queue behind one while another goes idle.
             self._hold(rid)
         elif choice is None and self.clock() < flight.grace_until:
+            self._wait(flight)
             self._held.append(rid)  # the mesh view may be a heartbeat behind: wait for the next
         elif choice is None:
             reason = f"{why}; no other node can serve it" if why else "no node can serve it now"
@@ -251,6 +259,7 @@ class Router(Actor):
             )
         else:
             flight.tried.add(self.node_id)
+            self._wait(flight)
             self._queues[request.model].append(rid)
             self._dispatch(request.model)
 
@@ -275,7 +284,34 @@ class Router(Actor):
                 ),
             )
         else:
+            self._wait(self._flights[rid])
             self._held.append(rid)
+
+    def _wait(self, flight: Flight) -> None:
+        if not flight.waiting_since:
+            flight.waiting_since = self.clock()
+
+    def demand(self) -> dict[str, Demand]:
+        """Unmet demand here, per model: requests waiting longer than `demand_wait_s` (queued for
+        our workers, or held for a busy mesh), and 429s we decided per second of the window."""
+        now = self.clock()
+        waiting: Counter[str] = Counter()
+        for rid in itertools.chain(self._held, *self._queues.values()):
+            flight = self._flights.get(rid)
+            if (
+                flight is not None
+                and flight.waiting_since
+                and now - flight.waiting_since > self.config.demand_wait_s
+            ):
+                waiting[flight.request.model] += 1
+        window = self.config.demand_window_s
+        while self._rejections and self._rejections[0][0] < now - window:
+            self._rejections.popleft()
+        rejected = Counter(model for _, model in self._rejections)
+        return {
+            m: Demand(waiting=waiting[m], rejected_per_s=round(rejected[m] / window, 3))
+            for m in sorted(set(waiting) | set(rejected))
+        }
 
     def _place_held(self) -> None:
         """Place waiting requests, oldest first, on the first of their nodes with room."""
@@ -393,8 +429,14 @@ class Router(Actor):
         queue = self._queues.get(model)
         while queue:
             # The worker with the most room, so that load spreads over workers.
+            retiring = self.retiring
             room, idle = max(
-                ((w.room, i) for i, w in self._workers.items() if w.state.model_id == model), default=(0, b"")
+                (
+                    (w.room, i)
+                    for i, w in self._workers.items()
+                    if w.state.model_id == model and i.decode(errors="replace") not in retiring
+                ),
+                default=(0, b""),
             )
             if room <= 0:
                 return
@@ -415,7 +457,15 @@ class Router(Actor):
     # -- peers ------------------------------------------------------------------------------
 
     def _serves_here(self, model: str) -> bool:
-        return any(w.state.model_id == model and w.state.state != "failed" for w in self._workers.values())
+        if self.draining:
+            return False
+        retiring = self.retiring
+        return any(
+            w.state.model_id == model
+            and w.state.state != "failed"
+            and i.decode(errors="replace") not in retiring
+            for i, w in self._workers.items()
+        )
 
     def _candidates(self, flight: Flight) -> list[str]:
         """The nodes that may take a flight now: peers (`_remote_nodes`), then this node."""
@@ -556,6 +606,8 @@ class Router(Actor):
                 self.counters.completed += 1
             elif isinstance(message, ErrorReply) and message.code == Overloaded.code:
                 self.counters.rejected_overload += 1
+                if flight.remote is None:  # decided here (a peer counts the 429s it decides)
+                    self._rejections.append((self.clock(), flight.request.model))
             else:
                 self.counters.failed += 1
             self._to_client(rid, message)
@@ -590,7 +642,14 @@ class Router(Actor):
 
     def _local_ids(self, ready: bool = False) -> set[str]:
         """Ids of the models our workers serve (are ready to serve), and their aliases."""
-        ids = {w.state.model_id for w in self._workers.values() if not ready or w.state.state == "ready"}
+        if ready and self.draining:
+            return set()  # nothing to advertise: peers stop sending us work
+        retiring = self.retiring
+        ids = {
+            w.state.model_id
+            for i, w in self._workers.items()
+            if not ready or (w.state.state == "ready" and i.decode(errors="replace") not in retiring)
+        }
         return ids | {alias for alias, model in self.aliases.items() if model in ids}
 
     def models(self) -> set[str]:
@@ -613,6 +672,11 @@ class Router(Actor):
             "local_ready": sorted(local_ready),
             "workers": workers,
             "queues": {m: len(q) for m, q in self._queues.items()},
+            "demand": {
+                m: {"waiting": d.waiting, "rejected_per_s": d.rejected_per_s}
+                for m, d in self.demand().items()
+            },
+            "draining": self.draining,
             "in_flight": sum(1 for f in self._flights.values() if f.worker is not None),
             **self.counters.snapshot(in_flight=len(self._flights)),
             "dropped_frames": self.stats["dropped_frames"],

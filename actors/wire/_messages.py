@@ -218,6 +218,21 @@ class Load:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Demand:
+    """Unmet demand for a model at one node, as its router measures it now: requests waiting
+    there longer than `demand_wait_s` (queued, or held for a busy mesh), and requests refused
+    with a 429 per second over the last `demand_window_s`. Each node reports only what waits or
+    is refused at it, so the mesh's demand is the sum over nodes, with nothing counted twice."""
+
+    waiting: int = 0
+    rejected_per_s: float = 0.0
+
+    @property
+    def units(self) -> float:
+        return self.waiting + self.rejected_per_s
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ViewRow:
     """One member in a node's gossiped view: membership news, and where to reach the member."""
 
@@ -355,6 +370,9 @@ class Heartbeat:
     rtts: dict[str, float] = field(default_factory=dict)  # our measured RTT (ms) to each peer
     offer: Offer | None = None  # room and GGUFs for dense splits
     splits: list[SplitRow] = field(default_factory=list)  # the splits we head
+    demand: dict[str, Demand] = field(default_factory=dict)  # unmet demand here, per model
+    standby_for: list[str] = field(default_factory=list)  # models we hold and could load
+    claims: list[str] = field(default_factory=list)  # models we are promoting ourselves to serve
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,6 +403,9 @@ class PeerRow:
     heard_s_ago: float | None = None  # how old `load` is: the router discounts what it saw end since
     offer: Offer | None = None
     splits: list[SplitRow] = field(default_factory=list)
+    demand: dict[str, Demand] = field(default_factory=dict)
+    standby_for: list[str] = field(default_factory=list)
+    claims: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,6 +19,7 @@ from actors.gguf._layout import Layout
 from actors.runtime._supervisor import ChildProcess
 from discovery import MeshMembership
 from gateway.cli._models import default_model
+from gateway.cli._operator import Operator
 from gateway.cli._state import StateDir, StateDirError, default_state_dir
 
 log = logging.getLogger("mesh_llm")
@@ -36,6 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model", type=Path, help="GGUF to serve (default: a built-in demo model with random weights)"
     )
+    serve.add_argument(
+        "--standby",
+        action="store_true",
+        help="hold --model without loading it: serve the API as a client, and load the model when "
+        "the mesh's unmet demand for it persists (and step back when it is gone)",
+    )
+    serve.add_argument(
+        "--promote-after", type=float, metavar="S", default=NodeConfig().promote_after_s,
+        help="seconds unmet demand must last before a standby promotes",
+    )  # fmt: skip
+    serve.add_argument(
+        "--step-back-after", type=float, metavar="S", default=NodeConfig().step_back_after_s,
+        help="seconds without demand before a promoted standby steps back",
+    )  # fmt: skip
     serve.add_argument(
         "--alias", action="append", default=[], type=_alias, metavar="NAME",
         help="another name clients may ask for the model by (repeatable); listed in /v1/models",
@@ -168,8 +183,16 @@ def serve(args: argparse.Namespace) -> int:
                 raise ValueError(f"--max-memory must be a positive number of GB, not {args.max_memory}")
             if args.models_dir is not None and not args.models_dir.is_dir():
                 raise ValueError(f"--models-dir {args.models_dir} is not a directory")
-            if args.models_dir and not args.model and (args.draft or args.split or args.alias):
-                raise ValueError("--draft, --split and --alias need --model")
+            if (
+                args.models_dir
+                and not args.model
+                and (args.draft or args.split or args.alias or args.standby)
+            ):
+                raise ValueError("--draft, --split, --alias and --standby need --model")
+            if args.standby and args.split:
+                raise ValueError("--standby and --split do not go together")
+            if not args.promote_after >= 0 or not args.step_back_after >= 0:
+                raise ValueError("--promote-after and --step-back-after are seconds, at least 0")
             holdings = _holdings(args.models_dir) if args.models_dir else []
             if args.model or not args.models_dir:
                 model = args.model or default_model()
@@ -221,6 +244,17 @@ def _serve(
     args: argparse.Namespace, models: list[ModelSpec], holdings: list[Layout], node_id: str, state_dir: Path
 ) -> int:
     max_memory = args.max_memory if getattr(args, "max_memory", None) else default_max_memory_gb()
+    standby = models if getattr(args, "standby", False) else []
+    models = [] if standby else models
+    defaults = NodeConfig()
+    step_back = getattr(args, "step_back_after", defaults.step_back_after_s)
+    config = NodeConfig(
+        queue_depth_per_model=getattr(args, "queue_depth", defaults.queue_depth_per_model),
+        max_rtt_ms=args.max_rtt_ms,
+        promote_after_s=getattr(args, "promote_after", defaults.promote_after_s),
+        step_back_after_s=step_back,
+        min_serving_s=min(defaults.min_serving_s, step_back),
+    )
     spec = NodeSpec(
         node_id=node_id,
         mesh=args.mesh,
@@ -228,40 +262,47 @@ def _serve(
         http_port=args.http_port,
         zmq_port=args.zmq_port,
         models=models,
-        role="serving" if models else "standby" if holdings else "client",
+        role="serving" if models else "standby" if holdings or standby else "client",
         n_ctx=getattr(args, "ctx", 4096),
         n_threads=getattr(args, "threads", 1),
         slots=getattr(args, "slots", 1),
-        config=NodeConfig(
-            queue_depth_per_model=getattr(args, "queue_depth", NodeConfig().queue_depth_per_model),
-            max_rtt_ms=args.max_rtt_ms,
-        ),
+        config=config,
         max_memory_bytes=int(max_memory * GIB) if args.command == "serve" else 0,
         holdings=holdings,
         split=getattr(args, "split", False),
         split_load=getattr(args, "split_load", "hash-cache"),
         work_dir=state_dir,
     )
-    collided = threading.Event()
+    collided, leave = threading.Event(), threading.Event()
+    operators: list[Operator] = []  # made once the node is: its actors call it through these
     mesh = MeshMembership(
         spec,
         mdns=not args.no_mdns,
         seeds=args.peer,
         advertise=args.advertise,
         on_collision=lambda _: collided.set(),
+        standby_for=[m.model_id for m in standby],
+        on_elastic=lambda action, model: operators[0].elastic(action, model) if operators else None,
     )
     node = Node(
-        spec, more=[mesh.actor], peers_endpoint=mesh.query_endpoint, inbox_endpoint=mesh.inbox_endpoint
+        spec,
+        more=[mesh.actor],
+        peers_endpoint=mesh.query_endpoint,
+        inbox_endpoint=mesh.inbox_endpoint,
+        operations=lambda what, a: operators[0].command(what, a) if operators else {"error": "starting up"},
     )
     try:
         node.start()
     except ActorStartError as err:
         print(f"mesh-llm: cannot start the node: {err}", file=sys.stderr)
         return 1
+    assert mesh.gossip is not None
+    operators.append(Operator(node, mesh.gossip, standby, on_leave=leave.set).start())
     gateway = ChildProcess(_gunicorn_argv(args), env=_gunicorn_env(args, spec), group=True)
     try:
-        return _run(node, gateway, mesh, args, collided)
+        return _run(node, gateway, mesh, args, collided, leave)
     finally:
+        operators[0].stop()
         mesh.close()
         gateway.close()
         node.stop()
@@ -273,6 +314,7 @@ def _run(
     mesh: MeshMembership,
     args: argparse.Namespace,
     collided: threading.Event,
+    leave: threading.Event,
 ) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -291,6 +333,8 @@ def _run(
     what = (
         f"serving {spec.models[0].model_id}"
         if spec.models
+        else f"standby for {', '.join(mesh.standby_for)}"
+        if mesh.standby_for
         else f"standby: {len(spec.holdings)} GGUF(s) for splits"
         if spec.holdings
         else "client of the mesh"
@@ -301,6 +345,9 @@ def _run(
         flush=True,
     )
     while not stop.wait(0.5):
+        if leave.is_set():
+            log.info("drained: leaving the mesh")
+            return 0
         if collided.is_set():
             return _RESTART
         if gateway.exit_code() is not None:

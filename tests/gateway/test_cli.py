@@ -80,9 +80,11 @@ def test_an_http_port_among_the_zmq_ports_is_refused_clearly(tmp_path: Path) -> 
         (["--cors-origin", "https://app.example/path"], "expected an origin"),
         (["--max-memory", "0"], "--max-memory must be a positive number"),
         (["--models-dir", "/nonexistent/dir"], "is not a directory"),
-        (["--models-dir", ".", "--split"], "--draft, --split and --alias need --model"),
-        (["--models-dir", ".", "--alias", "x"], "--draft, --split and --alias need --model"),
+        (["--models-dir", ".", "--split"], "--draft, --split, --alias and --standby need --model"),
+        (["--models-dir", ".", "--alias", "x"], "--draft, --split, --alias and --standby need --model"),
         (["--alias", "two words"], "without spaces"),
+        (["--standby", "--split"], "do not go together"),
+        (["--promote-after", "-1"], "at least 0"),
     ],
 )
 def test_bad_node_options_are_refused_clearly(tmp_path: Path, args: list[str], words: str) -> None:
