@@ -191,6 +191,7 @@ class Control(Actor):
             "splits": pending.splits,
             "offer": pending.offer,
             "demand": pending.demand,
+            "operation": self.operations("state", {}) if self.operations is not None else None,
             "elastic": {**pending.elastic, "draining": router.get("draining", False)},
         }
 

@@ -13,8 +13,10 @@ from actors.wire._messages import Answer, Query
 from actors.wire._sockets import make_socket
 
 
-def ask(ctx: zmq.Context, endpoint: str, what: str, *, timeout_s: float) -> dict[str, Any]:
-    """Send `Query(what)` to `endpoint` and return the answer's data; blocks up to `timeout_s`.
+def ask(
+    ctx: zmq.Context, endpoint: str, what: str, *, timeout_s: float, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Send `Query(what, args)` to `endpoint` and return the answer's data; blocks up to `timeout_s`.
 
     Raises `PeerUnavailable` when nothing (or nothing valid) answers in time.
     """
@@ -22,7 +24,7 @@ def ask(ctx: zmq.Context, endpoint: str, what: str, *, timeout_s: float) -> dict
     try:
         sock.connect(endpoint)
         rid = uuid.uuid4().hex
-        sock.send(encode(Query(request_id=rid, what=what)))
+        sock.send(encode(Query(request_id=rid, what=what, args=args or {})))
         if not sock.poll(int(timeout_s * 1000)):
             raise PeerUnavailable(f"no answer from {endpoint} within {timeout_s:g}s")
         try:

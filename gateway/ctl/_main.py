@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--json", action="store_true", help="print JSON")
+    drain = sub.add_parser("drain", help="stop taking work, finish what is in flight, unload (step back)")
+    drain.add_argument("--leave", action="store_true", help="then stop the node")
+    drain.add_argument("--wait", action="store_true", help="return once it is done")
+    promote = sub.add_parser("promote", help="load a model this node stands by for, and serve it")
+    promote.add_argument("model")
+    promote.add_argument("--wait", action="store_true", help="return once it serves")
+    rollout = sub.add_parser(
+        "rollout", help="swap MODEL for the GGUF at PATH on every node serving it, one node at a time"
+    )
+    rollout.add_argument("model")
+    rollout.add_argument("path", help="the new GGUF, at this path on every node")
+    rollout.add_argument("--step-timeout", type=float, default=600.0, help="seconds per node at most")
     model = sub.add_parser("model", help="model tooling").add_subparsers(dest="model_command", required=True)
+    swap = model.add_parser(
+        "swap", help="load the GGUF at PATH next to the served model, then retire the old"
+    )
+    swap.add_argument("path", type=Path)
+    swap.add_argument("--wait", action="store_true", help="return once the new model serves")
     synth = model.add_parser("synth", help="write a GGUF with random weights (for tests and demos)")
     synth.add_argument("--arch", choices=ARCHS, required=True)
     synth.add_argument("--out", type=Path, required=True)
@@ -91,12 +109,88 @@ def _moe_commands(sub: Any) -> None:
         cmd.add_argument("--threads", type=int, default=2)
 
 
-def query(node: str, what: str, timeout_s: float) -> dict[str, Any]:
+def query(node: str, what: str, timeout_s: float, args: dict[str, Any] | None = None) -> dict[str, Any]:
     ctx = zmq.Context()
     try:
-        return ask(ctx, node, what, timeout_s=timeout_s)
+        return ask(ctx, node, what, timeout_s=timeout_s, args=args)
     finally:
         ctx.term()
+
+
+def run_operation(node: str, what: str, args: dict[str, Any], wait: bool, timeout_s: float) -> int:
+    """Ask a node to change (drain, promote, swap); with `wait`, until it reports the outcome."""
+    try:
+        before = query(node, "status", timeout_s).get("operation") or {}
+        answer = query(node, what, timeout_s, args)
+    except PeerUnavailable as err:
+        print(f"mesh-ctl: {err} (is a node running there?)", file=sys.stderr)
+        return 1
+    if "error" in answer:
+        print(f"mesh-ctl: {answer['error']}", file=sys.stderr)
+        return 1
+    print(f"{what}: accepted by {node}")
+    if not wait:
+        return 0
+    outcome = wait_operation(node, what, before.get("last"), timeout_s=24 * 3600)
+    print(f"{what}: {outcome.get('detail')} ({outcome.get('seconds')} s)")
+    return 0 if outcome.get("ok") else 1
+
+
+def wait_operation(node: str, what: str, previous: Any, timeout_s: float) -> dict[str, Any]:
+    """The outcome of the node's next finished `what` after `previous`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = query(node, "status", 5.0).get("operation") or {}
+        except PeerUnavailable:
+            if what == "drain":  # drain --leave: the node is gone, as asked
+                return {"ok": True, "detail": "drained; the node has left", "seconds": None}
+            time.sleep(0.5)
+            continue
+        last = state.get("last") or {}
+        if last and last != previous and last.get("what") == what and not state.get("doing"):
+            return last
+        time.sleep(0.2)
+    return {"ok": False, "detail": f"no outcome within {timeout_s:g} s"}
+
+
+def run_rollout(args: argparse.Namespace) -> int:
+    """Swap MODEL for PATH on every node serving it, one after the other: each node loads the
+    new GGUF next to the old and retires the old once its streams end, so the model keeps
+    serving throughout; the next node starts once the previous one serves the new file."""
+    try:
+        status = query(args.node, "status", args.timeout)
+    except PeerUnavailable as err:
+        print(f"mesh-ctl: {err} (is a node running there?)", file=sys.stderr)
+        return 1
+    targets = [f"tcp://{status['host']}:{status['zmq_port']}"] if args.model in status["models"] else []
+    targets += [
+        f"tcp://{p['host']}:{p['zmq_port']}"
+        for p in status["peers"]
+        if p["state"] == "alive" and args.model in p["models"] and p.get("zmq_port")
+    ]
+    if not targets:
+        print(f"mesh-ctl: no node serves {args.model}", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    for i, node in enumerate(targets, 1):
+        print(f"[{i}/{len(targets)}] {node}: swapping to {args.path}")
+        try:
+            before = query(node, "status", args.timeout).get("operation") or {}
+            answer = query(node, "swap", args.timeout, {"path": args.path})
+        except PeerUnavailable as err:
+            print(f"mesh-ctl: {node}: {err}; rollout stopped", file=sys.stderr)
+            return 1
+        if "error" in answer:
+            print(f"mesh-ctl: {node}: {answer['error']}; rollout stopped", file=sys.stderr)
+            return 1
+        outcome = wait_operation(node, "swap", before.get("last"), args.step_timeout)
+        print(f"[{i}/{len(targets)}] {node}: {outcome.get('detail')}")
+        if not outcome.get("ok"):
+            print("mesh-ctl: rollout stopped", file=sys.stderr)
+            return 1
+    print(f"rolled out to {len(targets)} node(s) in {time.monotonic() - started:.1f} s")
+    return 0
 
 
 def print_status(data: dict[str, Any]) -> None:
@@ -289,8 +383,17 @@ def _analyze(args: argparse.Namespace, prompts: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "model" and args.model_command == "swap":
+        path = str(args.path.resolve())
+        return run_operation(args.node, "swap", {"path": path}, args.wait, args.timeout)
     if args.command == "model":
         return run_synth(args)
+    if args.command == "drain":
+        return run_operation(args.node, "drain", {"leave": args.leave}, args.wait, args.timeout)
+    if args.command == "promote":
+        return run_operation(args.node, "promote", {"model": args.model}, args.wait, args.timeout)
+    if args.command == "rollout":
+        return run_rollout(args)
     if args.command == "moe":
         return run_moe(args)
     return run_node_command(args)
