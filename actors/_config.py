@@ -41,7 +41,8 @@ class NodeConfig:
     # Gossip and membership (discovery/): a dead node is declared dead in about 4 s on a LAN.
     heartbeat_interval_s: float = 0.25  # how often a node publishes its heartbeat
     # Elastic serving (DESIGN §2.10): unmet demand, standby promotion and stepping back.
-    demand_wait_s: float = 0.5  # a request waiting longer than this is unmet demand
+    demand_tau_s: float = 1.5  # time constant of the average of requests waiting (unmet demand)
+    demand_threshold: float = 0.5  # mesh demand (requests waiting on average, 429s/s) that counts
     demand_window_s: float = 10.0  # 429s are counted per second over this window
     demand_ttl_s: float = 1.5  # a peer's demand not refreshed for this long counts no more
     promote_after_s: float = 1.0  # mesh demand above nothing this long: a standby promotes

@@ -5,12 +5,13 @@ Every node sees the same picture through gossip: each node's unmet demand per mo
 measurement only, so the mesh's demand is a sum with nothing counted twice), which nodes stand by
 for which models, and which have claimed a promotion. From it each standby decides alone:
 
-- Demand for a model it holds must persist for `promote_after_s` before anyone promotes.
+- Demand for a model it holds (at least `demand_threshold`) must persist for `promote_after_s`
+  before anyone promotes.
 - Then the standbys for that model are ranked the same way on every node (a hash of node id and
   model); only the first promotes, and says so with a claim in its heartbeat. While any claim for
-  the model stands (until that node serves, or `claim_timeout_s`), nobody else promotes for it,
-  and the wait for persisting demand starts again after: one node per unit of demand that
-  outlasts the last promotion, never a stampede.
+  the model stands (until that node serves, or `claim_timeout_s`) and for three time constants of
+  the demand average after, nobody else promotes for it; then the wait for persisting demand starts
+  again: one node per unit of demand that outlasts the last promotion, never a stampede.
 - A node that promoted itself steps back after the model's demand has been gone for
   `step_back_after_s`, and not before it has served `min_serving_s` (no flapping under on/off
   load).
@@ -49,6 +50,7 @@ class Elastic:
         self.promoted: dict[str, float] = {}  # model -> when we began serving it after a claim
         self._since: dict[str, float] = {}  # model -> since when its demand has lasted
         self._quiet: dict[str, float] = {}  # promoted model -> since when it has had no demand
+        self._settled: dict[str, float] = {}  # model -> no promotion before (the last one settles)
 
     def step(
         self, now: float, demand: Mapping[str, float], serving: set[str], others: Iterable[Standby]
@@ -63,13 +65,16 @@ class Elastic:
                 self.promoted[model] = now
             elif now - claimed > self.config.claim_timeout_s:
                 del self.claims[model]  # it never came to serve: give the claim up
-        claimed_elsewhere = {m for o in others for m in o.claims}
+        claiming = {m for o in others for m in o.claims} | set(self.claims)
+        settle = max(self.config.promote_after_s, 3 * self.config.demand_tau_s)
+        for model in claiming:  # demand must outlast the new server's effect on the average
+            self._settled[model] = now + settle
         for model in sorted(self.standby_for):
             if model in serving or model in self.claims:
                 self._since.pop(model, None)
                 continue
-            if demand.get(model, 0.0) <= 0 or model in claimed_elsewhere:
-                self._since.pop(model, None)  # no demand, or someone is promoting: wait anew
+            if demand.get(model, 0.0) < self.config.demand_threshold or now < self._settled.get(model, 0.0):
+                self._since.pop(model, None)  # no demand, or a promotion is settling: wait anew
                 continue
             since = self._since.setdefault(model, now)
             if now - since < self.config.promote_after_s:
@@ -88,7 +93,7 @@ class Elastic:
                 del self.promoted[model]
                 self._quiet.pop(model, None)
                 continue
-            if demand.get(model, 0.0) > 0:
+            if demand.get(model, 0.0) >= self.config.demand_threshold:
                 self._quiet.pop(model, None)
                 continue
             quiet = self._quiet.setdefault(model, now)

@@ -28,6 +28,7 @@ from actors._errors import (
     Overloaded,
     PeerUnavailable,
 )
+from actors.routing._demand import DemandMeter
 from actors.routing._flight import Client, Counters, Flight, WorkerSlots
 from actors.routing._peers import PeerTable
 from actors.routing._placement import choose
@@ -80,7 +81,7 @@ class Router(Actor):
         self._workers: dict[bytes, WorkerSlots] = {}
         self._queues: dict[str, deque[str]] = {}
         self._held: deque[str] = deque()  # requests waiting for any of their nodes to have room
-        self._rejections: deque[tuple[float, str]] = deque(maxlen=100_000)  # (when, model) of our 429s
+        self.meter = DemandMeter(self.config.demand_tau_s, self.config.demand_window_s)
         # Set from the node's own thread (plain assignments): a draining node takes no new request
         # for itself; retiring workers (a model swap) get none either.
         self.draining = False
@@ -115,6 +116,7 @@ class Router(Actor):
             )
 
     def on_tick(self, now: float) -> None:
+        self.meter.sample(now, self._waiting())
         self._place_held()
         self._sweep_orphans()
         for rid, flight in list(self._flights.items()):
@@ -239,7 +241,6 @@ class Router(Actor):
             # order of preference), rather than queue behind one while another goes idle.
             self._hold(rid)
         elif choice is None and self.clock() < flight.grace_until:
-            self._wait(flight)
             self._held.append(rid)  # the mesh view may be a heartbeat behind: wait for the next
         elif choice is None:
             reason = f"{why}; no other node can serve it" if why else "no node can serve it now"
@@ -259,7 +260,6 @@ class Router(Actor):
             )
         else:
             flight.tried.add(self.node_id)
-            self._wait(flight)
             self._queues[request.model].append(rid)
             self._dispatch(request.model)
 
@@ -284,34 +284,20 @@ class Router(Actor):
                 ),
             )
         else:
-            self._wait(self._flights[rid])
             self._held.append(rid)
 
-    def _wait(self, flight: Flight) -> None:
-        if not flight.waiting_since:
-            flight.waiting_since = self.clock()
-
     def demand(self) -> dict[str, Demand]:
-        """Unmet demand here, per model: requests waiting longer than `demand_wait_s` (queued for
-        our workers, or held for a busy mesh), and 429s we decided per second of the window."""
-        now = self.clock()
-        waiting: Counter[str] = Counter()
+        """Unmet demand here, per model (`DemandMeter`)."""
+        return self.meter.report(self.clock())
+
+    def _waiting(self) -> dict[str, int]:
+        """Requests waiting here now, per model: queued for our workers, or held."""
+        counts: Counter[str] = Counter()
         for rid in itertools.chain(self._held, *self._queues.values()):
             flight = self._flights.get(rid)
-            if (
-                flight is not None
-                and flight.waiting_since
-                and now - flight.waiting_since > self.config.demand_wait_s
-            ):
-                waiting[flight.request.model] += 1
-        window = self.config.demand_window_s
-        while self._rejections and self._rejections[0][0] < now - window:
-            self._rejections.popleft()
-        rejected = Counter(model for _, model in self._rejections)
-        return {
-            m: Demand(waiting=waiting[m], rejected_per_s=round(rejected[m] / window, 3))
-            for m in sorted(set(waiting) | set(rejected))
-        }
+            if flight is not None:
+                counts[flight.request.model] += 1
+        return counts
 
     def _place_held(self) -> None:
         """Place waiting requests, oldest first, on the first of their nodes with room."""
@@ -607,7 +593,7 @@ class Router(Actor):
             elif isinstance(message, ErrorReply) and message.code == Overloaded.code:
                 self.counters.rejected_overload += 1
                 if flight.remote is None:  # decided here (a peer counts the 429s it decides)
-                    self._rejections.append((self.clock(), flight.request.model))
+                    self.meter.refused(self.clock(), flight.request.model)
             else:
                 self.counters.failed += 1
             self._to_client(rid, message)

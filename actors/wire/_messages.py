@@ -219,12 +219,12 @@ class Load:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Demand:
-    """Unmet demand for a model at one node, as its router measures it now: requests waiting
-    there longer than `demand_wait_s` (queued, or held for a busy mesh), and requests refused
-    with a 429 per second over the last `demand_window_s`. Each node reports only what waits or
-    is refused at it, so the mesh's demand is the sum over nodes, with nothing counted twice."""
+    """Unmet demand for a model at one node, as its router measures it: requests waiting there on
+    average (queued, or held while the mesh is busy; time constant `demand_tau_s`), and requests
+    refused with a 429 per second over the last `demand_window_s`. Each node reports only what
+    waits or is refused at it, so the mesh's demand is the sum over nodes, nothing counted twice."""
 
-    waiting: int = 0
+    waiting: float = 0.0
     rejected_per_s: float = 0.0
 
     @property
