@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from actors.gguf import shape_for, synthesize
+from tests.support.load import Load
 from tests.support.nodes import BIN, NodeProcess, eventually, launch, start_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -27,48 +27,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthesize(
         "llama", tmp_path_factory.mktemp("m") / f"{MODEL}.gguf", shape_for("llama", "small"), seed=3
     )
-
-
-class Load:
-    """`clients` threads each streaming one long request after another through `node` until stopped."""
-
-    def __init__(self, node: NodeProcess, clients: int, max_tokens: int = 300) -> None:
-        self.node, self.max_tokens = node, max_tokens
-        self.stop = threading.Event()
-        self.served_by: list[str] = []
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-    def _client(self, i: int) -> None:
-        n = 0
-        while not self.stop.is_set():
-            n += 1  # a new conversation each time (a session's turns stay on its node)
-            body = {
-                "model": MODEL,
-                "prompt": "x",
-                "max_tokens": self.max_tokens,
-                "temperature": 0,
-                "user": f"{i}-{n}",
-            }
-            try:
-                r = httpx.post(f"{self.node.url}/v1/completions", json=body, timeout=120)
-            except httpx.HTTPError as err:
-                self.failures.append(repr(err))
-                continue
-            if r.status_code != 200 or r.json()["choices"][0]["finish_reason"] != "length":
-                self.failures.append(f"{r.status_code} {r.text[:200]}")
-            else:
-                self.served_by.append(r.headers["X-Mesh-Node"])
 
 
 def ctl(node: NodeProcess, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -108,7 +66,7 @@ def test_a_standby_promotes_under_persisting_demand_and_steps_back_after_the_coo
     standby_id = standby.status()["node_id"]
     assert roles(standby) == ("standby", [])
     eventually(lambda: any(p["node_id"] == standby_id for p in serving.status()["peers"]))
-    with Load(serving, clients=3) as load:  # one slot for three clients: requests wait
+    with Load(serving, MODEL, clients=3) as load:  # one slot for three clients: requests wait
         took = eventually(
             lambda: roles(standby) == ("serving", [MODEL]), timeout_s=60, show=lambda: roles(standby)
         )
@@ -136,7 +94,7 @@ def test_of_two_standbys_one_promotes_for_one_unit_of_demand(
         node.wait_ready()
     ids = {n.status()["node_id"] for n in standbys}
     eventually(lambda: ids <= {p["node_id"] for p in serving.status()["peers"] if p["role"] == "standby"})
-    with Load(serving, clients=2):  # one more slot than the serving node has: one unit of demand
+    with Load(serving, MODEL, clients=2):  # one more slot than the serving node has: one unit of demand
         eventually(lambda: any(roles(n)[0] == "serving" for n in standbys), timeout_s=60)
         import time
 
@@ -185,7 +143,7 @@ def test_a_model_swap_under_load_fails_no_request_and_the_new_file_serves(
     newer = synthesize("llama", tmp_path / "v2" / f"{MODEL}.gguf", shape_for("llama", "small"), seed=9)
     ask = {"model": MODEL, "prompt": "the model node", "max_tokens": 12, "temperature": 0}
     before = httpx.post(f"{node.url}/v1/completions", json=ask, timeout=30).json()["choices"][0]["text"]
-    with Load(node, clients=2, max_tokens=100) as load:
+    with Load(node, MODEL, clients=2, max_tokens=100) as load:
         eventually(lambda: len(load.served_by) >= 2, timeout_s=30)
         swap = ctl(node, "model", "swap", str(newer), "--wait")
         assert swap.returncode == 0, swap.stdout + swap.stderr
