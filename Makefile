@@ -57,3 +57,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/moe.py
 	$(BIN)/python bench/split.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/elastic.py

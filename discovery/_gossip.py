@@ -49,6 +49,7 @@ class _Peer:
     demand: dict[str, Demand] = field(default_factory=dict)  # unmet demand at it, per model
     standby_for: tuple[str, ...] = ()
     claims: tuple[str, ...] = ()
+    claimed_at: dict[str, float] = field(default_factory=dict)  # our clock: since when each claim stands
 
     @property
     def rtt_ms(self) -> float | None:
@@ -58,6 +59,9 @@ class _Peer:
     their_sent_at: float = 0.0  # their clock, last heartbeat we heard
     heard_at: float = 0.0  # our clock, when we heard it
     rearmed_at: float = 0.0  # our clock, when we last reconnected to it while it was dead
+
+
+MAX_PEER_DEMAND = 1000.0  # units of unmet demand one peer's report counts for at most
 
 
 def gossip_endpoint(host: str, zmq_port: int) -> str:
@@ -243,6 +247,7 @@ class Gossip(Actor):
             tuple(beat.standby_for),
             tuple(beat.claims),
         )
+        peer.claimed_at = {m: peer.claimed_at.get(m, now) for m in peer.claims}
         known = self.membership.state_of
         peer.rtts = {n: ms for n, ms in beat.rtts.items() if ms >= 0 and (n == self.me.node_id or known(n))}
         peer.their_sent_at, peer.heard_at = beat.sent_at, now
@@ -349,8 +354,9 @@ class Gossip(Actor):
         alive = {n for n, m in self.membership.members().items() if m.state == "alive"}
         for node_id, peer in self._peers.items():
             if node_id in alive and now - peer.heard_at <= self.config.demand_ttl_s:
-                for model, demand in peer.demand.items():
-                    total[model] = total.get(model, 0.0) + demand.units
+                for model, demand in peer.demand.items():  # bounded: a peer cannot be the whole mesh
+                    units = min(max(0.0, demand.units), MAX_PEER_DEMAND)
+                    total[model] = total.get(model, 0.0) + units
         return {m: round(units, 3) for m, units in total.items() if units > 0}
 
     def demand_report(self) -> dict[str, Any]:
@@ -363,8 +369,14 @@ class Gossip(Actor):
 
     def _elastic(self, now: float) -> None:
         alive = {n for n, m in self.membership.members().items() if m.state == "alive"}
+        too_old = now - self.config.claim_timeout_s  # a claim that never turns into serving lapses
         others = [
-            Standby(node_id=n, role=p.role, standby_for=p.standby_for, claims=p.claims)
+            Standby(
+                node_id=n,
+                role=p.role,
+                standby_for=p.standby_for,
+                claims=tuple(m for m in p.claims if p.claimed_at.get(m, now) > too_old),
+            )
             for n, p in self._peers.items()
             if n in alive
         ]

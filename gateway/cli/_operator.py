@@ -166,6 +166,7 @@ class Operator:
             worker_id = self._load(self.standby[model])
         except Exception:
             self.gossip.elastic.claims.pop(model, None)
+            self.gossip.elastic.standby_for.discard(model)  # no retrying a model that cannot load
             self.gossip.role_override = "standby" if not self.node.workers else "serving"
             raise
         if not automatic:  # an operator's promotion stays until an operator drains it

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--standby",
         action="store_true",
-        help="hold --model without loading it: serve the API as a client, and load the model when "
-        "the mesh's unmet demand for it persists (and step back when it is gone)",
+        help="hold --model (or the GGUFs of --models-dir) without loading it: serve the API as a "
+        "client, load the model when the mesh's unmet demand for it persists, step back when it is gone",
     )
     serve.add_argument(
         "--promote-after", type=float, metavar="S", default=NodeConfig().promote_after_s,
@@ -183,12 +183,8 @@ def serve(args: argparse.Namespace) -> int:
                 raise ValueError(f"--max-memory must be a positive number of GB, not {args.max_memory}")
             if args.models_dir is not None and not args.models_dir.is_dir():
                 raise ValueError(f"--models-dir {args.models_dir} is not a directory")
-            if (
-                args.models_dir
-                and not args.model
-                and (args.draft or args.split or args.alias or args.standby)
-            ):
-                raise ValueError("--draft, --split, --alias and --standby need --model")
+            if args.models_dir and not args.model and (args.draft or args.split or args.alias):
+                raise ValueError("--draft, --split and --alias need --model")
             if args.standby and args.split:
                 raise ValueError("--standby and --split do not go together")
             if not args.promote_after >= 0 or not args.step_back_after >= 0:
@@ -244,8 +240,10 @@ def _serve(
     args: argparse.Namespace, models: list[ModelSpec], holdings: list[Layout], node_id: str, state_dir: Path
 ) -> int:
     max_memory = args.max_memory if getattr(args, "max_memory", None) else default_max_memory_gb()
-    standby = models if getattr(args, "standby", False) else []
-    models = [] if standby else models
+    standby: list[ModelSpec] = []
+    if getattr(args, "standby", False):  # --model, else every whole GGUF of --models-dir
+        standby = models or [ModelSpec(source=h.path, model_id=h.model_id, layout=h) for h in holdings]
+        models = []
     defaults = NodeConfig()
     step_back = getattr(args, "step_back_after", defaults.step_back_after_s)
     config = NodeConfig(

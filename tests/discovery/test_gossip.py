@@ -217,3 +217,38 @@ def test_a_forming_split_is_advertised_and_a_failed_one_is_not(
     finally:
         sub.close()
         inbox.close()
+
+
+def test_a_peer_s_demand_counts_bounded_and_its_stale_claim_lapses(
+    rig: tuple[Gossip, zmq.Socket], zmq_ctx: zmq.Context
+) -> None:
+    """A peer's report is its own unmet demand only, bounded (negative counts as nothing, a huge
+    figure as at most MAX_PEER_DEMAND); its claim of a promotion blocks ours only until
+    `claim_timeout_s`, so a peer that claims and never serves cannot hold a model back forever."""
+    import dataclasses
+
+    from actors.wire._messages import Demand
+    from discovery._gossip import MAX_PEER_DEMAND
+
+    gossip, pub = rig
+    gossip.config = dataclasses.replace(gossip.config, claim_timeout_s=0.5)
+    hostile = dataclasses.replace(
+        beat("p1", "m1"),
+        demand={"a": Demand(waiting=-50.0), "b": Demand(waiting=1e12), "c": Demand(waiting=2.0)},
+        standby_for=["b"],
+        claims=["b"],
+    )
+    frame = encode(hostile)
+    publish_until(pub, [frame], lambda: "p1" in peers(zmq_ctx))
+    publish_until(pub, [frame], lambda: gossip.mesh_demand(gossip.clock()).get("c") == 2.0, timeout_s=3)
+    demand = gossip.mesh_demand(gossip.clock())
+    assert "a" not in demand and demand["b"] == MAX_PEER_DEMAND
+    peer = gossip._peers["p1"]
+    assert peer.claims == ("b",) and peer.claimed_at["b"] <= gossip.clock()
+    # Standing longer than the timeout, the claim no longer counts in what our policy is shown.
+    until = time.monotonic() + 0.6
+    publish_until(pub, [frame], lambda: time.monotonic() > until)  # still heard: alive throughout
+    seen: list[tuple[str, ...]] = []
+    gossip.elastic.step = lambda now, d, s, others: seen.extend(o.claims for o in others) or []  # type: ignore[method-assign]
+    publish_until(pub, [frame], lambda: bool(seen))
+    assert seen[-1] == ()
