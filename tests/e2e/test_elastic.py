@@ -154,3 +154,23 @@ def test_a_model_swap_under_load_fails_no_request_and_the_new_file_serves(
     assert after != before  # other weights: the new file answers
     status = node.status()
     assert [w["model"] for w in status["workers"]] == [MODEL] and status["operation"]["last"]["ok"]
+
+
+def test_an_operator_promotes_a_standby_and_drains_it_out_of_the_mesh(
+    model: Path, tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    standby = launch(tmp_path, model, *mesh_args("elastic-e"), "--standby")
+    nodes.append(standby)
+    standby.wait_ready()
+    refused = ctl(standby, "promote", "other-model")
+    assert refused.returncode == 1 and "holds no standby model 'other-model'" in refused.stderr
+    promoted = ctl(standby, "promote", MODEL, "--wait")
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert roles(standby) == ("serving", [MODEL])
+    r = httpx.post(
+        f"{standby.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4}, timeout=30
+    )
+    assert r.status_code == 200
+    left = ctl(standby, "drain", "--leave", "--wait")
+    assert left.returncode == 0, left.stdout + left.stderr
+    assert standby.proc.wait(timeout=30) == 0  # drained, then it left on its own
