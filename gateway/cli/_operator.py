@@ -195,7 +195,7 @@ class Operator:
         return "drained" + (" and leaving" if leave else "")
 
     def _swap(self, path: str) -> str:
-        old = [w for w in self.node.workers if not w.worker_id.startswith("split")]
+        old = list(self.node.workers)  # the whole models served here (a split head is not swapped)
         base = _spec_of(old[0].spec) if old else None
         spec = ModelSpec(
             source=path,
