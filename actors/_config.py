@@ -41,6 +41,7 @@ class NodeConfig:
     # Gossip and membership (discovery/): a dead node is declared dead in about 4 s on a LAN.
     heartbeat_interval_s: float = 0.25  # how often a node publishes its heartbeat
     # Elastic serving (DESIGN §2.10): unmet demand, standby promotion and stepping back.
+    busy_backoff_s: float = 0.1  # a request a busy peer refused waits this long before it is placed again
     demand_tau_s: float = 1.5  # time constant of the average of requests waiting (unmet demand)
     demand_threshold: float = 0.5  # mesh demand (requests waiting on average, 429s/s) that counts
     demand_window_s: float = 10.0  # 429s are counted per second over this window

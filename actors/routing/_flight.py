@@ -63,6 +63,7 @@ class Flight:
     prompt_tokens: int = 0  # as the first `Started` said
     sent_ids: list[int] = field(default_factory=list)  # token ids of the text the client has
     sent_tokens: int = 0
+    not_before: float = 0.0  # a peer said it was busy: not placed again before this
     base_tokens: int = 0  # tokens sent before the current placement (after a resume)
     grace_until: float = 0.0  # after a node failed it: wait this long for another to appear
 

@@ -308,6 +308,8 @@ class Router(Actor):
             if flight is None:
                 self._held.remove(rid)
                 continue
+            if self.clock() < flight.not_before:
+                continue
             nodes = self._candidates(flight)
             if not nodes and self.clock() < flight.grace_until:
                 continue
@@ -499,10 +501,24 @@ class Router(Actor):
         flight.remote_heard = self.clock()
         if isinstance(message, Accepted | Pending):
             return  # the client heard ours already
+        if isinstance(message, ErrorReply) and message.code == Overloaded.code and not flight.started:
+            self._guarded(rid, lambda: self._peer_busy(rid, node))
+            return
         if isinstance(message, ErrorReply) and message.code in _RETRYABLE:
             self._guarded(rid, lambda: self._remote_failed(rid, message.message))
             return
         self._guarded(rid, lambda: self._relay(rid, message))
+
+    def _peer_busy(self, rid: str, node: str) -> None:
+        """A peer had no room after all (we placed by its load of a heartbeat ago): it is busy,
+        not broken. Wait here for room on any node of the request (a 429 only if our own wait
+        queue is full), not on that peer again for `busy_backoff_s`."""
+        flight = self._flights[rid]
+        flight.remote = None
+        flight.tried.discard(node)
+        flight.not_before = self.clock() + self.config.busy_backoff_s
+        self.peers.ended(node, self.clock())
+        self._hold(rid)
 
     def _remote_failed(self, rid: str, why: str) -> None:
         """A peer failed a forwarded request: place it again — from the start if the client saw

@@ -88,12 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="how stages load their layers: from RPC cache files they build from their own copy "
         "(default), or by receiving every byte (llama.cpp's stock path)",
     )
-    serve.add_argument(
-        "--queue-depth",
-        type=int,
-        default=NodeConfig().queue_depth_per_model,
-        help="waiting requests per model before 429",
-    )
     client = sub.add_parser("client", help="run a node without a model: the API, served by the mesh")
     for cmd in (serve, client):
         _node_options(cmd)
@@ -102,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _node_options(cmd: argparse.ArgumentParser) -> None:
     """Options of every node, serving or not."""
+    cmd.add_argument(
+        "--queue-depth",
+        type=int,
+        default=NodeConfig().queue_depth_per_model,
+        help="requests per model waiting here (for this node's engines, or for a busy mesh) before 429",
+    )
     cmd.add_argument("--mesh", default="default", help="mesh name; nodes join only meshes of their name")
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
     cmd.add_argument("--http-port", type=int, default=9337)

@@ -186,3 +186,36 @@ def test_a_structured_stream_cut_by_a_node_s_death_resumes_inside_its_grammar(
     text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
     assert text == whole and len(json.loads(text)["values"]) == 150
     assert c.status()["requests"]["resumed"] == 1, "the stream really was cut and resumed"
+
+
+def test_a_busy_peer_s_refusal_makes_the_request_wait_or_429_never_503(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A client node places by its peers' load as of their last heartbeat; a peer that turns out
+    full answers 429. That is a busy node, not a broken one: the request waits for room (or, when
+    this node's own wait queue is full too, gets a 429 with Retry-After) — never a 503."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    (serving,) = start_nodes(
+        tmp_path, models["shared"], [["--mesh", "busy", "--slots", "1", "--queue-depth", "1"]]
+    )
+    try:
+        (client,) = start_nodes(tmp_path, None, [["--mesh", "busy", "--queue-depth", "2"]])
+    except BaseException:
+        serving.stop()
+        raise
+    try:
+        eventually(lambda: mesh_models(client) == {"shared"})
+        body = {"model": "shared", "prompt": "x", "max_tokens": 300, "temperature": 0}
+
+        def ask(i: int) -> int:
+            return httpx.post(
+                f"{client.url}/v1/completions", json={**body, "user": f"u{i}"}, timeout=120
+            ).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(ask, range(16)))
+        assert set(codes) <= {200, 429} and codes.count(200) >= 4, codes
+    finally:
+        client.stop()
+        serving.stop()
