@@ -117,21 +117,34 @@ def query(node: str, what: str, timeout_s: float, args: dict[str, Any] | None = 
         ctx.term()
 
 
-def run_operation(node: str, what: str, args: dict[str, Any], wait: bool, timeout_s: float) -> int:
-    """Ask a node to change (drain, promote, swap); with `wait`, until it reports the outcome."""
+class Refused(Exception):
+    """A node that cannot be reached, or that refused an operation (the message says which)."""
+
+
+def start_operation(node: str, what: str, args: dict[str, Any], timeout_s: float) -> Any:
+    """Ask a node to change (drain, promote, swap); the outcome of its previous change, to tell
+    this one's apart when it ends. Raises `Refused`."""
     try:
         before = query(node, "status", timeout_s).get("operation") or {}
         answer = query(node, what, timeout_s, args)
     except PeerUnavailable as err:
-        print(f"mesh-ctl: {err} (is a node running there?)", file=sys.stderr)
-        return 1
+        raise Refused(f"{err} (is a node running there?)") from err
     if "error" in answer:
-        print(f"mesh-ctl: {answer['error']}", file=sys.stderr)
+        raise Refused(answer["error"])
+    return before.get("last")
+
+
+def run_operation(node: str, what: str, args: dict[str, Any], wait: bool, timeout_s: float) -> int:
+    """`drain`, `promote`, `model swap`: with `wait`, until the node reports the outcome."""
+    try:
+        previous = start_operation(node, what, args, timeout_s)
+    except Refused as err:
+        print(f"mesh-ctl: {err}", file=sys.stderr)
         return 1
     print(f"{what}: accepted by {node}")
     if not wait:
         return 0
-    outcome = wait_operation(node, what, before.get("last"), timeout_s=24 * 3600)
+    outcome = wait_operation(node, what, previous, timeout_s=24 * 3600)
     print(f"{what}: {outcome.get('detail')} ({outcome.get('seconds')} s)")
     return 0 if outcome.get("ok") else 1
 
@@ -176,15 +189,11 @@ def run_rollout(args: argparse.Namespace) -> int:
     for i, node in enumerate(targets, 1):
         print(f"[{i}/{len(targets)}] {node}: swapping to {args.path}")
         try:
-            before = query(node, "status", args.timeout).get("operation") or {}
-            answer = query(node, "swap", args.timeout, {"path": args.path})
-        except PeerUnavailable as err:
+            previous = start_operation(node, "swap", {"path": args.path}, args.timeout)
+        except Refused as err:
             print(f"mesh-ctl: {node}: {err}; rollout stopped", file=sys.stderr)
             return 1
-        if "error" in answer:
-            print(f"mesh-ctl: {node}: {answer['error']}; rollout stopped", file=sys.stderr)
-            return 1
-        outcome = wait_operation(node, "swap", before.get("last"), args.step_timeout)
+        outcome = wait_operation(node, "swap", previous, args.step_timeout)
         print(f"[{i}/{len(targets)}] {node}: {outcome.get('detail')}")
         if not outcome.get("ok"):
             print("mesh-ctl: rollout stopped", file=sys.stderr)
