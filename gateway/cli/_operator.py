@@ -184,6 +184,8 @@ class Operator:
         router.draining = True
         self.gossip.role_override = "draining"
         self._until(lambda s: s["in_flight"] == 0 and not any(s["queues"].values()), timeout_s=24 * 3600)
+        if leave:  # the gateway goes too: wait also for what it relays from other nodes
+            self._until(lambda s: s["requests"]["in_flight"] == 0, timeout_s=24 * 3600)
         for worker in list(self.node.workers):
             self.standby.setdefault(worker.spec.model_id, _spec_of(worker.spec))
             self.node.retire_worker(worker.worker_id)
