@@ -221,6 +221,30 @@ def print_status(data: dict[str, Any]) -> None:
             f"drafting {spec['drafted_tokens']} tokens drafted, {spec['accepted_tokens']} accepted"
             f" ({spec['acceptance_rate']:.0%})"
         )
+    for model, d in (data.get("demand") or {}).items():
+        here = d["here"]
+        print(
+            f"demand   {model}: {d['mesh']} in the mesh (here {here['waiting']} waiting, "
+            f"{here['rejected_per_s']} refused/s)"
+        )
+    elastic = data.get("elastic") or {}
+    if elastic.get("standby_for") or elastic.get("claims") or elastic.get("promoted"):
+        print(
+            f"elastic  standby for {', '.join(elastic.get('standby_for') or []) or '-'}"
+            f"  claims {', '.join(elastic.get('claims') or []) or '-'}"
+            f"  promoted {', '.join(elastic.get('promoted') or []) or '-'}"
+        )
+    operation = data.get("operation") or {}
+    if operation.get("doing") or operation.get("last"):
+        last = operation.get("last") or {}
+        print(
+            f"operator {operation.get('doing') or 'idle'}"
+            + (
+                f"; last: {last.get('what')} {'ok' if last.get('ok') else 'FAILED'}: {last.get('detail')}"
+                if last
+                else ""
+            )
+        )
     if data.get("splits"):
         print_splits(data["splits"])
     print_peers(data["peers"])
