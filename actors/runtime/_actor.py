@@ -200,8 +200,9 @@ class Actor:
 
     def _loop(self, pipe: zmq.Socket) -> None:
         next_tick = self.clock()
+        ticks = type(self).on_tick is not Actor.on_tick  # an actor without timers sleeps until a message
         while True:
-            timeout_ms = max(0, int((next_tick - self.clock()) * 1000))
+            timeout_ms = max(0, int((next_tick - self.clock()) * 1000)) if ticks else None
             events = dict(self._poller.poll(timeout_ms))
             if pipe in events:
                 return

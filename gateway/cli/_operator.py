@@ -54,6 +54,10 @@ class Operator:
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            self._queue.put_nowait(("", {}))  # wakes the thread (it sleeps until there is work)
+        except queue.Full:
+            pass
         self._thread.join(timeout=5)
 
     # -- what other threads call ---------------------------------------------------------------
@@ -94,10 +98,9 @@ class Operator:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                what, args = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
+            what, args = self._queue.get()
+            if self._stop.is_set():
+                return
             self.doing = what
             started = time.monotonic()
             try:
