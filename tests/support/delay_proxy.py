@@ -35,9 +35,12 @@ class DelayProxy:
             self._servers.append(server)
         self._ready.set()
         self._loop.run_forever()
-        for task in asyncio.all_tasks(self._loop):
+        tasks = asyncio.all_tasks(self._loop)
+        for task in tasks:
             task.cancel()
-        self._loop.run_until_complete(asyncio.sleep(0))
+        # Until every cancelled task has ended (one pass leaves gathers pending, and the loop
+        # then complains at exit that a pending task was destroyed).
+        self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         self._loop.close()
 
     async def _serve(
