@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from actors.gguf import shape_for, synthesize
 from bench._common import p50, print_targets, write_result
 from tests.support.load import Load
-from tests.support.nodes import BIN, NodeProcess, launch, start_nodes
+from tests.support.nodes import BIN, NodeProcess, launch, start_nodes, wait_http
 
 MODEL = "elastic-bench"
 
@@ -93,11 +93,43 @@ def promotion(work: Path, model: Path) -> dict[str, Any]:
         }
 
 
+CGROUP = Path("/sys/fs/cgroup/cpu")  # cgroup v1's CPU controller (root): a node's share of a core
+
+
+def cpu_limited(name: str, cores: float) -> list[str]:
+    """A command prefix that runs a node (and the children it starts) on `cores` of CPU, as a
+    machine of its own would; [] (no limit) where cgroups cannot be written."""
+    group = CGROUP / f"mesh-bench-{name}"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_quota_us").write_text(str(int(cores * 100_000)))
+    except OSError as err:
+        print(f"(c) runs without CPU limits: {err}")
+        return []
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "node"]
+
+
 def before_after(work: Path, model: Path) -> dict[str, Any]:
-    """(c): the same over-demand with the standby told to wait 10 s: 429s per second and the p50
-    time to an answer in the steady state before its promotion, and after it."""
+    """(c): the same over-demand with the standby told to wait 10 s, the serving node and the
+    standby each limited to half a core (on one machine, a promoted node must bring CPU of its
+    own for the promotion to add capacity): 429s per second and the p50 time to an answer in the
+    steady state before its promotion, and after it."""
+    limits = (cpu_limited("serving", 0.5), cpu_limited("standby", 0.5))
+    try:
+        return _before_after(work, model, limits)
+    finally:
+        for name in ("serving", "standby"):  # empty once the nodes have stopped
+            try:
+                (CGROUP / f"mesh-bench-{name}").rmdir()
+            except OSError:
+                pass
+
+
+def _before_after(work: Path, model: Path, limits: tuple[list[str], list[str]]) -> dict[str, Any]:
     with Mesh(work / "c") as mesh:
-        _, standby, client = _trio(mesh, work / "c", model, "bench-c", "--promote-after", "10")
+        _, standby, client = _trio(
+            mesh, work / "c", model, "bench-c", "--promote-after", "10", prefixes=limits
+        )
         standby_id = standby.status()["node_id"]
         load = Load(client, MODEL, clients=4)
         load.accept_429 = True
@@ -121,11 +153,17 @@ def before_after(work: Path, model: Path) -> dict[str, Any]:
         return out
 
 
-def _trio(mesh: Mesh, where: Path, model: Path, name: str, *standby_args: str) -> tuple[NodeProcess, ...]:
+def _trio(
+    mesh: Mesh, where: Path, model: Path, name: str, *standby_args: str,
+    prefixes: tuple[list[str], list[str]] = ([], []),
+) -> tuple[NodeProcess, ...]:  # fmt: skip
     """A serving node, a standby and a client node of one mesh, each seeing the others."""
-    (serving,) = start_nodes(where, model, [args_for(name, None)])
-    mesh.add(serving)
-    standby = mesh.add(launch(where, model, *args_for(name, serving, "--standby", *standby_args)))
+    serving = mesh.add(launch(where, model, *args_for(name, None), prefix=prefixes[0]))
+    serving.wait_ready()
+    wait_http(serving)
+    standby = mesh.add(
+        launch(where, model, *args_for(name, serving, "--standby", *standby_args), prefix=prefixes[1])
+    )
     (client,) = start_nodes(where, None, [args_for(name, serving, client=True)])
     mesh.add(client)
     standby.wait_ready()
@@ -247,6 +285,7 @@ def main() -> int:
     }
     setup = {
         "model": "llama small (~9M parameters, random weights), 1 slot per node, queue depth 2",
+        "cpu": "(c): the serving node and the standby limited to 0.5 core each (cgroup v1 cpu quota)",
         "config": "defaults: promote after 1 s of demand >= 0.5, step back after 45 s without",
         **vars(args),
     }

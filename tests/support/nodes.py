@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,9 +171,11 @@ def launch(
     zmq_port: int | None = None,
     state_dir: bool = True,
     models_dir: Path | None = None,
+    prefix: Sequence[str] = (),
 ) -> NodeProcess:
     """A `mesh-llm serve` of `model`, or with no model a `mesh-llm client` (a standby holding the
-    GGUFs of `models_dir` for dense splits, with one), on free ports."""
+    GGUFs of `models_dir` for dense splits, with one), on free ports; `prefix` runs it through
+    another command (a CPU limit, say)."""
     zmq_port = zmq_port or free_port_pair()
     http_port = free_port_pair()
     log_path = tmp / f"node-{zmq_port}.log"
@@ -193,7 +195,7 @@ def launch(
         *(["--state-dir", str(tmp / f"state-{zmq_port}")] if state_dir else []), *extra,
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*prefix, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
     return NodeProcess(proc=proc, http_port=http_port, zmq_port=zmq_port, log_path=log_path)
 
 
