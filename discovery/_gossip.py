@@ -382,8 +382,9 @@ class Gossip(Actor):
         ]
         if self.role == "draining":
             return
-        for action, model in self.elastic.step(now, self.mesh_demand(now), set(self._models), others):
-            log.info("elastic: %s %s (mesh demand %s)", action, model, self.mesh_demand(now).get(model, 0))
+        demand = self.mesh_demand(now)
+        for action, model in self.elastic.step(now, demand, set(self._models), others):
+            log.info("elastic: %s %s (mesh demand %s)", action, model, demand.get(model, 0))
             if self.on_elastic is not None:
                 self.on_elastic(action, model)
 

@@ -85,7 +85,7 @@ class Router(Actor):
         # Set from the node's own thread (plain assignments): a draining node takes no new request
         # for itself; retiring workers (a model swap) get none either.
         self.draining = False
-        self.retiring: frozenset[str] = frozenset()
+        self.retiring: frozenset[bytes] = frozenset()  # worker identities (their ids, encoded)
         self._homes: OrderedDict[tuple[str, str], str] = OrderedDict()  # (session, model) -> node
         self._flights: dict[str, Flight] = {}
         self._front: zmq.Socket | None = None
@@ -422,7 +422,7 @@ class Router(Actor):
                 (
                     (w.room, i)
                     for i, w in self._workers.items()
-                    if w.state.model_id == model and i.decode(errors="replace") not in retiring
+                    if w.state.model_id == model and i not in retiring
                 ),
                 default=(0, b""),
             )
@@ -449,9 +449,7 @@ class Router(Actor):
             return False
         retiring = self.retiring
         return any(
-            w.state.model_id == model
-            and w.state.state != "failed"
-            and i.decode(errors="replace") not in retiring
+            w.state.model_id == model and w.state.state != "failed" and i not in retiring
             for i, w in self._workers.items()
         )
 
@@ -650,7 +648,7 @@ class Router(Actor):
         ids = {
             w.state.model_id
             for i, w in self._workers.items()
-            if not ready or (w.state.state == "ready" and i.decode(errors="replace") not in retiring)
+            if not ready or (w.state.state == "ready" and i not in retiring)
         }
         return ids | {alias for alias, model in self.aliases.items() if model in ids}
 

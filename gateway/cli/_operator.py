@@ -114,7 +114,8 @@ class Operator:
             self.doing = ""
 
     def _status(self) -> dict[str, Any]:
-        return ask(self.node.ctx, self.node.spec.control_endpoint, "status", timeout_s=5)
+        """The router's snapshot (workers, queues, requests in flight), asked in process."""
+        return ask(self.node.ctx, self.node.router_local_endpoint, "status", timeout_s=5)
 
     def _until(self, done: Callable[[dict[str, Any]], bool], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -149,14 +150,15 @@ class Operator:
     def _let_go(self, worker_ids: list[str]) -> None:
         """Take workers out: no new work for them, then retire each once it holds no request."""
         router = self.node.router
-        router.retiring = router.retiring | set(worker_ids)
+        identities = {w.encode() for w in worker_ids}
+        router.retiring = router.retiring | identities
         try:
             idle = lambda s: not any(w["busy"] for w in s["workers"] if w["worker_id"] in worker_ids)  # noqa: E731
             self._until(idle, timeout_s=24 * 3600)
             for worker_id in worker_ids:
                 self.node.retire_worker(worker_id)
         finally:
-            router.retiring = router.retiring - set(worker_ids)
+            router.retiring = router.retiring - identities
 
     # -- the changes ---------------------------------------------------------------------------
 

@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import falcon
 import falcon.asgi
 
-from actors import Accepted, Chunk, EngineFailed, Finished, Started
+from actors import Chunk, Finished, Started
 from gateway.http._backend import Backend, EventStream
 from gateway.http._errors import ApiError, to_api_error
 from gateway.http._requests import Parsed, check_fields, parse_chat, read_json
-from gateway.http._resources import ClosingStream, next_event, read_body
+from gateway.http._resources import ClosingStream, await_start, call_parser, next_event, read_body
 from gateway.http._tools import Call, CallParser
 
 
@@ -39,17 +39,11 @@ class Turn:
 async def _generate(backend: Backend, parsed: Parsed) -> tuple[EventStream, CallParser | None, Started]:
     events = backend.stream(parsed.generate)
     try:
-        accepted, started = await next_event(events), await next_event(events)
-        if not isinstance(accepted, Accepted) or not isinstance(started, Started):
-            raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
+        started = await await_start(events)
     except BaseException:
         await events.aclose()
         raise
-    generate = parsed.generate
-    parser = None
-    if generate.tools and generate.tool_choice != "none" and started.tool_syntax:
-        parser = CallParser(started.tool_syntax, single=not parsed.parallel_tool_calls)
-    return events, parser, started
+    return events, call_parser(parsed, started), started
 
 
 async def _pieces(events: EventStream, parser: CallParser | None, turn: Turn) -> AsyncGenerator[tuple, None]:
@@ -80,6 +74,13 @@ async def _pieces(events: EventStream, parser: CallParser | None, turn: Turn) ->
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: ".encode() + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _tools(tools: Any, convert: Callable[[Any, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """A dialect's tools as chat's (the chat parser then checks them as it checks its own)."""
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be an array.", param="tools")
+    return [convert(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
 
 
 def _text_of(content: Any, where: str, kinds: tuple[str, ...]) -> str:
@@ -135,11 +136,8 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
         "user": body.get("user"),
         "parallel_tool_calls": body.get("parallel_tool_calls"),
     }
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise ApiError(400, "'tools' must be an array.", param="tools")
-        chat["tools"] = [_response_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    if body.get("tools") is not None:
+        chat["tools"] = _tools(body["tools"], _response_tool)
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"type": "function", "function": {"name": choice.get("name")}}
@@ -406,11 +404,8 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
         "top_k": body.get("top_k"),
         "stop": body.get("stop_sequences"),
     }
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise ApiError(400, "'tools' must be an array.", param="tools")
-        chat["tools"] = [_anthropic_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    if body.get("tools") is not None:
+        chat["tools"] = _tools(body["tools"], _anthropic_tool)
     choice = body.get("tool_choice")
     if choice is not None:
         kind = choice.get("type") if isinstance(choice, dict) else None

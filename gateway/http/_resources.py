@@ -75,6 +75,14 @@ def _model(model_id: str) -> dict[str, object]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "mesh-llm"}
 
 
+async def await_start(events: EventStream) -> Started:
+    """The stream's `Accepted` then `Started` (stamped with the generating node's id)."""
+    accepted, started = await next_event(events), await next_event(events)
+    if not isinstance(accepted, Accepted) or not isinstance(started, Started):
+        raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
+    return started if started.node_id else replace(started, node_id=accepted.node_id)
+
+
 async def next_event(events: EventStream) -> Message:
     """The stream's next event; `EngineFailed` if it ended without finishing."""
     try:
@@ -149,11 +157,9 @@ class _Completions:
         try:
             parsers = []
             for events in streams:
-                accepted, started = await next_event(events), await next_event(events)
-                if not isinstance(accepted, Accepted) or not isinstance(started, Started):
-                    raise EngineFailed(f"the node answered out of order ({type(accepted).__name__} first)")
-                req.context.mesh_node = started.node_id or accepted.node_id  # who generates it
-                parsers.append(_call_parser(parsed, started))
+                started = await await_start(events)
+                req.context.mesh_node = started.node_id  # who generates it
+                parsers.append(call_parser(parsed, started))
             meta = {
                 "id": f"{self.prefix}-{parsed.generate.request_id}",
                 "created": int(time.time()),
@@ -439,7 +445,7 @@ def _completion_logprobs(logprobs: list[TokenLogprob] | None, offset: int = 0) -
     }
 
 
-def _call_parser(parsed: Parsed, started: Started) -> CallParser | None:
+def call_parser(parsed: Parsed, started: Started) -> CallParser | None:
     """A parser of tool calls when the request offered tools the model may call."""
     generate = parsed.generate
     if not generate.tools or generate.tool_choice == "none" or not started.tool_syntax:
