@@ -6,18 +6,20 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# llama.cpp is built from source with its RPC backend. On x86-64 it is built for AVX2 rather than
-# -march=native: llama.cpp's AMX kernels (picked by -march=native on Sapphire Rapids) segfault on
-# Q8_0 weights (ggml-org/llama.cpp#20824). The wheel is kept per version and flags, because pip's
-# own cache ignores CMAKE_ARGS and would hand back a wheel built with other flags.
+# llama.cpp is built from the llama-cpp-python sdist with its RPC backend and the project's patch
+# (patches/: a split's stages read their tensors from their own GGUF). On x86-64 it is built for
+# AVX2 rather than -march=native: llama.cpp's AMX kernels (picked by -march=native on Sapphire
+# Rapids) segfault on Q8_0 weights (ggml-org/llama.cpp#20824). The wheel is kept per version, flags
+# and patch, because pip's own cache ignores CMAKE_ARGS and would hand back another build.
 LLAMA_VERSION := 0.3.36
+LLAMA_PATCH := patches/llama.cpp-rpc-file-tensors.patch
 LLAMA_CMAKE_ARGS := -DGGML_RPC=on
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS += -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 endif
-WHEELS := $(HOME)/.cache/mesh-llm/wheels/$(shell echo '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
-# Re-install whenever the dependency lists or the build flags change.
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml Makefile | sha1sum | cut -c1-12)
+WHEELS := $(HOME)/.cache/mesh-llm/wheels/$(shell (echo '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)'; cat $(LLAMA_PATCH)) | sha1sum | cut -c1-12)
+# Re-install whenever the dependency lists, the build flags or the patch change.
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml Makefile $(LLAMA_PATCH) | sha1sum | cut -c1-12)
 ARGS ?=
 
 .PHONY: serve test bench install
@@ -29,7 +31,7 @@ $(STAMP):
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# About 4 minutes the first time on 2 cores; later installs reuse the wheel.
 	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-		$(BIN)/python -m pip wheel --quiet --no-deps --no-cache-dir llama-cpp-python==$(LLAMA_VERSION) -w $(WHEELS)
+		bash patches/build-wheel.sh $(LLAMA_VERSION) $(LLAMA_PATCH) $(WHEELS) $(BIN)/python
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 4  # 4: offers and splits in heartbeats, stage leases, the RPC tunnel
+PROTOCOL_VERSION = (
+    5  # 4: offers and splits in heartbeats, stage leases, the RPC tunnel; 5: file-backed stages
+)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # HTTP request bodies past this get 413 (--max-body-bytes)
 MAX_FRAME_BYTES = MAX_BODY_BYTES + 64 * 1024  # the default frame limit: such a body plus framing

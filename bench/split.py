@@ -1,9 +1,11 @@
 """Dense layer splits over llama.cpp RPC, measured with real nodes in network namespaces on a bridge
 whose every host sends at most 1 Gbit/s (tc tbf):
 
-  (a) join    time from the split being decided to the head serving, and the bytes that crossed,
-              llama.cpp's stock path (`--split-load transfer`) vs stage-built hash cache files, on a
-              wide model (per-layer matrices over 10 MiB, >= 1.5 GB) and a small-tensor model
+  (a) join    time from the split being decided to the head serving, the bytes that crossed and
+              the head's CPU time, for llama.cpp's stock path (`--split-load transfer`), stage-built
+              hash cache files (`hash-cache`) and the project's patch (`file`: stages read their
+              tensors from their own GGUF), on a wide model (per-layer matrices over 10 MiB,
+              >= 1.5 GB) and a small-tensor model; and `file` on a wide model twice as big
   (b) decode  tok/s of 2- and 3-stage splits vs the model whole on one node (one streaming client,
               interleaved rounds); RPC round trips and bytes per token through the tunnels; ms per
               token added per ms of RTT (a TCP delay proxy between head and stage on loopback)
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -70,6 +73,14 @@ def wide_model() -> Path:
         "llama", "tiny", n_vocab=8000, n_embd=4096, n_layer=4, n_head=32, n_head_kv=32, n_ff=11008
     )
     return model("split-wide", lambda p: synthesize("llama", p, shape, seed=11))
+
+
+def wider_model() -> Path:
+    """The wide model's layers, eight of them: about 3.4 GB (for how `file` joins scale)."""
+    shape = shape_for(
+        "llama", "tiny", n_vocab=8000, n_embd=4096, n_layer=8, n_head=32, n_head_kv=32, n_ff=11008
+    )
+    return model("split-wide-8l", lambda p: synthesize("llama", p, shape, seed=14))
 
 
 def narrow_model() -> Path:
@@ -156,12 +167,43 @@ class Host:
 
         return run_in(self.ns, run)
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) so far of the node's engine child, and of all its processes."""
+        assert self.proc is not None
+        tick = os.sysconf("SC_CLK_TCK")
+        engine = total = 0.0
+        for pid in _tree(self.proc.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            total += cpu
+            if b"actors.engine._child" in cmdline:
+                engine += cpu
+        return round(engine, 2), round(total, 2)
+
     def log_times(self, pattern: str) -> list[float]:
         out = []
         for line in self.log.read_text(errors="replace").splitlines():
             if re.search(pattern, line):
                 out.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp())
         return out
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+    return out
 
 
 def wait(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -228,7 +270,10 @@ def join(work: Path, path: Path, mode: str) -> dict[str, Any]:
         weights = sum(layout.layer_bytes[first : last + 1])
         decided = head.log_times(r"split of .* \(split epoch 1\)")[0]
         answered = head.log_times(r"split of .* serving")[0]
+        engine_cpu, tree_cpu = head.cpu_seconds()
         cache = re.search(r"ready in ([\d.]+) s; ([\d.]+) MB of RPC cache files", stage.log.read_text())
+        loaded = re.search(r"stage \S+: (\d+) tensors \(([\d.]+) MB\) read from its own file, (\d+) tensors "
+                           r"\(([\d.]+) MB\) sent", head.log.read_text())  # fmt: skip
         result = {
             "model": path.stem,
             "model_bytes": layout.size,
@@ -241,10 +286,15 @@ def join(work: Path, path: Path, mode: str) -> dict[str, Any]:
             "crossed_fraction": round(row["bytes_crossed"] / weights, 4),
             "stage_ready_s": float(cache.group(1)) if cache else None,
             "stage_cache_mb": float(cache.group(2)) if cache else None,
+            "stage_read_own_file_mb": float(loaded.group(2)) if loaded else None,
+            "sent_to_stage_mb": float(loaded.group(4)) if loaded else None,
+            "head_engine_cpu_s": engine_cpu,
+            "head_node_cpu_s": tree_cpu,
         }
         print(f"  join {path.stem:<16} {mode:<10} {result['join_s']:>6.2f} s  "
               f"{row['bytes_crossed'] / 1e6:8.1f} MB crossed of {weights / 1e6:7.1f} MB "
-              f"({result['crossed_fraction']:.1%})", flush=True)  # fmt: skip
+              f"({result['crossed_fraction']:.2%}); head engine CPU {engine_cpu:.2f} s, "
+              f"stage cache {result['stage_cache_mb']} MB", flush=True)  # fmt: skip
         head.stop()
         stage.stop()
         return result
@@ -654,8 +704,9 @@ def main() -> int:
             result["join"] = [
                 join(work, m(), mode)
                 for m in (wide_model, narrow_model)
-                for mode in ("transfer", "hash-cache")
+                for mode in ("transfer", "hash-cache", "file")
             ]
+            result["join_scaling"] = [join(work, m(), "file") for m in (wide_model, wider_model)]
         if "decode" in parts:
             print("(b) decode", flush=True)
             result["decode"] = decode_rounds(work, decode_model(), args.rounds, args.tokens)
@@ -669,11 +720,26 @@ def main() -> int:
     targets: dict[str, bool] = {}
     if "join" in result:
         wide = {r["mode"]: r for r in result["join"] if r["model"] == "split-wide"}
+        narrow = {r["mode"]: r for r in result["join"] if r["model"] != "split-wide"}
         speedup = wide["transfer"]["join_s"] / wide["hash-cache"]["join_s"]
         result["wide_join_speedup"] = round(speedup, 2)
         targets[f"wide model: hash-cache joins >= 3x faster than stock ({speedup:.1f}x)"] = speedup >= 3
         frac = wide["hash-cache"]["crossed_fraction"]
         targets[f"wide model: <= 5% of the stage's weights cross ({frac:.1%})"] = frac <= 0.05
+        file_speedup = wide["transfer"]["join_s"] / wide["file"]["join_s"]
+        result["wide_file_join_speedup"] = round(file_speedup, 2)
+        targets[f"wide model: file joins >= 10x faster than stock ({file_speedup:.1f}x)"] = file_speedup >= 10
+        for name, rows in (("wide", wide), ("small-tensor", narrow)):
+            frac = rows["file"]["crossed_fraction"]
+            targets[f"{name} model: file moves <= 1% of the stage's weights ({frac:.2%})"] = frac <= 0.01
+            targets[f"{name} model: file writes no copy of the slice on the stage"] = not rows["file"][
+                "stage_cache_mb"
+            ]
+        small, big = result["join_scaling"]
+        result["file_join_scaling"] = {
+            "weight_ratio": round(big["stage_weight_bytes"] / small["stage_weight_bytes"], 2),
+            "join_ratio": round(big["join_s"] / small["join_s"], 2),
+        }
     if "tunnel" in result:
         added = result["tunnel"]["added_ms_per_token"]
         targets[f"tunnel adds <= 0.3 ms per token ({added:+.3f} ms)"] = added <= 0.3

@@ -21,4 +21,5 @@ def load_engine(spec: EngineSpec) -> Engine:
         speculative=spec.speculative,
         devices=spec.devices,
         tensor_split=spec.tensor_split,
+        device_files=spec.device_files,
     )

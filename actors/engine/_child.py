@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="an encoded EngineSpec frame, base64")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s"
+        level=logging.INFO, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s"
     )
     die_with_parent(args.parent_pid)
     spec = decode(base64.b64decode(args.spec))

@@ -15,6 +15,7 @@ Runs inside the engine child process only; every call blocks.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ from actors.engine._llamacpp import (
     add_token,
     model_devices,
     open_context,
+    rpc_load_stats,
     split_devices,
     vocabulary_mismatch,
 )
@@ -38,6 +40,8 @@ from actors.engine._textstream import TextStream
 from actors.engine._tools import call_grammar, grammar_schema, knows_tools, template_messages, tool_syntax
 from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
 from actors.wire._messages import Chunk, ErrorReply, Finished, Generate, Started, TokenLogprob, TopLogprob
+
+log = logging.getLogger(__name__)
 
 DRAFTERS = ("draft", "lookup")
 GRAMMAR_SHORTLISTS = (256, 4096)  # likeliest tokens checked against a grammar before all of them
@@ -91,17 +95,20 @@ class LlamaEngine:
         governor: Governor | None = None,
         devices: list[str] | None = None,
         tensor_split: list[int] | None = None,
+        device_files: list[str] | None = None,
     ) -> None:
         """`draft`: a draft GGUF for the speculative-drafter actor; `speculative`: the drafter a
         request gets by default ("draft", "lookup" or "" for none); `governor`: decides whether
         drafting pays (by default, by measuring it); `devices` and `tensor_split`: a dense split's
-        members in layer order ("cpu" or an RPC endpoint) and the layers each holds."""
+        members in layer order ("cpu" or an RPC endpoint) and the layers each holds; `device_files`:
+        for each, the identity of the GGUF it loads its tensors from itself ("" to be sent them)."""
         import llama_cpp  # imported here: only engine children pay for loading llama.cpp
 
         self._lib = lib = llama_cpp
         # The Llama object owns the model, tokenizer and metadata; its own context stays tiny.
         if devices:
-            with model_devices(llama_cpp, split_devices(llama_cpp, devices)):
+            file_backed = any(device_files or [])
+            with model_devices(llama_cpp, split_devices(llama_cpp, devices, device_files)):
                 self.llm = llama_cpp.Llama(
                     model_path=path,
                     n_ctx=64,
@@ -109,8 +116,12 @@ class LlamaEngine:
                     n_threads=n_threads,
                     n_gpu_layers=-1,
                     tensor_split=[float(n) for n in tensor_split or []],
+                    # A mapped model is prefetched whole (MAP_POPULATE): the stages' layers too,
+                    # which file-backed stages read from their own disks. Read just our own.
+                    use_mmap=not file_backed,
                     verbose=False,
                 )
+            _log_split_load(llama_cpp, devices)
         else:
             self.llm = llama_cpp.Llama(
                 model_path=path, n_ctx=64, n_batch=64, n_threads=n_threads, n_gpu_layers=0, verbose=False
@@ -692,3 +703,14 @@ def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
             break
         n += 1
     return n
+
+
+def _log_split_load(llama_cpp: Any, devices: list[str]) -> None:
+    """Say how each RPC stage got its weights: read from its own file, or sent."""
+    for endpoint in devices:
+        if endpoint != "cpu":
+            n_file, bytes_file, n_sent, bytes_sent = rpc_load_stats(llama_cpp, endpoint)
+            log.info(
+                "stage %s: %d tensors (%.1f MB) read from its own file, %d tensors (%.1f MB) sent",
+                endpoint, n_file, bytes_file / 1e6, n_sent, bytes_sent / 1e6,
+            )  # fmt: skip

@@ -4,6 +4,7 @@ nothing of ours; llama.cpp itself is passed in (`lib`, `llama_cpp`)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -67,7 +68,50 @@ def ggml_libraries(llama_cpp: Any) -> tuple[Any, Any]:
         ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p),
     ]  # fmt: skip
     rpc.ggml_backend_rpc_start_server.restype = None
+    if hasattr(
+        rpc, "ggml_backend_rpc_server_add_file"
+    ):  # the project's patch (patches/): file-backed tensors
+        rpc.ggml_backend_rpc_server_add_file.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        rpc.ggml_backend_rpc_server_add_file.restype = ctypes.c_bool
+        rpc.ggml_backend_rpc_set_file_source.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        rpc.ggml_backend_rpc_set_file_source.restype = None
+        rpc.ggml_backend_rpc_file_stats.argtypes = [ctypes.c_char_p] + [ctypes.POINTER(ctypes.c_uint64)] * 4
+        rpc.ggml_backend_rpc_file_stats.restype = None
     return ggml, rpc
+
+
+FILE_TENSORS_SYMBOL = b"ggml_backend_rpc_server_add_file"
+
+
+@functools.cache
+def has_file_tensors() -> bool:
+    """Whether the llama.cpp this process would load carries the project's RPC patch (a stage can
+    read tensors from its own GGUF). Read from the library's symbol table, without loading it: the
+    node's own process never loads llama.cpp."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), "lib", "libggml-rpc.so.0"), "rb") as f:
+            return FILE_TENSORS_SYMBOL + b"\0" in f.read()
+    except OSError:
+        return False
+
+
+def rpc_load_stats(llama_cpp: Any, endpoint: str) -> tuple[int, int, int, int]:
+    """For weights loaded onto the RPC server at `endpoint`: (tensors, bytes) the server read from its
+    own file, (tensors, bytes) sent to it. Zeros without the patch."""
+    import ctypes
+
+    _, rpc = ggml_libraries(llama_cpp)
+    if not hasattr(rpc, "ggml_backend_rpc_file_stats"):
+        return 0, 0, 0, 0
+    out = [ctypes.c_uint64() for _ in range(4)]
+    rpc.ggml_backend_rpc_file_stats(endpoint.encode(), *(ctypes.byref(v) for v in out))
+    return out[0].value, out[1].value, out[2].value, out[3].value
 
 
 def cpu_device(ggml: Any) -> int:
@@ -77,15 +121,22 @@ def cpu_device(ggml: Any) -> int:
     return int(device)
 
 
-def split_devices(llama_cpp: Any, devices: list[str]) -> list[int]:
+def split_devices(llama_cpp: Any, devices: list[str], files: list[str] | None = None) -> list[int]:
     """The ggml devices for a split's members in layer order: "cpu" is this process, anything else
-    an RPC server endpoint (HOST:PORT), registered with ggml here (it connects to ask its memory)."""
+    an RPC server endpoint (HOST:PORT), registered with ggml here (it connects to ask its memory).
+    `files[i]`, when given and not "", is the identity under which the server at `devices[i]` holds
+    the model's GGUF: it then loads its tensors from that file (the patch's file-backed loading)."""
     ggml, rpc = ggml_libraries(llama_cpp)
     out = []
-    for endpoint in devices:
+    for i, endpoint in enumerate(devices):
         if endpoint == "cpu":
             out.append(cpu_device(ggml))
             continue
+        file_id = files[i] if files and i < len(files) else ""
+        if file_id:
+            if not hasattr(rpc, "ggml_backend_rpc_set_file_source"):
+                raise RuntimeError("file-backed split loading needs the patched llama.cpp (make install)")
+            rpc.ggml_backend_rpc_set_file_source(endpoint.encode(), file_id.encode())
         reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
         if not reg or ggml.ggml_backend_reg_dev_count(reg) < 1:
             raise RuntimeError(f"the RPC server at {endpoint} did not answer")

@@ -1,10 +1,12 @@
 """A stage's llama.cpp RPC server: the child process a stage node runs for a split's head.
 
 Run as `python -m actors.engine._rpc_stage --listen HOST:PORT --model GGUF --layers FIRST,LAST
---cache-dir DIR --threads N --parent-pid P [--load-mode transfer]`. With the hash cache (the
-default) it first writes the RPC cache files of its layers from its own copy of the model, so that
-the head's loader sends hashes instead of those tensors; then it serves (blocking forever) on a
-loopback address only: the head reaches it through the node's ZeroMQ tunnel. It dies with its
+--cache-dir DIR --threads N --parent-pid P [--load-mode file|hash-cache|transfer --file-id ID]`.
+`file` (the project's llama.cpp patch) has the server read the tensors the head names from its own
+copy of the model, known to the head as `--file-id`; with the hash cache (stock llama.cpp) it first
+writes the RPC cache files of its layers from its own copy, so that the head's loader sends hashes
+instead of those tensors; `transfer` has the head send them all. Then it serves (blocking forever)
+on a loopback address only: the head reaches it through the node's ZeroMQ tunnel. It dies with its
 parent.
 """
 
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", required=True, type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--load-mode", choices=("hash-cache", "transfer"), default="hash-cache")
+    parser.add_argument("--load-mode", choices=("file", "hash-cache", "transfer"), default="hash-cache")
+    parser.add_argument("--file-id", default="", help="the model's identity, as the head names it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s stage[%(process)d] %(levelname)s %(message)s")
     die_with_parent(args.parent_pid)
@@ -60,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     ggml, rpc = ggml_libraries(llama_cpp)
     llama_cpp.llama_backend_init()
     devices = (ctypes.c_void_p * 1)(cpu_device(ggml))
+    if args.load_mode == "file":
+        if not hasattr(rpc, "ggml_backend_rpc_server_add_file"):
+            raise SystemExit(
+                "mesh-llm-stage: this llama.cpp lacks the project's RPC patch (file-backed tensors)"
+            )
+        if not args.file_id or not rpc.ggml_backend_rpc_server_add_file(
+            args.file_id.encode(), str(args.model).encode()
+        ):
+            raise SystemExit(f"mesh-llm-stage: cannot serve tensors from {args.model} (not a readable GGUF)")
+        log.info("layers %d-%d: serving tensors from %s as %s", first, last, args.model, args.file_id)
     sys.stdout.flush()
     cache = str(args.cache_dir).encode() if args.load_mode == "hash-cache" else None  # stock: no cache
     rpc.ggml_backend_rpc_start_server(args.listen.encode(), cache, args.threads, 1, devices)

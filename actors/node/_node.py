@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from actors._config import CONTROL_PORT_OFFSET, ROUTER_PORT_OFFSET, TUNNEL_PORT_OFFSET, NodeConfig
+from actors.engine._llamacpp import has_file_tensors
 from actors.node._control import Control
 from actors.routing._router import Router
 from actors.runtime._actor import Actor
 from actors.shard._worker import ShardWorker
-from actors.wire._messages import EngineSpec, LoadMode
+from actors.wire._messages import EngineSpec, SplitLoad
 
 if TYPE_CHECKING:
     from actors.gguf._layout import Layout
@@ -61,7 +62,7 @@ class NodeSpec:
     max_memory_bytes: int = 0
     holdings: list[Layout] = field(default_factory=list)
     split: bool = False
-    split_load: LoadMode = "hash-cache"
+    split_load: SplitLoad = "auto"
     work_dir: Path | None = None
 
     def engine_spec(self, model: ModelSpec) -> EngineSpec:
@@ -185,7 +186,8 @@ class Node:
             layout=model.layout,
             free_bytes=self.spec.max_memory_bytes,
             force=self.spec.split,
-            load_mode=self.spec.split_load,
+            load=self.spec.split_load,
+            file_tensors=has_file_tensors(),
             worker=self._make_worker(model, control),
             control_endpoint=control,
             view_endpoint=view,
@@ -208,6 +210,7 @@ class Node:
             work_dir=work,
             rpc_host=rpc_host_for(spec.host),
             n_threads=spec.n_threads,
+            file_tensors=has_file_tensors(),
             offer_endpoint=inbox,
             config=spec.config,
         )

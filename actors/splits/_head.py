@@ -29,10 +29,12 @@ from actors.splits._plan import Candidate, Member, NoFit, Plan, need_of, plan_sp
 from actors.splits._tunnel import HeadEnd, parse_tunnel, unbounded
 from actors.wire._codec import encode
 from actors.wire._messages import (
+    LOAD_MODES,
     EngineSpec,
     LoadMode,
     MeshView,
     PeerRow,
+    SplitLoad,
     SplitNews,
     SplitRow,
     SplitStage,
@@ -54,6 +56,7 @@ class _Stage:
     member: Member
     link: zmq.Socket
     monitor: zmq.Socket
+    mode: LoadMode
     epoch: int = 0
     state: str = "claimed"
     answered_at: float = 0.0
@@ -79,7 +82,8 @@ class SplitHead(Actor):
         layout: Layout,
         free_bytes: int,
         force: bool,
-        load_mode: LoadMode,
+        load: SplitLoad,
+        file_tensors: bool,
         worker: ShardWorker,
         control_endpoint: str,
         view_endpoint: str,
@@ -87,7 +91,9 @@ class SplitHead(Actor):
         **kwargs: object,
     ) -> None:
         """`spec`: the model as a single node would serve it; `free_bytes`: what this node offers
-        it; `force`: split even if it fits (--split); `worker`: the managed shard-worker it drives
+        it; `force`: split even if it fits (--split); `load`: how stages get their weights (auto: the
+        best both ends can); `file_tensors`: this node's llama.cpp has the project's RPC patch (it can
+        have stages read tensors from their own files); `worker`: the managed shard-worker it drives
         over `control_endpoint`; `view_endpoint`: where gossip pushes mesh views; `news_endpoint`:
         where gossip takes our `SplitNews` (how `mesh-ctl splits` learns of us)."""
         super().__init__(ctx, f"split-{spec.model_id}", **kwargs)  # type: ignore[arg-type]
@@ -96,7 +102,8 @@ class SplitHead(Actor):
         self.layout = layout
         self.free_bytes = free_bytes
         self.force = force
-        self.load_mode = load_mode
+        self.load = load
+        self.file_tensors = file_tensors
         self.worker = worker
         self.control_endpoint = control_endpoint
         self.view_endpoint = view_endpoint
@@ -175,6 +182,7 @@ class SplitHead(Actor):
                 or peer.rtt_ms is None
                 or peer.rtt_ms > self.config.max_rtt_ms
                 or not peer.zmq_port
+                or (self.load == "file" and not offer.file_tensors)
             ):
                 continue
             out.append(Candidate(node_id=node, free_bytes=offer.free_bytes, rtt_ms=peer.rtt_ms))
@@ -212,7 +220,9 @@ class SplitHead(Actor):
             link.connect(f"tcp://{peer.host}:{(peer.zmq_port or 0) + TUNNEL_PORT_OFFSET}")
             monitor = self.adopt(link.get_monitor_socket(zmq.EVENT_DISCONNECTED))
             node = member.node_id
-            stage = _Stage(member=member, link=link, monitor=monitor)
+            mode, why = self._load_mode(peer)
+            log.info("split of %s: stage %s loads by %s (%s)", self.spec.model_id, node, mode, why)
+            stage = _Stage(member=member, link=link, monitor=monitor, mode=mode)
             split.stages[node] = stage
             self.on_socket(link, functools.partial(self._from_stage, node))
             self.on_socket(monitor, functools.partial(self._link_lost, node))
@@ -230,7 +240,7 @@ class SplitHead(Actor):
             identity=self.layout.identity,
             first=m.first,
             last=m.last,
-            load_mode=self.load_mode,
+            load_mode=stage.mode,
             epoch=stage.epoch,
         )
         if not stage.claimed_at:
@@ -275,20 +285,35 @@ class SplitHead(Actor):
         split = self.split
         if split is None or split.engine_asked or any(s.state != "ready" for s in split.stages.values()):
             return
-        devices = []
+        devices, files = [], []
         for member in split.plan.members:
             if member.node_id == self.node_id:
                 devices.append("cpu")
+                files.append("")
                 continue
             stage = split.stages[member.node_id]
             stage.tunnel = HeadEnd(self, stage.epoch, stage.link.send_multipart)
             devices.append(stage.tunnel.endpoint)
+            files.append(self.layout.identity if stage.mode == "file" else "")
         spec = replace(
-            self.spec, devices=devices if split.plan.stages else [], tensor_split=split.plan.tensor_split()
+            self.spec,
+            devices=devices if split.plan.stages else [],
+            tensor_split=split.plan.tensor_split(),
+            device_files=files if split.plan.stages else [],
         )
         split.engine_asked = True
         self._set("loading", "the head's engine loads the model over its stages")
         self._tell_worker(spec)
+
+    def _load_mode(self, peer: PeerRow) -> tuple[LoadMode, str]:
+        """How the stage on `peer` gets its weights, and why."""
+        if self.load != "auto":
+            return self.load, "--split-load"
+        if not self.file_tensors:
+            return "hash-cache", "this node's llama.cpp lacks the project's RPC patch"
+        if peer.offer is None or not peer.offer.file_tensors:
+            return "hash-cache", "the stage's llama.cpp lacks the project's RPC patch"
+        return "file", f"both ends have the RPC patch and the stage holds GGUF {self.layout.identity}"
 
     # -- the worker and the mesh --------------------------------------------------------------
 
@@ -403,9 +428,16 @@ class SplitHead(Actor):
             head=self.node_id,
             epoch=max(epochs, default=split.epoch if split is not None else 0),
             state=self.state,
-            load_mode=self.load_mode,
+            load_mode=self._split_mode(),
             stages=[
-                SplitStage(node_id=m.node_id, layers=[m.first, m.last] if m.n_layers else [], output=m.output)
+                SplitStage(
+                    node_id=m.node_id,
+                    layers=[m.first, m.last] if m.n_layers else [],
+                    output=m.output,
+                    load_mode=split.stages[m.node_id].mode
+                    if split is not None and m.node_id in split.stages
+                    else None,
+                )
                 for m in members
                 if m.n_layers or m.output
             ],
@@ -415,6 +447,16 @@ class SplitHead(Actor):
             tunnel_bytes_down=sum(t.bytes_down for t in tunnels),
             round_trips=sum(t.round_trips for t in tunnels),
         )
+
+    def _split_mode(self) -> LoadMode:
+        """The split's load mode: its stages' weakest; before it has stages, what they would get
+        from this end."""
+        split = self.split
+        if split is not None and split.stages:
+            return max((s.mode for s in split.stages.values()), key=LOAD_MODES.index)
+        if self.load != "auto":
+            return self.load
+        return "file" if self.file_tensors else "hash-cache"
 
     def _publish(self) -> None:
         self._news_due = self.clock() + 1.0

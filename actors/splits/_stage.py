@@ -64,13 +64,16 @@ class StageHost(Actor):
         work_dir: Path,
         rpc_host: str,
         n_threads: int,
+        file_tensors: bool = False,
         offer_endpoint: str | None = None,
         **kwargs: object,
     ) -> None:
         """`endpoint`: the tunnel port to bind; `holdings`: the GGUFs this node may serve layers
         of; `memory_bytes`: what it offers (--max-memory), `used_bytes` of it taken by its own
         models; `work_dir`: where cache files live while a lease does; `rpc_host`: the loopback
-        address the RPC server listens on; `offer_endpoint`: where the gossip actor takes offers."""
+        address the RPC server listens on; `file_tensors`: its llama.cpp has the project's RPC patch
+        (its RPC server reads tensors from its own files); `offer_endpoint`: where the gossip actor
+        takes offers."""
         super().__init__(ctx, "stage", **kwargs)  # type: ignore[arg-type]
         self.node_id = node_id
         self.endpoint = endpoint
@@ -80,6 +83,7 @@ class StageHost(Actor):
         self.work_dir = work_dir
         self.rpc_host = rpc_host
         self.n_threads = n_threads
+        self.file_tensors = file_tensors
         self.offer_endpoint = offer_endpoint
         self.lease: _Lease | None = None
         self._epoch = time.time_ns() // 1_000_000  # epochs grow across restarts of this node
@@ -120,6 +124,7 @@ class StageHost(Actor):
                 lease.head, lease.epoch, lease.claim.first, lease.claim.last,
                 time.monotonic() - lease.started_at, lease.cache_bytes / 1e6,
             )  # fmt: skip
+            self._answer(lease.zid, self._grant(lease))  # now, not at the head's next renewal
 
     # -- offers -------------------------------------------------------------------------------
 
@@ -133,6 +138,7 @@ class StageHost(Actor):
                 for h in self.holdings.values()
             ],
             stage_for=self.lease.head if self.lease is not None else "",
+            file_tensors=self.file_tensors,
         )
 
     def _publish_offer(self) -> None:
@@ -203,8 +209,12 @@ class StageHost(Actor):
             return refuse(
                 f"layers {claim.first}-{claim.last} are not layers of a {layout.n_layer}-layer model"
             )
-        if claim.load_mode not in ("hash-cache", "transfer"):
+        if claim.load_mode not in ("file", "hash-cache", "transfer"):
             return refuse(f"load mode {claim.load_mode!r} is not supported here")
+        if claim.load_mode == "file" and not self.file_tensors:
+            return refuse(
+                f"node {self.node_id}'s llama.cpp lacks the project's RPC patch (no file-backed loading)"
+            )
         need = sum(layout.layer_bytes[claim.first : claim.last + 1]) + OVERHEAD_BYTES
         free = self.memory_bytes - self.used_bytes
         if need > free:
@@ -238,6 +248,7 @@ class StageHost(Actor):
             "--threads", str(self.n_threads),
             "--parent-pid", str(os.getpid()),
             "--load-mode", claim.load_mode,
+            "--file-id", layout.identity,
         ]  # fmt: skip
         child = ChildProcess(argv)
         pid = child.start()

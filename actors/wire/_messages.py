@@ -13,7 +13,11 @@ from typing import Any, ClassVar, Literal
 MemberState = Literal["alive", "suspect", "dead", "left"]
 WorkerStateName = Literal["loading", "ready", "failed", "retired"]
 SplitStateName = Literal["planning", "loading", "serving", "failed"]
+# How a split's stage gets its weights: read from its own GGUF (the project's llama.cpp patch), from
+# RPC cache files it built from its own GGUF (stock llama.cpp), or sent by the head.
 LoadMode = Literal["file", "hash-cache", "transfer"]
+LOAD_MODES: tuple[LoadMode, ...] = ("file", "hash-cache", "transfer")  # best first
+SplitLoad = Literal["auto", "file", "hash-cache", "transfer"]  # --split-load: auto is the best both ends can
 StageStateName = Literal["loading", "ready", "refused", "released"]
 
 
@@ -178,6 +182,8 @@ class EngineSpec:
     # endpoint on loopback) and the layers each holds (the output layer counted on the last).
     devices: list[str] = field(default_factory=list)
     tensor_split: list[int] = field(default_factory=list)
+    # For each device, the identity of the GGUF it loads its tensors from itself ("": send them).
+    device_files: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -269,6 +275,7 @@ class Offer:
     free_bytes: int  # of which neither its own models nor a stage it serves use
     holdings: list[Holding] = field(default_factory=list)
     stage_for: str = ""  # the head it serves a stage for now ("" for none)
+    file_tensors: bool = False  # its llama.cpp can load a stage's tensors from its own files
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -278,6 +285,7 @@ class SplitStage:
     node_id: str
     layers: list[int]  # [first, last]; [] for a head that holds only the output layer
     output: bool = False  # it also holds the output layer
+    load_mode: LoadMode | None = None  # how a stage got its weights (None for the head)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

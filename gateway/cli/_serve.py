@@ -14,6 +14,7 @@ from pathlib import Path
 
 from actors import ZMQ_PORT_SPAN, ActorStartError, ModelSpec, Node, NodeConfig, NodeSpec
 from actors._config import MAX_BODY_BYTES
+from actors.engine._llamacpp import has_file_tensors
 from actors.gguf._identity import check_draft, check_file, check_model
 from actors.gguf._layout import Layout
 from actors.runtime._supervisor import ChildProcess
@@ -83,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--split", action="store_true", help="split the model over peers even if it fits here")
     serve.add_argument(
         "--split-load",
-        choices=("hash-cache", "transfer"),
-        default="hash-cache",
-        help="how stages load their layers: from RPC cache files they build from their own copy "
-        "(default), or by receiving every byte (llama.cpp's stock path)",
+        choices=("auto", "file", "hash-cache", "transfer"),
+        default="auto",
+        help="how stages load their layers: read from their own copy of the GGUF (file: needs the "
+        "project's llama.cpp patch at both ends), from RPC cache files built from it (hash-cache: "
+        "stock llama.cpp), or by receiving every byte (transfer); auto (default) takes the best each "
+        "stage can",
     )
     client = sub.add_parser("client", help="run a node without a model: the API, served by the mesh")
     for cmd in (serve, client):
@@ -189,6 +192,11 @@ def serve(args: argparse.Namespace) -> int:
                 raise ValueError("--standby and --split do not go together")
             if not args.promote_after >= 0 or not args.step_back_after >= 0:
                 raise ValueError("--promote-after and --step-back-after are seconds, at least 0")
+            if args.split_load == "file" and not has_file_tensors():
+                raise ValueError(
+                    "--split-load file needs llama.cpp built with the project's RPC patch (make install); "
+                    "this one lacks it"
+                )
             holdings = _holdings(args.models_dir) if args.models_dir else []
             if args.model or not args.models_dir:
                 model = args.model or default_model()
@@ -268,7 +276,7 @@ def _serve(
         max_memory_bytes=int(max_memory * GIB) if args.command == "serve" else 0,
         holdings=holdings,
         split=getattr(args, "split", False),
-        split_load=getattr(args, "split_load", "hash-cache"),
+        split_load=getattr(args, "split_load", "auto"),
         work_dir=state_dir,
     )
     collided, leave = threading.Event(), threading.Event()

@@ -39,7 +39,7 @@ def test_a_split_whose_engine_never_loads_is_held_failed_instead_of_reloaded_for
     )  # fmt: skip
     head = SplitHead(
         zmq_ctx, node_id="head-1", spec=spec, layout=layout, free_bytes=GIB, force=True,
-        load_mode="hash-cache", worker=worker, control_endpoint="inproc://split-head-worker",
+        load="hash-cache", file_tensors=False, worker=worker, control_endpoint="inproc://split-head-worker",
         view_endpoint="inproc://split-head-view", config=CONFIG,
     )  # fmt: skip
     views = zmq_ctx.socket(zmq.PUSH)

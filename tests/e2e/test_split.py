@@ -17,6 +17,8 @@ import openai
 import pytest
 
 from actors.gguf import shape_for, synthesize
+from actors.gguf._layout import read_layout
+from tests.support.llama_builds import is_patched, stock_llama_cpp
 from tests.support.nodes import NodeProcess, eventually, launch, start_nodes, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -67,9 +69,9 @@ def split(
             node.stop()
 
 
-def complete(node: NodeProcess, max_tokens: int, prompt: str = PROMPT) -> str:
+def complete(node: NodeProcess, max_tokens: int, prompt: str = PROMPT, model: str = MODEL) -> str:
     oai = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    reply = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    reply = oai.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
     return reply.choices[0].text
 
 
@@ -96,7 +98,8 @@ def test_a_model_bigger_than_its_node_is_served_by_a_split(
     head_id, stage_id = status["node_id"], stage.status()["node_id"]
     (row,) = splits_of(head)
     assert row["model"] == MODEL and row["head"] == head_id and row["state"] == "serving"
-    assert row["load_mode"] == "hash-cache" and row["epoch"] > 0
+    assert row["load_mode"] == "file" and row["epoch"] > 0  # both ends run the patched llama.cpp
+    assert [s["load_mode"] for s in row["stages"]] == ["file", None]
     assert [s["node_id"] for s in row["stages"]] == [stage_id, head_id]
     layers = [s["layers"] for s in row["stages"]]
     assert layers[0][0] == 0 and layers[-1][1] == 3 and layers[0][1] + 1 == layers[1][0], layers
@@ -222,4 +225,73 @@ def test_a_model_too_big_for_the_whole_mesh_gets_a_503_naming_why_until_a_node_w
     finally:
         head.stop()
         for node in stages:
+            node.stop()
+
+
+WIDE = "split-wide"
+
+
+def test_a_file_backed_split_moves_no_weights_and_a_stock_node_still_joins_by_hash_cache(
+    tmp_path: Path,
+) -> None:
+    """Stages read their layers from their own GGUF: under 1 % of the slice crosses while the split
+    forms, no cache files are written, and greedy output is one node's. A node whose llama.cpp is a
+    stock build (its RPC backend compiled from the unpatched sdist) joins the same split by the
+    hash cache instead."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model = folder / f"{WIDE}.gguf"
+    synthesize("llama", model, shape_for("llama", "small", n_embd=512, n_ff=4096), seed=6)
+    layout = read_layout(model)
+    # The model needs about 0.14 GiB; the head offers 0.1 (room for a layer besides the embeddings
+    # and output), a stage 0.12 (the other three layers: over 40 MB of weights).
+    mesh = ["--no-mdns", "--mesh", "wide", "--ctx", "1024", "--slots", "2", "--max-memory", "0.12"]
+    (tmp_path / "whole").mkdir()
+    (reference,) = start_nodes(
+        tmp_path / "whole", model, [["--no-mdns", "--mesh", "wide-whole", "--ctx", "1024"]]
+    )
+    stage = launch(tmp_path, None, *mesh, models_dir=folder)
+    head = launch(tmp_path, model, *mesh, "--max-memory", "0.1", "--peer", f"127.0.0.1:{stage.zmq_port}")
+    nodes = [reference, stage, head]
+    try:
+        for node in (stage, head):
+            node.wait_ready(timeout_s=90)
+            wait_http(node)
+        expected = complete(reference, 40, model=WIDE)
+        assert complete(head, 40, model=WIDE) == expected
+        (row,) = splits_of(head)
+        assert row["load_mode"] == "file" and row["stages"][0]["load_mode"] == "file", row
+        first, last = row["stages"][0]["layers"]
+        slice_bytes = sum(layout.layer_bytes[first : last + 1])
+        assert slice_bytes > 10e6
+        assert 0 < row["bytes_crossed"] < 0.01 * slice_bytes, (row["bytes_crossed"], slice_bytes)
+        assert re.search(r"\d+ tensors \([\d.]+ MB\) read from its own file, 0 tensors", head.log()), (
+            head.log()
+        )
+        assert not list(tmp_path.glob(f"state-{stage.zmq_port}/rpc-cache-*/*"))  # no duplicate of the slice
+        # The stage leaves; a node running stock llama.cpp takes its place, by the hash cache.
+        stock_site = stock_llama_cpp()
+        assert not is_patched(stock_site) and is_patched()
+        stage.stop()
+        stock = launch(
+            tmp_path, None, *mesh, "--peer", f"127.0.0.1:{head.zmq_port}", models_dir=folder,
+            env={"PYTHONPATH": str(stock_site)},
+        )  # fmt: skip
+        nodes.append(stock)
+        stock.wait_ready(timeout_s=90)
+        stock_id = stock.status()["node_id"]
+
+        def served_by_stock() -> bool:
+            rows = splits_of(head)
+            return (
+                bool(rows) and rows[0]["state"] == "serving" and rows[0]["stages"][0]["node_id"] == stock_id
+            )
+
+        eventually(served_by_stock, timeout_s=120)
+        (row,) = splits_of(head)
+        assert row["load_mode"] == "hash-cache" and row["stages"][0]["load_mode"] == "hash-cache", row
+        assert "the stage's llama.cpp lacks the project's RPC patch" in head.log()
+        assert complete(head, 40, model=WIDE) == expected
+    finally:
+        for node in nodes:
             node.stop()

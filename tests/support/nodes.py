@@ -172,16 +172,18 @@ def launch(
     state_dir: bool = True,
     models_dir: Path | None = None,
     prefix: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> NodeProcess:
     """A `mesh-llm serve` of `model`, or with no model a `mesh-llm client` (a standby holding the
     GGUFs of `models_dir` for dense splits, with one), on free ports; `prefix` runs it through
-    another command (a CPU limit, say)."""
+    another command (a CPU limit, say); `env` adds to its environment."""
     zmq_port = zmq_port or free_port_pair()
     http_port = free_port_pair()
     log_path = tmp / f"node-{zmq_port}.log"
-    env = dict(
+    environ = dict(
         os.environ, XDG_CACHE_HOME=str(tmp / "cache"), XDG_STATE_HOME=str(tmp / "state"), PYTHONUNBUFFERED="1"
     )
+    environ.update(env or {})
     what = ["serve", "--model", str(model), "--threads", "1"] if model is not None else ["client"]
     if models_dir is not None:
         what = [
@@ -195,7 +197,7 @@ def launch(
         *(["--state-dir", str(tmp / f"state-{zmq_port}")] if state_dir else []), *extra,
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([*prefix, *argv], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*prefix, *argv], stdout=log, stderr=subprocess.STDOUT, env=environ)
     return NodeProcess(proc=proc, http_port=http_port, zmq_port=zmq_port, log_path=log_path)
 
 
