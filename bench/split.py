@@ -198,11 +198,15 @@ def _tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        try:  # children hang off the thread that started them
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
         except OSError:
             continue
-        todo += [int(c) for c in children]
+        for task in tasks:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
     return out
 
 

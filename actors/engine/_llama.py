@@ -107,7 +107,6 @@ class LlamaEngine:
         self._lib = lib = llama_cpp
         # The Llama object owns the model, tokenizer and metadata; its own context stays tiny.
         if devices:
-            file_backed = any(device_files or [])
             with model_devices(llama_cpp, split_devices(llama_cpp, devices, device_files)):
                 self.llm = llama_cpp.Llama(
                     model_path=path,
@@ -116,9 +115,6 @@ class LlamaEngine:
                     n_threads=n_threads,
                     n_gpu_layers=-1,
                     tensor_split=[float(n) for n in tensor_split or []],
-                    # A mapped model is prefetched whole (MAP_POPULATE): the stages' layers too,
-                    # which file-backed stages read from their own disks. Read just our own.
-                    use_mmap=not file_backed,
                     verbose=False,
                 )
             _log_split_load(llama_cpp, devices)

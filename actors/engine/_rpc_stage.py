@@ -73,11 +73,32 @@ def main(argv: list[str] | None = None) -> int:
         ):
             raise SystemExit(f"mesh-llm-stage: cannot serve tensors from {args.model} (not a readable GGUF)")
         log.info("layers %d-%d: serving tensors from %s as %s", first, last, args.model, args.file_id)
+        threading.Thread(target=_read_ahead, args=(args.model, first, last), daemon=True).start()
     sys.stdout.flush()
     cache = str(args.cache_dir).encode() if args.load_mode == "hash-cache" else None  # stock: no cache
     rpc.ggml_backend_rpc_start_server(args.listen.encode(), cache, args.threads, 1, devices)
     # It returns only if it cannot listen.
     return 3
+
+
+def _read_ahead(model: Path, first: int, last: int) -> None:
+    """Have the kernel start reading our layers from disk now, while the head's engine starts: the
+    head's first request for them then finds them in the page cache (nothing to wait for when
+    they already are)."""
+    import os
+
+    from actors.gguf._layout import read_layout
+
+    spans = read_layout(model).layer_tensors(first, last)
+    if not spans:
+        return
+    start = min(t.offset for t in spans)
+    end = max(t.offset + t.size for t in spans)
+    fd = os.open(model, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

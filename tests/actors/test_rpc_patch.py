@@ -25,7 +25,12 @@ from tests.support.nodes import eventually, free_port_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 PATCH = ROOT / "patches" / "llama.cpp-rpc-file-tensors.patch"
-PATCHED_FILES = ("ggml/include/ggml-rpc.h", "ggml/src/ggml-rpc/ggml-rpc.cpp", "src/llama-model-loader.cpp")
+PATCHED_FILES = (
+    "ggml/include/ggml-rpc.h",
+    "ggml/src/ggml-rpc/ggml-rpc.cpp",
+    "src/llama-model-loader.cpp",
+    "src/llama-model.cpp",
+)
 
 # ggml-rpc.cpp's wire format (packed, little-endian)
 ALLOC_BUFFER, GET_ALIGNMENT, BUFFER_GET_BASE, GET_TENSOR, HELLO, SET_TENSOR_FILE = 0, 1, 3, 8, 14, 18

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import zmq
 
 from actors import NodeConfig, encode
@@ -66,3 +67,63 @@ def test_a_split_whose_engine_never_loads_is_held_failed_instead_of_reloaded_for
     finally:
         views.close()
         backend.close()
+
+
+def _peer(node: str, identity: str, file_tensors: bool) -> PeerRow:
+    offer = Offer(
+        memory_bytes=2 * GIB, free_bytes=2 * GIB, file_tensors=file_tensors,
+        holdings=[Holding(model_id="tiny", identity=identity, size=1)],
+    )  # fmt: skip
+    return PeerRow(
+        node_id=node, host="127.0.0.1", state="alive", rtt_ms=0.5, role="standby", models=[],
+        incarnation=1, zmq_port=9000, offer=offer,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("load", "head_patched", "stage_patched", "mode", "why"),
+    [
+        ("auto", True, True, "file", "both ends have the RPC patch"),
+        ("auto", False, True, "hash-cache", "this node's llama.cpp lacks"),
+        ("auto", True, False, "hash-cache", "the stage's llama.cpp lacks"),
+        ("hash-cache", True, True, "hash-cache", "--split-load"),
+        ("transfer", True, True, "transfer", "--split-load"),
+    ],
+)
+def test_each_stage_loads_the_best_way_both_ends_can(
+    zmq_ctx: zmq.Context,
+    tiny_model: Path,
+    load: str,
+    head_patched: bool,
+    stage_patched: bool,
+    mode: str,
+    why: str,
+) -> None:
+    layout = read_layout(tiny_model)
+    spec = EngineSpec(model=str(tiny_model), model_id="tiny")
+    worker = ShardWorker(zmq_ctx, "w", spec=spec, router_endpoint="inproc://x", control_endpoint="inproc://y")
+    head = SplitHead(
+        zmq_ctx, node_id="head-1", spec=spec, layout=layout, free_bytes=GIB, force=True, load=load,  # type: ignore[arg-type]
+        file_tensors=head_patched, worker=worker, control_endpoint="inproc://y", view_endpoint="inproc://z",
+    )  # fmt: skip
+    chosen, reason = head._load_mode(_peer("stage-1", layout.identity, stage_patched))
+    assert chosen == mode and why in reason
+    # Before any stage is claimed, the split says what its stages would get from this end.
+    assert head.row().load_mode == (
+        "file" if load == "auto" and head_patched else "hash-cache" if load == "auto" else load
+    )
+
+
+def test_a_head_told_file_recruits_only_stages_that_can(zmq_ctx: zmq.Context, tiny_model: Path) -> None:
+    layout = read_layout(tiny_model)
+    spec = EngineSpec(model=str(tiny_model), model_id="tiny")
+    worker = ShardWorker(zmq_ctx, "w", spec=spec, router_endpoint="inproc://x", control_endpoint="inproc://y")
+    head = SplitHead(
+        zmq_ctx, node_id="head-1", spec=spec, layout=layout, free_bytes=GIB, force=True, load="file",
+        file_tensors=True, worker=worker, control_endpoint="inproc://y", view_endpoint="inproc://z",
+    )  # fmt: skip
+    head.peers = {
+        p.node_id: p
+        for p in (_peer("stock", layout.identity, False), _peer("patched", layout.identity, True))
+    }
+    assert [c.node_id for c in head._candidates()] == ["patched"]

@@ -15,7 +15,7 @@ from actors.gguf._layout import read_layout
 from actors.splits._stage import StageHost
 from actors.splits._tunnel import CLOSE, OPEN, parse_tunnel, tunnel_frames
 from actors.wire import decode
-from actors.wire._messages import StageClaim, StageGrant, StageRelease
+from actors.wire._messages import LoadMode, StageClaim, StageGrant, StageRelease
 from tests.support.nodes import eventually, free_port_pair
 
 CONFIG = dataclasses.replace(NodeConfig(), lease_expiry_s=1.5)
@@ -49,10 +49,15 @@ class Head:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
-    def claim(self, identity: str, first: int = 0, last: int = 0, epoch: int = 0) -> StageGrant:
+    def claim(
+        self, identity: str, first: int = 0, last: int = 0, epoch: int = 0, load_mode: LoadMode = "hash-cache"
+    ) -> StageGrant:
         claim = StageClaim(
-            request_id="r", head=self.name, identity=identity, first=first, last=last, epoch=epoch
-        )
+            request_id="r", head=self.name, identity=identity, first=first, last=last, epoch=epoch,
+            load_mode=load_mode,
+        )  # fmt: skip
+        while self.sock.poll(0):  # a grant the stage sent unasked (it tells its head when it is ready)
+            self.sock.recv_multipart()
         self.sock.send(encode(claim))
         return self.grant()
 
@@ -142,6 +147,21 @@ def test_claims_it_cannot_serve_are_refused_with_the_reason(
     try:
         grant = a.claim(identity or next(iter(stage.holdings)), first, last)
         assert grant.state == "refused" and words in grant.detail
+        assert stage.lease is None
+    finally:
+        a.close()
+
+
+def test_a_file_backed_claim_is_refused_by_a_stage_without_the_patch(
+    stage: StageHost, zmq_ctx: zmq.Context
+) -> None:
+    """The stage fixture runs as a stock build would say it is (no `file_tensors`): it offers no
+    file-backed loading, and refuses a head that asks for it anyway, naming why."""
+    assert stage.offer().file_tensors is False
+    a = Head(zmq_ctx, "head-a", stage.endpoint)
+    try:
+        grant = a.claim(next(iter(stage.holdings)), load_mode="file")
+        assert grant.state == "refused" and "lacks the project's RPC patch" in grant.detail
         assert stage.lease is None
     finally:
         a.close()
