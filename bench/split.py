@@ -687,6 +687,39 @@ def faults(work: Path, path: Path, requests: int, clients: int, max_tokens: int)
         lan.close()
 
 
+_PART_KEYS = {
+    "join": ("join", "join_scaling"),
+    "decode": ("decode", "rtt"),
+    "tunnel": ("tunnel",),
+    "faults": ("faults",),
+}
+
+
+def _kept_parts(parts: set[str]) -> dict[str, Any]:
+    """The parts of the last bench/results/split.json that this run does not measure again, each
+    with the date and commit it was measured at (under "measured")."""
+    path = Path(__file__).resolve().parent / "results" / "split.json"
+    try:
+        old = json.loads(path.read_text())["results"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    kept: dict[str, Any] = {"measured": {}}
+    for part, keys in _PART_KEYS.items():
+        if part not in parts and all(k in old for k in keys):
+            kept.update({k: old[k] for k in keys})
+            kept["measured"][part] = old.get("measured", {}).get(
+                part, {"date": "before measured dates were kept"}
+            )
+    return kept
+
+
+def _commit() -> str:
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -700,9 +733,15 @@ def main() -> int:
         print(f"bench/split.py: {why_not}", file=sys.stderr)
         return 2
     parts = set(args.only or ("join", "decode", "tunnel", "faults"))
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = _kept_parts(parts)  # with --only, the other parts as last measured
     with tempfile.TemporaryDirectory(prefix="mesh-split-") as tmp:
         work = Path(tmp)
+        measured = result.setdefault("measured", {})
+        for part in parts:
+            measured[part] = {
+                "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+                "commit": _commit(),
+            }
         if "join" in parts:
             print("(a) join, over a 1 Gbit/s link", flush=True)
             result["join"] = [
