@@ -3,8 +3,9 @@
 It owns the model's (managed) shard-worker and drives it: while the split forms the worker waits
 ("loading"), the router queueing requests; when the mesh cannot hold the model it fails with the
 reason (503s name it) and the head plans again whenever the mesh changes. A plan claims each
-stage's lease; once every stage's RPC server is up, the head opens a loopback tunnel port per
-stage and hands the worker an `EngineSpec` listing them in layer order.
+stage's lease; once every stage has granted one, the head opens a loopback tunnel port per stage
+and hands the worker an `EngineSpec` listing them in layer order (the engine starts while the
+stages' RPC servers do: its connections wait in each stage's tunnel until the server listens).
 
 A stage that dies aborts the head's llama.cpp (or would hang it: the tunnel closes the engine's
 connections the moment the link drops, and a watchdog re-plans when a stage is suspect and no
@@ -283,7 +284,9 @@ class SplitHead(Actor):
 
     def _maybe_load(self) -> None:
         split = self.split
-        if split is None or split.engine_asked or any(s.state != "ready" for s in split.stages.values()):
+        # Once every stage has granted its lease: the engine starts while the stages' RPC servers
+        # do (its connections wait in the stage's tunnel until the server listens).
+        if split is None or split.engine_asked or any(not s.epoch for s in split.stages.values()):
             return
         devices, files = [], []
         for member in split.plan.members:

@@ -124,6 +124,8 @@ class StageHost(Actor):
                 lease.head, lease.epoch, lease.claim.first, lease.claim.last,
                 time.monotonic() - lease.started_at, lease.cache_bytes / 1e6,
             )  # fmt: skip
+            if lease.tunnel is not None:
+                lease.tunnel.serve()  # the head's engine may be waiting for it already
             self._answer(lease.zid, self._grant(lease))  # now, not at the head's next renewal
 
     # -- offers -------------------------------------------------------------------------------
@@ -273,6 +275,7 @@ class StageHost(Actor):
             rpc_endpoint,
             lambda frames: self._send(zid, frames),
             max_connections=self.config.max_tunnel_connections,
+            server_up=False,
         )
         return lease
 

@@ -166,12 +166,22 @@ class StageEnd:
     """The stage's end: one STREAM connection to the local RPC server per tunnelled connection."""
 
     def __init__(
-        self, actor: Actor, rpc_endpoint: str, send: Callable[[list[bytes]], None], *, max_connections: int
+        self,
+        actor: Actor,
+        rpc_endpoint: str,
+        send: Callable[[list[bytes]], None],
+        *,
+        max_connections: int,
+        server_up: bool = True,
     ) -> None:
+        """`server_up`: the RPC server listens already; if not, connections the head opens wait
+        (their bytes held) until `serve()` says it does, so that the head's engine can start
+        while the server does."""
         self.actor = actor
         self.rpc_endpoint = rpc_endpoint
         self._send = send
         self.max_connections = max_connections
+        self.server_up = server_up
         self._conns: dict[int, _Conn] = {}
 
     def from_head(self, epoch: int, conn: int, op: int, data: bytes) -> None:
@@ -186,7 +196,8 @@ class StageEnd:
             sock.setsockopt(zmq.RECONNECT_IVL, 60_000)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
             sock.setsockopt(zmq.CONNECT_ROUTING_ID, b"rpc")
-            sock.connect(f"tcp://{self.rpc_endpoint}")
+            if self.server_up:
+                sock.connect(f"tcp://{self.rpc_endpoint}")
             self._conns[conn] = _Conn(sock)
             self.actor.on_socket(sock, lambda frames: self._from_server(epoch, conn, frames))
         elif (c := self._conns.get(conn)) is None:
@@ -204,6 +215,13 @@ class StageEnd:
         else:  # the head closed it: after the bytes queued for the server
             c.sock.send_multipart([b"rpc", b""])
             self._close(conn, linger_ms=1000)
+
+    def serve(self) -> None:
+        """The RPC server listens now: connect the connections that waited for it."""
+        if not self.server_up:
+            self.server_up = True
+            for c in self._conns.values():
+                c.sock.connect(f"tcp://{self.rpc_endpoint}")
 
     def _from_server(self, epoch: int, conn: int, frames: list[bytes]) -> None:
         c = self._conns.get(conn)
