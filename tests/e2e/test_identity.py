@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from actors._errors import PeerUnavailable
 from tests.support.nodes import BIN, NodeProcess, eventually, launch, start_nodes, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -69,7 +70,14 @@ def test_a_copied_state_dir_is_noticed_and_the_later_node_takes_a_fresh_id(
     clone = launch(tmp_path, tiny_model, "--peer", f"127.0.0.1:{first.zmq_port}", zmq_port=second_port)
     stopper[-1] = clone
     eventually(lambda: "NODE ID COLLISION" in clone.log(), 30, clone.log)
-    eventually(lambda: clone.status()["node_id"] != original, 60, clone.log)
+
+    def renewed() -> bool:
+        try:
+            return bool(clone.status()["node_id"] != original)
+        except PeerUnavailable:  # asked while it restarted under its new id (the ask was lost): ask again
+            return False
+
+    eventually(renewed, 60, clone.log)
     assert first.status()["node_id"] == original, "the node that was there first keeps its id"
     eventually(lambda: clone.status()["node_id"] in alive_peers(first), 30)
     assert (tmp_path / f"state-{second_port}" / "node_id").read_text().strip() == clone.status()["node_id"]
