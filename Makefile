@@ -24,6 +24,9 @@ ARGS ?=
 
 .PHONY: serve test bench install
 
+print-%:  # a variable's value, for scripts (bench/_llama_tools.py builds llama.cpp's tools alike)
+	@echo '$($*)'
+
 install: $(STAMP)
 
 $(STAMP):

@@ -64,7 +64,41 @@ def print_targets(targets: dict[str, bool], path: Path) -> None:
     print(f"\nwritten to {path}")
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (children hang off the thread that started them)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def cpu_seconds(pid: int, only: bytes = b"") -> float:
+    """CPU time (user + system) so far of `pid` and its descendants (those whose command line
+    holds `only`, if given)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            if only and only not in Path(f"/proc/{p}/cmdline").read_bytes():
+                continue
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300, poll_s: float = 0.2) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -76,7 +110,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(poll_s)
     raise RuntimeError(f"{url} not ready in {timeout_s}s")
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ from actors.splits._plan import OVERHEAD_BYTES, need_of
 from actors.splits._tunnel import HeadEnd, parse_tunnel
 from actors.wire import decode
 from actors.wire._messages import StageClaim, StageGrant
-from bench._common import free_port_pair, print_targets, stop_process, write_result
+from bench._common import cpu_seconds, free_port_pair, print_targets, stop_process, write_result
 from tests.support.delay_proxy import DelayProxy
 from tests.support.netns import Lan, can_make_namespaces, run_in
 
@@ -170,19 +169,8 @@ class Host:
     def cpu_seconds(self) -> tuple[float, float]:
         """CPU time (user + system) so far of the node's engine child, and of all its processes."""
         assert self.proc is not None
-        tick = os.sysconf("SC_CLK_TCK")
-        engine = total = 0.0
-        for pid in _tree(self.proc.pid):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            cpu = (int(fields[11]) + int(fields[12])) / tick
-            total += cpu
-            if b"actors.engine._child" in cmdline:
-                engine += cpu
-        return round(engine, 2), round(total, 2)
+        pid = self.proc.pid
+        return round(cpu_seconds(pid, b"actors.engine._child"), 2), round(cpu_seconds(pid), 2)
 
     def log_times(self, pattern: str) -> list[float]:
         out = []
@@ -190,24 +178,6 @@ class Host:
             if re.search(pattern, line):
                 out.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp())
         return out
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:  # children hang off the thread that started them
-            tasks = list(Path(f"/proc/{p}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
 
 
 def wait(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
