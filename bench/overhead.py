@@ -133,15 +133,24 @@ def http_client(base: str, model: str) -> Callable[[str, int], Sample]:
         }
         if not hasattr(local, "client"):
             local.client = httpx.Client(timeout=600)  # made before the clock starts: setup, not latency
-        sample = Sample(time.perf_counter())
-        with local.client.stream("POST", f"{base}/v1/completions", json=body) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                if json.loads(line[6:])["choices"][0]["text"]:
-                    sample.token()
-        return sample
+        for attempt in (1, 2):
+            sample = Sample(time.perf_counter())
+            try:
+                with local.client.stream("POST", f"{base}/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        if json.loads(line[6:])["choices"][0]["text"]:
+                            sample.token()
+                return sample
+            except httpx.RemoteProtocolError:
+                # A kept-alive connection the server closed while other ways ran (llama-server
+                # closes idle ones after 5 s): ask again on a new one, the clock started afresh.
+                if attempt == 2 or sample.tokens:
+                    raise
+                local.client = httpx.Client(timeout=600)
+        raise AssertionError("unreachable")
 
     return run
 
