@@ -34,6 +34,10 @@ class DemandMeter:
             else:
                 self._waiting[model] = average
 
+    def settled(self) -> bool:
+        """Nothing waits and nothing did lately: the average needs no more samples for now."""
+        return not self._waiting
+
     def refused(self, now: float, model: str) -> None:
         self._refused.append((now, model))
 

@@ -115,6 +115,11 @@ class Router(Actor):
                 rid, ErrorReply(request_id=rid, code=EngineFailed.code, message="the node is shutting down")
             )
 
+    idle_tick_s = 1.0  # no request in hand, none waiting (the demand average at rest)
+
+    def idle(self) -> bool:
+        return not self._flights and not self._held and self.meter.settled()
+
     def on_tick(self, now: float) -> None:
         self.meter.sample(now, self._waiting())
         self._place_held()

@@ -36,6 +36,10 @@ class Actor:
     """Base class. Subclasses bind in `setup()`, react in handlers, clean up in `teardown()`."""
 
     tick_interval_s: float = 0.1  # how often `on_tick` runs at the least
+    # While `idle()` says nothing is in hand, `on_tick` runs only this often (None: always at
+    # `tick_interval_s`). Asked again after every message handled, so work that arrives gets the
+    # fast ticks at once.
+    idle_tick_s: float | None = None
 
     def __init__(
         self,
@@ -118,7 +122,12 @@ class Actor:
         """Fail whatever the actor still holds; sockets are closed after this returns."""
 
     def on_tick(self, now: float) -> None:
-        """Timers: called at least every `tick_interval_s` while the actor runs."""
+        """Timers: called at least every `tick_interval_s` while the actor runs (every
+        `idle_tick_s` while it is idle)."""
+
+    def idle(self) -> bool:
+        """Nothing in hand that needs the fast ticks (see `idle_tick_s`)."""
+        return False
 
     def socket(self, kind: int, *, identity: bytes | None = None) -> zmq.Socket:
         """A socket owned by this actor, closed when it stops."""
@@ -199,9 +208,11 @@ class Actor:
             pipe.close()
 
     def _loop(self, pipe: zmq.Socket) -> None:
-        next_tick = self.clock()
+        last_tick = self.clock() - 3600.0  # the first tick is at once
         ticks = type(self).on_tick is not Actor.on_tick  # an actor without timers sleeps until a message
         while True:
+            slow = self.idle_tick_s is not None and self._guarded_idle()
+            next_tick = last_tick + (self.idle_tick_s if slow and self.idle_tick_s else self.tick_interval_s)
             timeout_ms = max(0, int((next_tick - self.clock()) * 1000)) if ticks else None
             events = dict(self._poller.poll(timeout_ms))
             if pipe in events:
@@ -215,7 +226,14 @@ class Actor:
             now = self.clock()
             if now >= next_tick:
                 self._guard(lambda now=now: self.on_tick(now))  # type: ignore[misc]
-                next_tick = now + self.tick_interval_s
+                last_tick = now
+
+    def _guarded_idle(self) -> bool:
+        try:
+            return self.idle()
+        except Exception:
+            log.exception("actor %s failed to say whether it is idle", self.name)
+            return False
 
     def _drain(self, sock: zmq.Socket, handler: SocketHandler) -> None:
         for _ in range(_MAX_BATCH):

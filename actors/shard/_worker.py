@@ -99,6 +99,16 @@ class ShardWorker(Actor):
             self._child = None
         self._set_state("retired", "stopped")  # the router forgets this worker
 
+    idle_tick_s = 1.0  # no engine to restart, load or cancel
+
+    def idle(self) -> bool:
+        return (
+            self._restart_at is None
+            and self.state != "loading"
+            and not self._cancel_deadlines
+            and self.stats == self._reported
+        )
+
     def on_tick(self, now: float) -> None:
         if self._restart_at is not None and now >= self._restart_at:
             self._restart_at = None

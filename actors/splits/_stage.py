@@ -108,6 +108,11 @@ class StageHost(Actor):
         if self.lease is not None:
             self._release("the node is stopping")
 
+    idle_tick_s = 1.0  # no lease: only the offer to repeat, every 2 s
+
+    def idle(self) -> bool:
+        return self.lease is None
+
     def on_tick(self, now: float) -> None:
         if now >= self._offer_due:  # again now and then: gossip keeps only the latest
             self._publish_offer()

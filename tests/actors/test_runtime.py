@@ -9,6 +9,7 @@ import zmq
 
 from actors import Actor, ActorStartError, Chunk, decode, encode, make_socket
 from actors.runtime._supervisor import Backoff
+from tests.support.nodes import eventually
 
 
 class Echo(Actor):
@@ -87,3 +88,40 @@ def test_restart_backoff_doubles_up_to_its_cap_and_resets() -> None:
     assert [backoff.next_delay() for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
     backoff.reset()
     assert backoff.next_delay() == 0.5
+
+
+class Ticker(Echo):
+    """Counts its ticks; idle until it has echoed something, then busy for good."""
+
+    idle_tick_s = 1.0
+
+    def __init__(self, zmq_ctx: zmq.Context, endpoint: str) -> None:
+        super().__init__(zmq_ctx, endpoint)
+        self.ticks: list[float] = []
+        self.busy = False
+
+    def handle(self, frames: list[bytes]) -> None:
+        self.busy = True
+        super().handle(frames)
+
+    def idle(self) -> bool:
+        return not self.busy
+
+    def on_tick(self, now: float) -> None:
+        self.ticks.append(now)
+
+
+def test_an_idle_actor_ticks_rarely_and_work_brings_the_fast_ticks_at_once(zmq_ctx: zmq.Context) -> None:
+    import time
+
+    with Ticker(zmq_ctx, "inproc://ticker") as actor:
+        time.sleep(1.5)
+        idle_ticks = len(actor.ticks)
+        assert 1 <= idle_ticks <= 3  # about one a second, not fifteen
+        sock = client(zmq_ctx, "inproc://ticker")
+        sock.send(encode(Chunk(request_id="r", text="hi", n_tokens=1)))
+        assert sock.poll(2000)
+        sock.recv()
+        # every 0.1 s now, without waiting out the idle second (idle, 0.95 s would hold one tick)
+        eventually(lambda: len(actor.ticks) - idle_ticks >= 3, timeout_s=0.95)
+        sock.close()
