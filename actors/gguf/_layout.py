@@ -15,8 +15,10 @@ import hashlib
 import mmap
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from actors.gguf._identity import SOURCE_MODEL_ID_KEY, model_id_of
 
@@ -53,35 +55,148 @@ class Layout:
         return [t for t in self.tensors if (m := _LAYER.match(t.name)) and first <= int(m.group(1)) <= last]
 
 
+# GGUF value types: struct formats of the scalars (8 is a string, 9 an array)
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_SMALL_ARRAY = 4096  # numeric arrays up to this long are kept (per-layer head counts); longer ones skipped
+
+
+def read_header(path: Path) -> tuple[dict[str, object], list[TensorSpan], int]:
+    """A GGUF's metadata (scalars, strings and short numeric arrays; the vocabulary and other long
+    arrays are skipped, not parsed), its tensors and where their data starts. gguf's GGUFReader
+    parses every field into numpy views, 0.8 s for a 32k-token vocabulary: this is on every
+    node's start-up path."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _parse_header(data, GGML_QUANT_SIZES, GGMLQuantizationType)
+
+
+def _parse_header(
+    data: Any, quant_sizes: Any, quant_type: Any
+) -> tuple[dict[str, object], list[TensorSpan], int]:
+    at = 0
+    size = len(data)
+
+    def take(fmt: str) -> Any:
+        nonlocal at
+        n = struct.calcsize(fmt)
+        if at + n > size:
+            raise ValueError("truncated header")
+        (value,) = struct.unpack_from(fmt, data, at)
+        at += n
+        return value
+
+    def string() -> str:
+        nonlocal at
+        n = take("<Q")
+        if at + n > size:
+            raise ValueError("a string runs past the end of the file")
+        at += n
+        return data[at - n : at].decode("utf-8", errors="replace")
+
+    def value(kind: int) -> object:
+        nonlocal at
+        if kind in _SCALARS:
+            return take(_SCALARS[kind])
+        if kind == 8:
+            return string()
+        if kind != 9:
+            raise ValueError(f"unknown value type {kind}")
+        item, count = take("<I"), take("<Q")
+        if item in _SCALARS and count <= _SMALL_ARRAY:
+            return [take(_SCALARS[item]) for _ in range(count)]
+        if item in _SCALARS:  # skipped whole
+            at += count * struct.calcsize(_SCALARS[item])
+            if at > size:
+                raise ValueError("an array runs past the end of the file")
+            return None
+        if item == 8:  # strings: each one's length says where the next starts
+            if count > size:
+                raise ValueError("an array longer than the file")
+            for _ in range(count):
+                n = take("<Q")
+                at += n
+            if at > size:
+                raise ValueError("an array runs past the end of the file")
+            return None
+        raise ValueError(f"unsupported array of type {item}")
+
+    if data[:4] != b"GGUF":
+        raise ValueError("not a GGUF file")
+    at = 4
+    version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+    if version < 2 or n_tensors > size or n_kv > size:
+        raise ValueError(f"unsupported GGUF header (version {version})")
+    fields: dict[str, object] = {}
+    for _ in range(n_kv):
+        key = string()
+        fields[key] = value(take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("<I")
+        if n_dims > 8:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions")
+        elements = 1
+        for _ in range(n_dims):
+            elements *= take("<Q")
+        kind, offset = take("<I"), take("<Q")
+        try:
+            block, type_size = quant_sizes[quant_type(kind)]
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"tensor {name} has unknown type {kind}") from err
+        infos.append((name, offset, elements // block * type_size))
+    alignment = fields.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise ValueError(f"bad general.alignment {alignment!r}")
+    start = (at + alignment - 1) // alignment * alignment
+    tensors = [TensorSpan(name, start + offset, n) for name, offset, n in infos]
+    if any(t.offset + t.size > size for t in tensors):
+        raise ValueError("a tensor runs past the end of the file")
+    return fields, tensors, start
+
+
 def read_layout(path: str | Path) -> Layout:
     """Read a GGUF's layout (raises ValueError for a file that is not a dense layered GGUF)."""
-    from gguf import GGUFReader
-
     path = Path(path)
     try:
-        reader = GGUFReader(str(path))
-    except Exception as err:  # gguf raises ValueError, KeyError, struct errors... on bad files
+        fields, spans, data_offset = read_header(path)
+    except (OSError, ValueError, struct.error) as err:
         raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
-    arch_field = reader.get_field("general.architecture")
-    if arch_field is None:
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, str):
         raise ValueError(f"{path} has no general.architecture")
-    arch = str(arch_field.contents())
 
     def number(key: str, default: int | None = None) -> int:
-        field = reader.get_field(f"{arch}.{key}")
-        if field is None:
+        value = fields.get(f"{arch}.{key}")
+        if value is None:
             if default is None:
                 raise ValueError(f"{path} has no {arch}.{key}")
             return default
-        value = field.contents()
-        return int(value[0] if isinstance(value, list) else value)
+        if isinstance(value, list):
+            value = value[0] if value else default
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"{path}: {arch}.{key} is not a number")
+        return int(value)
 
     n_layer = number("block_count")
     n_embd = number("embedding_length")
     n_head = number("attention.head_count")
     n_head_kv = number("attention.head_count_kv", n_head)
     head_dim = number("attention.key_length", n_embd // max(n_head, 1))
-    tensors = tuple(TensorSpan(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors)
+    tensors = tuple(spans)
     layers = [0] * n_layer
     input_bytes = output_bytes = 0
     for t in tensors:
@@ -99,16 +214,16 @@ def read_layout(path: str | Path) -> Layout:
     size = path.stat().st_size
     digest = hashlib.sha256(size.to_bytes(8, "little"))
     with path.open("rb") as f:
-        start = int(reader.data_offset)
+        start = data_offset
         digest.update(f.read(start))
         step = max(1, (size - start) // _SAMPLES)
         for offset in range(start, size, step):
             f.seek(offset)
             digest.update(f.read(_SAMPLE_BYTES))
-    source = reader.get_field(SOURCE_MODEL_ID_KEY)
+    source = fields.get(SOURCE_MODEL_ID_KEY)
     return Layout(
         path=str(path),
-        model_id=str(source.contents()) if source is not None else model_id_of(path),
+        model_id=str(source) if source is not None else model_id_of(path),
         identity=digest.hexdigest()[:32],
         size=size,
         n_layer=n_layer,
