@@ -10,13 +10,13 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
+from tests.support.llama_builds import CACHE, pinned_sdist
+
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path.home() / ".cache" / "mesh-llm"
 TOOLS = ("llama-server", "llama-bench")
 
 
@@ -41,13 +41,7 @@ def llama_tools() -> dict[str, Path]:
     tools = {name: home / "bin" / name for name in TOOLS}
     if all(p.exists() for p in tools.values()):
         return tools
-    sdist = CACHE / "sdist" / f"llama_cpp_python-{version}.tar.gz"
-    if not sdist.exists():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={version}", "-d", str(sdist.parent)],
-            check=True,
-        )  # fmt: skip
+    sdist = pinned_sdist(version)
     print(f"building {', '.join(TOOLS)} from llama-cpp-python {version}'s llama.cpp (once) ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(sdist) as tar:

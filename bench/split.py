@@ -48,6 +48,7 @@ from actors.wire._messages import StageClaim, StageGrant
 from bench._common import cpu_seconds, free_port_pair, print_targets, stop_process, write_result
 from tests.support.delay_proxy import DelayProxy
 from tests.support.netns import Lan, can_make_namespaces, run_in
+from tests.support.nodes import listening
 
 BIN = Path(sys.executable).parent
 MODELS = Path.home() / ".cache" / "mesh-llm" / "bench-models"
@@ -478,7 +479,7 @@ def tunnel_vs_direct(work: Path, path: Path, rounds: int, tokens: int) -> dict[s
         ctx, stage=f"tcp://127.0.0.1:{node_port + 3}", identity=layout.identity, first=0, last=half - 1
     )
     try:
-        wait(lambda: _listening(port), 120, "the direct RPC server")
+        wait(lambda: listening(port), 120, "the direct RPC server")
         time.sleep(2.0)  # the node binds its tunnel port
         head.start()
         if not head.ready.wait(120):
@@ -541,16 +542,6 @@ def tunnel_vs_direct(work: Path, path: Path, rounds: int, tokens: int) -> dict[s
         stop_process(node)
         direct.kill()
         direct.wait()
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 # -- (d) faults -----------------------------------------------------------------------------------

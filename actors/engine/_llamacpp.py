@@ -94,8 +94,15 @@ def has_file_tensors() -> bool:
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         return False
+    return library_has_file_tensors(os.path.join(os.path.dirname(spec.origin), "lib"))
+
+
+def library_has_file_tensors(lib_dir: str) -> bool:
+    """Whether the RPC backend in a llama_cpp `lib` directory carries the project's patch."""
+    import os
+
     try:
-        with open(os.path.join(os.path.dirname(spec.origin), "lib", "libggml-rpc.so.0"), "rb") as f:
+        with open(os.path.join(lib_dir, "libggml-rpc.so.0"), "rb") as f:
             return FILE_TENSORS_SYMBOL + b"\0" in f.read()
     except OSError:
         return False

@@ -77,15 +77,13 @@ def read_header(path: Path) -> tuple[dict[str, object], list[TensorSpan], int]:
     arrays are skipped, not parsed), its tensors and where their data starts. gguf's GGUFReader
     parses every field into numpy views, 0.8 s for a 32k-token vocabulary: this is on every
     node's start-up path."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _parse_header(data)
+
+
+def _parse_header(data: Any) -> tuple[dict[str, object], list[TensorSpan], int]:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return _parse_header(data, GGML_QUANT_SIZES, GGMLQuantizationType)
-
-
-def _parse_header(
-    data: Any, quant_sizes: Any, quant_type: Any
-) -> tuple[dict[str, object], list[TensorSpan], int]:
     at = 0
     size = len(data)
 
@@ -154,7 +152,7 @@ def _parse_header(
             elements *= take("<Q")
         kind, offset = take("<I"), take("<Q")
         try:
-            block, type_size = quant_sizes[quant_type(kind)]
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
         except (ValueError, KeyError) as err:
             raise ValueError(f"tensor {name} has unknown type {kind}") from err
         infos.append((name, offset, elements // block * type_size))

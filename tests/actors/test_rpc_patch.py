@@ -21,7 +21,7 @@ import pytest
 from actors.engine._llamacpp import has_file_tensors
 from actors.gguf._layout import Layout, TensorSpan, read_layout
 from tests.support.llama_builds import llama_cpp_version, pinned_sdist
-from tests.support.nodes import eventually, free_port_pair
+from tests.support.nodes import eventually, free_port_pair, listening
 
 ROOT = Path(__file__).resolve().parents[2]
 PATCH = ROOT / "patches" / "llama.cpp-rpc-file-tensors.patch"
@@ -154,7 +154,7 @@ def server(tiny_model: Path, tmp_path: Path) -> Iterator[Server]:
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     try:
-        eventually(lambda: _listening(port) or proc.poll() is not None, timeout_s=30)
+        eventually(lambda: listening(port) or proc.poll() is not None, timeout_s=30)
         assert proc.poll() is None, (tmp_path / "stage.log").read_text()
         yield Server(("127.0.0.1", port), layout, proc)
     finally:
@@ -162,14 +162,6 @@ def server(tiny_model: Path, tmp_path: Path) -> Iterator[Server]:
         proc.wait()
         log.close()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # no duplicate slice
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def biggest(layout: Layout) -> TensorSpan:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,6 +13,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from actors.engine._llamacpp import has_file_tensors, library_has_file_tensors
+
 CACHE = Path.home() / ".cache" / "mesh-llm"
 
 
@@ -21,10 +22,10 @@ def llama_cpp_version() -> str:
     return importlib.metadata.version("llama_cpp_python")
 
 
-def pinned_sdist() -> Path:
+def pinned_sdist(version: str | None = None) -> Path:
     """The llama-cpp-python sdist the install builds from (patches/build-wheel.sh keeps it in the
-    cache; fetched from PyPI if it is not there)."""
-    version = llama_cpp_version()
+    cache; fetched from PyPI if it is not there); by default of the installed version."""
+    version = version or llama_cpp_version()
     sdist = CACHE / "sdist" / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.exists():
         subprocess.run(
@@ -87,10 +88,6 @@ def stock_llama_cpp() -> Path:
 
 def is_patched(site: Path | None = None) -> bool:
     """Whether the llama_cpp found first (on `site`, else as installed) has the project's patch."""
-    if site is not None:
-        path = site / "llama_cpp" / "lib" / "libggml-rpc.so.0"
-    else:
-        spec = importlib.util.find_spec("llama_cpp")
-        assert spec is not None and spec.origin is not None
-        path = Path(spec.origin).parent / "lib" / "libggml-rpc.so.0"
-    return b"ggml_backend_rpc_server_add_file\0" in path.read_bytes()
+    if site is None:
+        return has_file_tensors()
+    return library_has_file_tensors(str(site / "llama_cpp" / "lib"))
