@@ -40,6 +40,7 @@ from actors._errors import (
     ProtocolError,
     RequestError,
     RequestTooLarge,
+    Unauthorized,
     request_error,
 )
 from actors.node import VERSION, ModelSpec, Node, NodeSpec
@@ -105,6 +106,7 @@ __all__ = [
     "Started",
     "TokenLogprob",
     "TopLogprob",
+    "Unauthorized",
     "ask",
     "decode",
     "encode",

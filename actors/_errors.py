@@ -13,6 +13,7 @@ MeshError
     ├── EngineFailed         the llama.cpp child died or errored (503)
     ├── NotReady             the model is still loading (503)
     ├── PeerUnavailable      the router could not be reached in time (503)
+    ├── Unauthorized         a request from the network without a valid API key (401)
     └── InternalError        a bug met while handling the request: it ended it (500)
 """
 
@@ -80,6 +81,10 @@ class PeerUnavailable(RequestError):
     code = "peer_unavailable"
 
 
+class Unauthorized(RequestError):
+    code = "invalid_api_key"
+
+
 class InternalError(RequestError):
     code = "internal_error"
 
@@ -95,6 +100,7 @@ _BY_CODE: dict[str, type[RequestError]] = {
         EngineFailed,
         NotReady,
         PeerUnavailable,
+        Unauthorized,
         InternalError,
     )
 }

@@ -21,14 +21,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import zmq
 
 from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, ZMQ_PORT_SPAN, Actor, Answer, Query, encode
 from actors.wire import Heartbeat, MeshView, PeerSeen, peek_version
+from actors.wire._curve import Keyring, NotAMember, dial
 from actors.wire._messages import Demand, Echo, Load, Offer, PeerRow, SplitNews, SplitRow, ViewRow
 from discovery._elastic import Elastic, Standby
 from discovery._mdns import Advert
 from discovery._membership import Change, Membership
+from discovery._trust import Trust
 
 log = logging.getLogger(__name__)
 _REARM_EVERY_S = 10.0  # how often the gossip connection of a member held dead is made afresh
@@ -50,6 +53,16 @@ class _Peer:
     standby_for: tuple[str, ...] = ()
     claims: tuple[str, ...] = ()
     claimed_at: dict[str, float] = field(default_factory=dict)  # our clock: since when each claim stands
+    proofs: dict[tuple[str, int], bytes] = field(
+        default_factory=dict
+    )  # its signed (state, incarnation) claims
+
+    def keep_proof(self, row: ViewRow) -> None:
+        """Keep the member's signed claim of `row` to relay it (only the newest few)."""
+        if row.proof and len(row.proof) == 64:
+            self.proofs[(row.state, row.incarnation)] = row.proof
+            if len(self.proofs) > 4:
+                del self.proofs[min(self.proofs, key=lambda k: k[1])]
 
     @property
     def rtt_ms(self) -> float | None:
@@ -61,6 +74,50 @@ class _Peer:
     rearmed_at: float = 0.0  # our clock, when we last reconnected to it while it was dead
 
 
+_ROSTER_RETRY_S = 2.0  # a roster asked for and not received this long is asked for again
+
+
+class _Signer:
+    """A secured mesh's gossip signatures: each heartbeat signed by its node, and each member's
+    own alive/left claim signed by it, so that the claim can travel second-hand."""
+
+    def __init__(self, keyring: Keyring, mesh: str) -> None:
+        self.keyring = keyring
+        self.mesh = mesh
+        self._own: tuple[tuple[str, int, str, int], bytes] | None = None
+
+    def sign(self, frame: bytes) -> bytes:
+        return self.keyring.keys.sign(frame)
+
+    def verify_beat(self, beat: Heartbeat, frames: list[bytes]) -> bool:
+        return len(frames) == 2 and self.keyring.verify(beat.node_id, frames[0], frames[1])
+
+    def _claim(self, row: ViewRow) -> bytes:
+        return msgpack.packb([self.mesh, row.node_id, row.state, row.incarnation, row.host, row.zmq_port])
+
+    def prove(self, row: ViewRow, proofs: dict[tuple[str, int], bytes] | None) -> ViewRow:
+        """`row` with the proof of its claim: ours signed now, a peer's as we received it."""
+        if row.state not in _OWN_CLAIMS:
+            return row
+        if row.node_id == self.keyring.node_id:
+            key = (row.state, row.incarnation, row.host, row.zmq_port)
+            if self._own is None or self._own[0] != key:
+                self._own = (key, self.keyring.keys.sign(self._claim(row)))
+            return dataclasses.replace(row, proof=self._own[1])
+        proof = (proofs or {}).get((row.state, row.incarnation), b"")
+        return dataclasses.replace(row, proof=proof) if proof else row
+
+    def credible(self, row: ViewRow, *, own_word: bool) -> bool:
+        """Whether to hear `row`: about a member; a claim only its subject may make (alive,
+        left) carries the subject's signature unless it is the subject's own heartbeat."""
+        if self.keyring.member(row.node_id) is None:
+            return False
+        if own_word or row.state not in _OWN_CLAIMS:
+            return True
+        return self.keyring.verify(row.node_id, self._claim(row), row.proof)
+
+
+_OWN_CLAIMS = ("alive", "left")
 MAX_PEER_DEMAND = 1000.0  # units of unmet demand one peer's report counts for at most
 
 
@@ -85,6 +142,7 @@ class Gossip(Actor):
         view_endpoints: Sequence[str] = (),
         standby_for: Sequence[str] = (),
         on_elastic: Callable[[str, str], None] | None = None,
+        trust: Trust | None = None,
         **kwargs: Any,
     ) -> None:
         """`on_collision(why)` is called (on this actor's thread) when another live node process
@@ -128,12 +186,18 @@ class Gossip(Actor):
         self._router: zmq.Socket | None = None
         self._hellos: dict[tuple[str, int], zmq.Socket] = {}
         self._next_hello = 0.0
+        self.trust = trust
+        self.signed = _Signer(trust.keyring, me.mesh) if trust is not None else None
+        self._roster_fetch: tuple[zmq.Socket, float] | None = None  # (socket, when asked)
+        self._revoked = False  # the keyring dropped members: cut their connections (next tick)
+        if trust is not None:
+            trust.keyring.on_update(self._keyring_changed)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def setup(self) -> None:
         self._pub = self.socket(zmq.PUB)
-        self._pub.bind(self.bind_endpoint)
+        self.listen(self._pub, self.bind_endpoint, "gossip")
         self._sub = self.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         # ZeroMQ drops (and disconnects) a sender of a larger frame before we ever unpack it.
@@ -162,6 +226,8 @@ class Gossip(Actor):
             self._publish()
 
     def on_tick(self, now: float) -> None:
+        if self._revoked:
+            self._cut_revoked()
         for change in self.membership.tick(now):
             self._log_change(change)
         self._prune()
@@ -180,7 +246,7 @@ class Gossip(Actor):
     def _on_inbox(self, frames: list[bytes]) -> None:
         seen = self.decode(frames[-1], "discovery")
         if isinstance(seen, PeerSeen):
-            self._subscribe(seen.host, seen.zmq_port)
+            self._subscribe(seen.host, seen.zmq_port, seen.node_id or None)
         elif isinstance(seen, Offer):  # from our own stage host (in-process)
             self.offer = seen
         elif isinstance(seen, SplitNews):  # from our own split heads (in-process)
@@ -200,7 +266,7 @@ class Gossip(Actor):
             )
 
     def _on_heartbeat(self, frames: list[bytes]) -> None:
-        frame = frames[-1]
+        frame = frames[0]  # then its signature, on a secured mesh
         version = peek_version(frame)
         if version is not None and version != PROTOCOL_VERSION:
             self.stats["other_version"] += 1
@@ -211,6 +277,12 @@ class Gossip(Actor):
             return
         if beat.mesh != self.me.mesh:
             self.stats["other_mesh"] += 1
+            return
+        if self.signed is not None and not self.signed.verify_beat(beat, frames):
+            self.stats["forged_heartbeats"] += 1
+            self.warn_once(
+                f"forged:{beat.node_id}", "gossip: dropped a heartbeat not signed by member %s", beat.node_id
+            )
             return
         if beat.node_id == self.me.node_id:
             if beat.instance != self.instance:
@@ -232,6 +304,8 @@ class Gossip(Actor):
             self._send_view()
         for row in beat.view:
             self._hear_rumor(row, now, own_word=row.node_id == beat.node_id)
+        if self.trust is not None and beat.roster > self.trust.keyring.version:
+            self._fetch_roster(beat.node_id, now)
 
     def _remember(self, beat: Heartbeat, now: float) -> bool:
         """Take in a peer's heartbeat; True if it changed the models or role we knew it by."""
@@ -258,7 +332,7 @@ class Gossip(Actor):
             peer.rtt_samples.append(sample_ms)
             if len(peer.rtt_samples) > self.config.rtt_window:
                 peer.rtt_samples.popleft()
-        self._subscribe(beat.host, beat.zmq_port)
+        self._subscribe(beat.host, beat.zmq_port, beat.node_id)
         return news
 
     def _send_view(self) -> None:
@@ -272,6 +346,12 @@ class Gossip(Actor):
                 pass  # that actor is not reading (stopping): it gets the next one
 
     def _hear_rumor(self, row: ViewRow, now: float, *, own_word: bool) -> None:
+        if self.signed is not None:
+            if not self.signed.credible(row, own_word=own_word):
+                self.stats["unproven_rumors"] += 1
+                return
+            if row.node_id in self._peers:
+                self._peers[row.node_id].keep_proof(row)
         for change in self.membership.rumor(row.node_id, row.state, row.incarnation, now, own_word=own_word):
             self._log_change(change)
         if (
@@ -280,8 +360,9 @@ class Gossip(Actor):
             and self.membership.state_of(row.node_id) is not None
             and _valid_address(row.host, row.zmq_port)
         ):
-            self._peers.setdefault(row.node_id, _Peer(host=row.host, zmq_port=row.zmq_port))
-            self._subscribe(row.host, row.zmq_port)
+            peer = self._peers.setdefault(row.node_id, _Peer(host=row.host, zmq_port=row.zmq_port))
+            peer.keep_proof(row)
+            self._subscribe(row.host, row.zmq_port, row.node_id)
 
     def _collide(self, beat: Heartbeat) -> None:
         """Another live process gossips with our node id (a copied state dir, say). The one that
@@ -473,9 +554,10 @@ class Gossip(Actor):
                 if node_id == self.me.node_id
                 else ((peer.host, peer.zmq_port) if peer else ("", 0))
             )
-            view.append(
-                ViewRow(node_id=node_id, state=state, incarnation=incarnation, host=host, zmq_port=port)
-            )
+            row = ViewRow(node_id=node_id, state=state, incarnation=incarnation, host=host, zmq_port=port)
+            if self.signed is not None:
+                row = self.signed.prove(row, peer.proofs if peer is not None else None)
+            view.append(row)
         beat = Heartbeat(
             node_id=self.me.node_id,
             instance=self.instance,
@@ -500,8 +582,13 @@ class Gossip(Actor):
             demand=self._demand,
             standby_for=sorted(self.elastic.standby_for - set(self._models)),
             claims=sorted(self.elastic.claims),
+            roster=self.trust.keyring.version if self.trust is not None else 0,
         )
-        self._pub.send(encode(beat))
+        frame = encode(beat)
+        if self.signed is None:
+            self._pub.send(frame)
+        else:
+            self._pub.send_multipart([frame, self.signed.sign(frame)])
 
     def _advertised(self) -> list[str]:
         """The models we serve: those ready here, and a dense split's while it forms or re-forms
@@ -520,8 +607,14 @@ class Gossip(Actor):
         for address in targets:
             sock = self._hellos.get(address)
             if sock is None:  # a DEALER to that node's control port
-                sock = self._hellos[address] = self.socket(zmq.DEALER)
-                sock.connect(f"tcp://{address[0]}:{address[1]}")
+                node_id = self._node_at(address)
+                sock = self.socket(zmq.DEALER)
+                try:
+                    dial(sock, f"tcp://{address[0]}:{address[1]}", node_id)
+                except NotAMember:
+                    self.forget(sock)
+                    continue
+                self._hellos[address] = sock
             try:
                 sock.send(hello, zmq.NOBLOCK)
             except zmq.Again:
@@ -541,7 +634,9 @@ class Gossip(Actor):
                 self._sub.disconnect(endpoint)
                 self._sub.connect(endpoint)
 
-    def _subscribe(self, host: str, zmq_port: int) -> None:
+    def _subscribe(self, host: str, zmq_port: int, node_id: str | None = None) -> None:
+        """Hear the heartbeats of the node at that address (on a secured mesh: only if it is a
+        member, `node_id` or the one the roster places there; CURVE then proves it is)."""
         if (host, zmq_port) == (self.me.host, self.me.zmq_port) or not host:
             return
         endpoint = gossip_endpoint(host, zmq_port)
@@ -551,8 +646,85 @@ class Gossip(Actor):
             self.stats["refused_subscriptions"] += 1
             return
         assert self._sub is not None
-        self._sub.connect(endpoint)
+        try:
+            dial(self._sub, endpoint, node_id or self._node_at((host, zmq_port)))
+        except NotAMember as err:
+            self.stats["not_members"] += 1
+            self.warn_once(f"not-member:{endpoint}", "gossip: not subscribing to %s: %s", endpoint, err)
+            return
         self._connected.add(endpoint)
+
+    def _node_at(self, address: tuple[str, int]) -> str | None:
+        """The node we know at `address` (from its heartbeats, else the roster), if any."""
+        for node_id, peer in self._peers.items():
+            if (peer.host, peer.zmq_port) == address and peer.heard_at:
+                return node_id
+        member = self.trust.keyring.at(*address) if self.trust is not None else None
+        return member.node_id if member is not None else None
+
+    # -- a secured mesh's roster ------------------------------------------------------------
+
+    def _fetch_roster(self, node_id: str, now: float) -> None:
+        """Ask `node_id` (a member that holds a newer roster) for it; one question at a time."""
+        assert self.trust is not None
+        if self._roster_fetch is not None:
+            if now - self._roster_fetch[1] < _ROSTER_RETRY_S:
+                return
+            self.forget(self._roster_fetch[0])
+        peer = self._peers.get(node_id)
+        if peer is None:
+            return
+        sock = self.socket(zmq.DEALER)
+        try:
+            dial(sock, f"tcp://{peer.host}:{peer.zmq_port}", node_id)
+        except NotAMember:
+            self.forget(sock)
+            return
+        self._roster_fetch = (sock, now)
+        self.on_socket(sock, lambda frames: self._on_roster(sock, frames))
+        sock.send(encode(Query(request_id="roster", what="roster")))
+
+    def _on_roster(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        assert self.trust is not None
+        answer = self.decode(frames[-1], "roster")
+        if self._roster_fetch is not None and self._roster_fetch[0] is sock:
+            self._roster_fetch = None
+        self.forget(sock)
+        if isinstance(answer, Answer) and isinstance(answer.data.get("roster"), str):
+            try:
+                signed = bytes.fromhex(answer.data["roster"])
+            except ValueError:
+                self.stats["bad_rosters"] += 1
+                return
+            if not self.trust.adopt(signed):
+                self.stats["bad_rosters"] += 1
+
+    def _keyring_changed(self, gone: frozenset[str]) -> None:
+        """The keyring's listener (on whichever thread updated it): members were removed."""
+        if gone:
+            self._revoked = True
+
+    def _cut_revoked(self) -> None:
+        """Members were revoked: stop hearing them, and make every subscriber to our heartbeats
+        reconnect, so that ZAP admits the remaining members only."""
+        assert self.trust is not None and self._pub is not None
+        self._revoked = False
+        members = self.trust.keyring.members()
+        for node_id, peer in list(self._peers.items()):
+            if node_id not in members:
+                endpoint = gossip_endpoint(peer.host, peer.zmq_port)
+                if endpoint in self._connected and self._sub is not None:
+                    self._sub.disconnect(endpoint)
+                    self._connected.discard(endpoint)
+        self.forget(self._pub)
+        self._pub = self.socket(zmq.PUB)
+        for _ in range(50):  # the closed socket's port is freed by ZeroMQ's I/O thread
+            try:
+                self.listen(self._pub, self.bind_endpoint, "gossip")
+                break
+            except zmq.ZMQError:
+                time.sleep(0.02)
+        log.info("gossip: members revoked; their connections were cut")
 
     def _log_change(self, change: Change) -> None:
         level = logging.WARNING if change.new in ("suspect", "dead") else logging.INFO

@@ -11,6 +11,7 @@ from actors import Node, NodeSpec, encode, make_socket
 from actors.wire._messages import PeerSeen
 from discovery._gossip import Gossip, gossip_endpoint
 from discovery._mdns import Advert, MdnsDiscovery, mesh_hash
+from discovery._trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class MeshMembership:
         on_collision: Callable[[str], None] | None = None,
         standby_for: Sequence[str] = (),
         on_elastic: Callable[[str, str], None] | None = None,
+        trust: Trust | None = None,
     ) -> None:
         """`advertise`: the (host, zmq_port) peers reach us at, when not the bound ones;
         `on_collision`: called (on the gossip thread) when we must give up our node id;
@@ -40,6 +42,7 @@ class MeshMembership:
         self.on_collision = on_collision
         self.standby_for = list(standby_for)
         self.on_elastic = on_elastic
+        self.trust = trust
         self.gossip: Gossip | None = None  # once the node made it
         self.spec = spec
         host, zmq_port = advertise or (spec.host, spec.zmq_port)
@@ -71,6 +74,7 @@ class MeshMembership:
             view_endpoints=node.view_endpoints,
             standby_for=self.standby_for,
             on_elastic=self.on_elastic,
+            trust=self.trust,
             config=node.spec.config,
         )
         return self.gossip

@@ -16,10 +16,13 @@ import zmq
 
 from actors.runtime._actor import Actor
 from actors.wire._codec import encode
+from actors.wire._curve import INVITE_USER
 from actors.wire._messages import Answer, PeerSeen, Query
 
 COMMANDS = ("status", "peers", "models", "splits")
 OPERATIONS = ("drain", "promote", "swap")  # commands that change the node (answered at once)
+TRUST = ("roster", "enrol", "invite", "revoke")  # a secured mesh's membership (answered at once)
+_OWN_ONLY = (*OPERATIONS, "invite", "revoke")  # on a secured node: from its own operator only
 
 
 @dataclass(slots=True)
@@ -66,12 +69,15 @@ class Control(Actor):
         peers_endpoint: str | None = None,
         inbox_endpoint: str | None = None,
         operations: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+        trust: Callable[[str, dict[str, Any], str | None], dict[str, Any]] | None = None,
         **kwargs: object,
     ) -> None:
         """`operations(what, args)`: the node's handler of the commands in `OPERATIONS` (it
-        answers at once whether it took the command; the work goes on after)."""
+        answers at once whether it took the command; the work goes on after). `trust(what,
+        args, sender)`: a secured node's handler of `TRUST` commands."""
         super().__init__(ctx, "control", **kwargs)  # type: ignore[arg-type]
         self.operations = operations
+        self.trust = trust
         self.endpoint = endpoint
         self.router_endpoint = router_endpoint
         self.peers_endpoint = peers_endpoint
@@ -88,7 +94,7 @@ class Control(Actor):
     def setup(self) -> None:
         self._front = self.socket(zmq.ROUTER)
         self._front.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)  # refused before unpacking
-        self._front.bind(self.endpoint)
+        self.listen(self._front, self.endpoint, "control")
         self.on_socket(self._front, self._from_ctl)
         self._router = self.socket(zmq.DEALER)
         self._router.connect(self.router_endpoint)
@@ -106,11 +112,30 @@ class Control(Actor):
             self.stats["dropped_frames"] += 1
             return
         client, frame = frames
+        sender = self.sender
         query = self.decode(frame, "mesh-ctl")
+        refusal = self._refusal(query, sender)
+        if refusal is not None:
+            self.stats["refused_commands"] += 1
+            self.warn_once(
+                f"refused:{sender}:{refusal}", "control: refused a command from %s: %s", sender, refusal
+            )
+            if isinstance(query, Query):
+                self._reply(client, Answer(request_id=query.request_id, data={"error": refusal}))
+            return
         if isinstance(query, PeerSeen) and self._inbox is not None:
             self._inbox.send(frame, zmq.NOBLOCK)  # a joining node says hello: gossip subscribes to it
             return
         if not isinstance(query, Query):
+            return
+        if query.what in TRUST:
+            if self.trust is None:
+                data = {
+                    "error": "this node is not part of a secured mesh (started without --secure or --join)"
+                }
+            else:
+                data = self.trust(query.what, dict(query.args), sender)
+            self._reply(client, Answer(request_id=query.request_id, data=data))
             return
         if query.what in OPERATIONS:
             if self.operations is None:
@@ -130,6 +155,20 @@ class Control(Actor):
         self._router.send(encode(Query(request_id=inner, what="status")))
         if self._gossip is not None:
             self._gossip.send(encode(Query(request_id=inner, what="peers")))
+
+    def _refusal(self, query: object, sender: str | None) -> str | None:
+        """Why a secured node does not take `query` from `sender` (None: it does). An invite's
+        connection may only enrol; changing the node is for its own operator (mesh-ctl with the
+        node's --state-dir), not for other members."""
+        if sender is None:
+            return None  # an open node
+        if sender.startswith(INVITE_USER):
+            return None if isinstance(query, Query) and query.what == "enrol" else "an invite may only enrol"
+        if isinstance(query, Query) and query.what in _OWN_ONLY and sender != self.node_info["node_id"]:
+            return f"{query.what} is for this node's own operator (mesh-ctl with its --state-dir)"
+        if isinstance(query, Query) and query.what == "enrol":
+            return "already a member"
+        return None
 
     def _from_inside(self, frames: list[bytes]) -> None:
         """An answer from the router (status) or the gossip actor (peers)."""
@@ -170,6 +209,7 @@ class Control(Actor):
         return {
             "node_id": info["node_id"],
             "mesh": info["mesh"],
+            "secure": self._front in self._secured,
             "role": pending.role or info["role"],
             "models": router["local_models"],
             "peers": peers,

@@ -22,6 +22,7 @@ from actors.node._control import Control
 from actors.routing._router import Router
 from actors.runtime._actor import Actor
 from actors.shard._worker import ShardWorker
+from actors.wire._curve import Keyring, secure, unsecure
 from actors.wire._messages import EngineSpec, SplitLoad
 
 if TYPE_CHECKING:
@@ -64,6 +65,10 @@ class NodeSpec:
     split: bool = False
     split_load: SplitLoad = "auto"
     work_dir: Path | None = None
+    # The node's own HTTP gateway reaches its router here (ipc), not through the LAN-facing port;
+    # requests from the network must carry one of `api_keys` unless the mesh is secured.
+    gateway_endpoint: str | None = None
+    api_keys: frozenset[str] = frozenset()
 
     def engine_spec(self, model: ModelSpec) -> EngineSpec:
         """What the engine child serving `model` on this node needs."""
@@ -108,13 +113,19 @@ class Node:
         peers_endpoint: str | None = None,
         inbox_endpoint: str | None = None,
         operations: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+        keyring: Keyring | None = None,
+        trust: Callable[[str, dict[str, Any], str | None], dict[str, Any]] | None = None,
     ) -> None:
         """`more` makes actors of other rooms (gossip) on this node's context; they start after the
         workers. The control actor asks `peers_endpoint` for the mesh's peers and passes the
         hellos of joining nodes to `inbox_endpoint`; `operations` takes mesh-ctl's commands that
-        change the node (drain, promote, swap)."""
+        change the node (drain, promote, swap). With a `keyring` the node is secured: every port
+        admits the keyring's members only (CURVE, ZAP), and `trust` answers membership commands."""
         self.spec = spec
         self.ctx = zmq.Context()
+        self.keyring = keyring
+        if keyring is not None:
+            secure(self.ctx, keyring)
         local = self.router_local_endpoint
         backend = f"inproc://router-backend-{spec.node_id}"
         kw = {"config": spec.config}
@@ -124,6 +135,8 @@ class Node:
             frontend_endpoints=[spec.router_endpoint],
             backend_endpoint=backend,
             inside_endpoint=local,
+            gateway_endpoint=spec.gateway_endpoint,
+            api_keys=spec.api_keys,
             aliases={alias: m.model_id for m in spec.models for alias in m.aliases},
             **kw,
         )
@@ -155,6 +168,7 @@ class Node:
             peers_endpoint=peers_endpoint,
             inbox_endpoint=inbox_endpoint,
             operations=operations,
+            trust=trust,
             config=spec.config,
         )
         self._started: list[Actor] = []
@@ -252,6 +266,7 @@ class Node:
         """Stop actors in reverse order, then the context; idempotent."""
         while self._started:
             self._started.pop().stop()
+        unsecure(self.ctx)
         if not self.ctx.closed:
             self.ctx.term()
 

@@ -10,6 +10,7 @@ with an error reply, and a sweep fails any flight nothing would ever answer.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
 from collections import Counter, OrderedDict, deque
@@ -27,6 +28,7 @@ from actors._errors import (
     NotReady,
     Overloaded,
     PeerUnavailable,
+    Unauthorized,
 )
 from actors.routing._demand import DemandMeter
 from actors.routing._flight import Client, Counters, Flight, WorkerSlots
@@ -34,6 +36,7 @@ from actors.routing._peers import PeerTable
 from actors.routing._placement import choose
 from actors.runtime._actor import Actor
 from actors.wire._codec import Message, encode
+from actors.wire._curve import NotAMember, dial
 from actors.wire._messages import (
     TERMINAL_TYPES,
     Accepted,
@@ -67,12 +70,21 @@ class Router(Actor):
         frontend_endpoints: list[str],
         backend_endpoint: str,
         inside_endpoint: str | None = None,
+        gateway_endpoint: str | None = None,
         aliases: dict[str, str] | None = None,
+        api_keys: frozenset[str] = frozenset(),
         **kwargs: object,
     ) -> None:
-        """`aliases`: other names of models this node serves (name -> model id)."""
+        """`aliases`: other names of models this node serves (name -> model id). The node's own
+        HTTP gateway comes in on `gateway_endpoint` (ipc: it checked the client's API key);
+        requests from the network must carry one of `api_keys` (when there are any) unless the
+        port is secured (members only), and forwarded requests carry ours."""
         super().__init__(ctx, "router", **kwargs)  # type: ignore[arg-type]
         self.node_id = node_id
+        self.gateway_endpoint = gateway_endpoint
+        self.api_keys = api_keys
+        self._forward_key = min(api_keys) if api_keys else ""
+        self._secured_front = False
         self.aliases = dict(aliases or {})
         self.frontend_endpoints = frontend_endpoints
         self.backend_endpoint = backend_endpoint
@@ -99,8 +111,14 @@ class Router(Actor):
         self._front = self.socket(zmq.ROUTER)
         self._front.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
         for endpoint in self.frontend_endpoints:
-            self._front.bind(endpoint)
+            self.listen(self._front, endpoint, "router")
+        self._secured_front = self._front in self._secured
         self.on_socket(self._front, lambda frames: self._from_client(self._front, frames, inside=False))
+        if self.gateway_endpoint is not None:
+            gate = self.socket(zmq.ROUTER)
+            gate.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
+            gate.bind(self.gateway_endpoint)
+            self.on_socket(gate, lambda frames: self._from_client(gate, frames, inside=False, keyed=True))
         if self.inside_endpoint is not None:
             inside = self._inside = self.socket(zmq.ROUTER)
             inside.bind(self.inside_endpoint)
@@ -132,13 +150,28 @@ class Router(Actor):
 
     # -- clients ------------------------------------------------------------------------------
 
-    def _from_client(self, sock: zmq.Socket | None, frames: list[bytes], *, inside: bool) -> None:
+    def _from_client(
+        self, sock: zmq.Socket | None, frames: list[bytes], *, inside: bool, keyed: bool = False
+    ) -> None:
+        """A message from a client: a node's own actor (`inside`), its gateway (`keyed`: the API
+        key was checked), or the network (a peer's router, or anyone on an open mesh)."""
         if len(frames) != 2 or sock is None:
             self.stats["dropped_frames"] += 1
             return
         client, frame = frames
         message = self.decode(frame, "node" if inside else "client")
         if isinstance(message, Generate):
+            if not (inside or keyed or self._secured_front) and not self._key_ok(message.api_key):
+                self.stats["refused_requests"] += 1
+                self.warn_once(
+                    "api-key", "router: refused a request without a valid API key from the network"
+                )
+                why = "this node requires an API key (--api-key) for requests from the network"
+                self._send(
+                    Client(sock, client),
+                    ErrorReply(request_id=message.request_id, code=Unauthorized.code, message=why),
+                )
+                return
             self._admit(Client(sock, client), message)
         elif isinstance(message, Cancel):
             flight = self._flights.get(message.request_id)
@@ -153,6 +186,9 @@ class Router(Actor):
         elif message is not None:
             self.stats["refused_frames"] += 1  # a kind this port does not take from outside
             self.warn_once("refused", "router: refused a %s from outside the node", type(message).__name__)
+
+    def _key_ok(self, key: str) -> bool:
+        return not self.api_keys or any(hmac.compare_digest(key.encode(), k.encode()) for k in self.api_keys)
 
     def _guarded(self, rid: str, call: Callable[[], None]) -> None:
         """Run one flight's handling; if it raises, that request ends with an error reply (and
@@ -491,7 +527,7 @@ class Router(Actor):
         flight = self._flights[rid]
         flight.remote, flight.remote_heard = node, self.clock()
         flight.tried.add(node)
-        self._to_peer(node, replace(flight.request, forwarded=True))
+        self._to_peer(node, replace(flight.request, forwarded=True, api_key=self._forward_key))
 
     def _from_peer(self, node: str, frames: list[bytes]) -> None:
         message = self.decode(frames[-1], f"peer {node}")
@@ -589,7 +625,13 @@ class Router(Actor):
         if link is None:
             peer = self.peers.live[node]
             link = self.socket(zmq.DEALER)
-            link.connect(f"tcp://{peer.host}:{(peer.zmq_port or 0) + ROUTER_PORT_OFFSET}")
+            try:
+                dial(link, f"tcp://{peer.host}:{(peer.zmq_port or 0) + ROUTER_PORT_OFFSET}", node)
+            except NotAMember as err:
+                self.forget(link)
+                self.warn_once(f"peer-key:{node}", "router: cannot reach %s: %s", node, err)
+                self._peer_disconnected(node)
+                return
             self.on_socket(link, lambda frames, node=node: self._from_peer(node, frames))  # type: ignore[misc]
             # A peer process that dies closes its TCP connections at once: hear of it at once.
             monitor = self.adopt(link.get_monitor_socket(zmq.EVENT_DISCONNECTED))

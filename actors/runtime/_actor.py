@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from actors._config import NodeConfig
 from actors._errors import ActorStartError, ProtocolError
 from actors.wire._codec import Message, decode
+from actors.wire._curve import HANDSHAKE_FAILURES, INVITE_USER, Keyring, describe_failure, listen
 from actors.wire._sockets import make_socket
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,13 @@ class Actor:
         self._owned: list[zmq.Socket] = []
         self._poller = zmq.Poller()
         self._warned: set[str] = set()
+        # Sockets bound on a secured context: their messages are checked against the keyring
+        # (a member revoked since it connected is dropped), and their handshake failures logged.
+        self._secured: dict[zmq.Socket, tuple[Keyring, str]] = {}
+        self._zap_monitors: dict[zmq.Socket, zmq.Socket] = {}
+        # Who sent the message being handled: the member's node id (or an invite's User-Id) on a
+        # secured socket, None on any other.
+        self.sender: str | None = None
 
     # -- called by the owner (another thread) -------------------------------------------------
 
@@ -135,6 +145,32 @@ class Actor:
         self._owned.append(sock)
         return sock
 
+    def listen(self, sock: zmq.Socket, endpoint: str, plane: str) -> None:
+        """Bind `sock` on a network `plane` (control, router, gossip, tunnel) through the socket
+        factory: on a secured node only members get through, and every refusal is logged."""
+        keyring = listen(sock, endpoint, plane)
+        if keyring is None:
+            return
+        self._secured[sock] = (keyring, plane)
+        monitor = self.adopt(sock.get_monitor_socket(HANDSHAKE_FAILURES))
+        self._zap_monitors[sock] = monitor
+        self.on_socket(monitor, lambda frames: self._handshake_failed(plane, endpoint, frames))
+
+    def _handshake_failed(self, plane: str, endpoint: str, frames: list[bytes]) -> None:
+        try:
+            event = parse_monitor_message(frames)
+        except (ValueError, IndexError, struct.error):
+            return
+        self.stats["refused_connections"] += 1
+        self.warn_once(
+            f"handshake:{plane}:{event.get('event')}",
+            "%s: refused a connection to the %s port (%s): %s",
+            self.name,
+            plane,
+            endpoint,
+            describe_failure(dict(event)),
+        )
+
     def adopt(self, sock: zmq.Socket) -> zmq.Socket:
         """Own a socket made elsewhere (a pyzmq monitor socket): closed when the actor stops."""
         self._owned.append(sock)
@@ -153,11 +189,17 @@ class Actor:
     def forget(self, sock_or_fd: zmq.Socket | int, *, linger_ms: int = 0) -> None:
         """Stop polling a socket or fd; a socket is also closed (what it has queued is dropped,
         or delivered for up to `linger_ms` in the background)."""
-        self._poller.unregister(sock_or_fd)
+        if sock_or_fd in self._sockets or sock_or_fd in self._fds:
+            self._poller.unregister(sock_or_fd)
         if isinstance(sock_or_fd, int):
             self._fds.pop(sock_or_fd, None)
             return
         self._sockets.pop(sock_or_fd, None)
+        self._secured.pop(sock_or_fd, None)
+        monitor = self._zap_monitors.pop(sock_or_fd, None)
+        if monitor is not None:
+            sock_or_fd.disable_monitor()
+            self.forget(monitor)
         if sock_or_fd in self._owned:
             self._owned.remove(sock_or_fd)
         sock_or_fd.close(linger=linger_ms)
@@ -236,14 +278,36 @@ class Actor:
             return False
 
     def _drain(self, sock: zmq.Socket, handler: SocketHandler) -> None:
+        secured = self._secured.get(sock)
         for _ in range(_MAX_BATCH):
             if sock not in self._sockets:  # a handler forgot this socket
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                if secured is None:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                else:
+                    frames = self._recv_checked(sock, *secured)
             except zmq.Again:
                 return
-            self._guard(lambda frames=frames: handler(frames))  # type: ignore[misc]
+            if frames:
+                self._guard(lambda frames=frames: handler(frames))  # type: ignore[misc]
+        self.sender = None
+
+    def _recv_checked(self, sock: zmq.Socket, keyring: Keyring, plane: str) -> list[bytes]:
+        """A message from a secured socket, or [] when its sender is no longer welcome."""
+        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        user = str(parts[-1].get("User-Id") or "") or None
+        if not keyring.admits(user) and not (user or "").startswith(INVITE_USER):
+            self.stats["refused_frames"] += 1
+            self.warn_once(
+                f"revoked:{plane}:{user}",
+                "%s: dropped a message from %s: no longer a member",
+                self.name,
+                user,
+            )
+            return []
+        self.sender = user
+        return [p.bytes for p in parts]
 
     def _guard(self, call: Callable[[], None]) -> None:
         try:

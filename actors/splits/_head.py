@@ -29,6 +29,7 @@ from actors.shard._worker import ShardWorker
 from actors.splits._plan import Candidate, Member, NoFit, Plan, need_of, plan_split
 from actors.splits._tunnel import HeadEnd, parse_tunnel, unbounded
 from actors.wire._codec import encode
+from actors.wire._curve import dial
 from actors.wire._messages import (
     LOAD_MODES,
     EngineSpec,
@@ -218,7 +219,7 @@ class SplitHead(Actor):
             # A routing id of its own per split: the last split's link may still be closing, and a
             # stage's ROUTER refuses a second connection under an id in use.
             link = unbounded(self.socket(zmq.DEALER, identity=f"{self.node_id}/{split.epoch}".encode()))
-            link.connect(f"tcp://{peer.host}:{(peer.zmq_port or 0) + TUNNEL_PORT_OFFSET}")
+            dial(link, f"tcp://{peer.host}:{(peer.zmq_port or 0) + TUNNEL_PORT_OFFSET}", member.node_id)
             monitor = self.adopt(link.get_monitor_socket(zmq.EVENT_DISCONNECTED))
             node = member.node_id
             mode, why = self._load_mode(peer)

@@ -97,7 +97,7 @@ class StageHost(Actor):
     def setup(self) -> None:
         self._sock = unbounded(self.socket(zmq.ROUTER))
         self._sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
-        self._sock.bind(self.endpoint)
+        self.listen(self._sock, self.endpoint, "tunnel")
         self.on_socket(self._sock, self._on_frames)
         if self.offer_endpoint is not None:
             self._offer = self.socket(zmq.PUSH)

@@ -52,6 +52,7 @@ class Generate:
     speculative: str = ""  # "" the node's default, "off", "lookup" (prompt lookup) or "draft"
     resume_tokens: list[int] = field(default_factory=list)  # ids already streamed: continue after them
     forwarded: bool = False  # already placed by another node's router: serve it here
+    api_key: str = ""  # from a peer's router on an open mesh whose nodes require API keys
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -247,6 +248,7 @@ class ViewRow:
     incarnation: int
     host: str = ""
     zmq_port: int = 0
+    proof: bytes = b""  # on a secured mesh: the member's signature of its own alive/left claim
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -381,6 +383,7 @@ class Heartbeat:
     demand: dict[str, Demand] = field(default_factory=dict)  # unmet demand here, per model
     standby_for: list[str] = field(default_factory=list)  # models we hold and could load
     claims: list[str] = field(default_factory=list)  # models we are promoting ourselves to serve
+    roster: int = 0  # on a secured mesh: the version of the members' roster we hold
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from actors.gguf._identity import check_draft, check_file, check_model
 from actors.gguf._layout import Layout
 from actors.runtime._supervisor import ChildProcess
 from discovery import MeshMembership
+from discovery._admission import Admission, enrol
+from discovery._trust import Invite, Trust, TrustError, TrustFiles
 from gateway.cli._models import default_model
 from gateway.cli._operator import Operator
 from gateway.cli._state import StateDir, StateDirError, default_state_dir
@@ -126,7 +129,20 @@ def _node_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--max-rtt-ms", type=float, default=NodeConfig().max_rtt_ms, help="farther peers take no work from us"
     )
-    cmd.add_argument("--api-key", default=os.environ.get("MESH_LLM_API_KEY"), help="require this bearer key")
+    cmd.add_argument(
+        "--api-key", action="append", default=[], metavar="KEY",
+        help="require this bearer key on the HTTP API (repeatable: any one opens it; also $MESH_LLM_API_KEY)",
+    )  # fmt: skip
+    cmd.add_argument("--api-key-file", type=Path, metavar="PATH", help="more API keys, one per line")
+    cmd.add_argument(
+        "--secure", action="store_true",
+        help="a secured mesh: only invited nodes may connect (CURVE); the first such node creates the "
+        "mesh's credentials in its --state-dir, `mesh-ctl invite` makes tokens for others",
+    )  # fmt: skip
+    cmd.add_argument(
+        "--join", metavar="TOKEN",
+        help="join the secured mesh of this invite token (from `mesh-ctl invite`); remembered in --state-dir",
+    )  # fmt: skip
     cmd.add_argument(
         "--state-dir",
         type=Path,
@@ -223,19 +239,89 @@ def serve(args: argparse.Namespace) -> int:
             print(f"mesh-llm: {err}", file=sys.stderr)
             return 2
     try:
+        api_keys = _api_keys(args)
+    except ValueError as err:
+        print(f"mesh-llm: {err}", file=sys.stderr)
+        return 2
+    try:
         state = StateDir(args.state_dir or default_state_dir(args.zmq_port))
         node_id = state.node_id()
     except StateDirError as err:
         print(f"mesh-llm: {err}", file=sys.stderr)
         return 1
     try:
-        rc = _serve(args, models, holdings, node_id, state.path)
+        try:
+            trust = _trust(args, state.path, node_id)
+        except TrustError as err:
+            print(f"mesh-llm: {err}", file=sys.stderr)
+            return 1
+        rc = _serve(args, models, holdings, node_id, state.path, trust, api_keys)
+        if rc == _RESTART and trust is not None:
+            print(
+                f"mesh-llm: another node uses this node's id {node_id} and key (a copied --state-dir?); "
+                "a member's id is bound to its key, so this one stops",
+                file=sys.stderr,
+            )
+            return 1
         if rc == _RESTART:  # another live node has our id: take a fresh one and start again
             print(f"mesh-llm: node id {node_id} is in use elsewhere; taking a fresh id", file=sys.stderr)
             state.renew_node_id()
         return rc
     finally:
         state.close()
+
+
+def _api_keys(args: argparse.Namespace) -> frozenset[str]:
+    """--api-key (repeated), --api-key-file's lines, $MESH_LLM_API_KEY; each checked."""
+    keys = list(args.api_key)
+    if os.environ.get("MESH_LLM_API_KEY"):
+        keys.append(os.environ["MESH_LLM_API_KEY"])
+    if args.api_key_file is not None:
+        try:
+            lines = args.api_key_file.read_text().splitlines()
+        except OSError as err:
+            raise ValueError(f"cannot read --api-key-file {args.api_key_file}: {err.strerror}") from err
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
+    for key in keys:
+        if not key or any(c.isspace() for c in key) or not key.isprintable():
+            raise ValueError("an API key is printable text without spaces")
+    return frozenset(keys)
+
+
+def _trust(args: argparse.Namespace, state_dir: Path, node_id: str) -> Trust | None:
+    """The node's credentials if it belongs to a secured mesh: made (--secure, first node),
+    obtained (--join), or kept from before in its state dir. None: an open node."""
+    files = TrustFiles(state_dir, node_id)
+    host, zmq_port = args.advertise or (args.host, args.zmq_port)
+    if args.join:
+        invite = Invite.parse(args.join)
+        if args.mesh not in ("default", invite.mesh):
+            raise TrustError(f"the invite is for mesh {invite.mesh!r}, not --mesh {args.mesh!r}")
+        if (
+            files.exists()
+            and files.mesh()["mesh"] == invite.mesh
+            and files.authority_public() == invite.authority
+        ):
+            log.info("already a member of mesh %s: the invite is not used again", invite.mesh)
+        else:
+            roster = enrol(args.join, files, host=host, zmq_port=zmq_port)
+            print(f"mesh-llm: joined secured mesh {roster.mesh} ({len(roster.members)} members)", flush=True)
+    elif args.secure and not files.exists():
+        files.create_mesh(args.mesh, host, zmq_port)
+        print(f"mesh-llm: created secured mesh {args.mesh}; its credentials are in {files.dir}", flush=True)
+    if not files.exists():
+        return None
+    mesh = files.mesh()["mesh"]
+    if args.mesh not in ("default", mesh):
+        raise TrustError(
+            f"the state directory {state_dir} holds the credentials of mesh {mesh!r}, not {args.mesh!r}"
+        )
+    if not (args.secure or args.join):
+        log.info("%s holds this node's credentials for secured mesh %s: running secured", files.dir, mesh)
+    args.mesh = mesh
+    return Trust(files)
 
 
 def _aliases(names: list[str], model_id: str) -> tuple[str, ...]:
@@ -245,7 +331,13 @@ def _aliases(names: list[str], model_id: str) -> tuple[str, ...]:
 
 
 def _serve(
-    args: argparse.Namespace, models: list[ModelSpec], holdings: list[Layout], node_id: str, state_dir: Path
+    args: argparse.Namespace,
+    models: list[ModelSpec],
+    holdings: list[Layout],
+    node_id: str,
+    state_dir: Path,
+    trust: Trust | None,
+    api_keys: frozenset[str],
 ) -> int:
     max_memory = args.max_memory if getattr(args, "max_memory", None) else default_max_memory_gb()
     standby: list[ModelSpec] = []
@@ -278,6 +370,8 @@ def _serve(
         split=getattr(args, "split", False),
         split_load=getattr(args, "split_load", "auto"),
         work_dir=state_dir,
+        gateway_endpoint=_gateway_endpoint(args.zmq_port),
+        api_keys=api_keys,
     )
     collided, leave = threading.Event(), threading.Event()
     operators: list[Operator] = []  # made once the node is: its actors call it through these
@@ -289,13 +383,18 @@ def _serve(
         on_collision=lambda _: collided.set(),
         standby_for=[m.model_id for m in standby],
         on_elastic=lambda action, model: operators[0].elastic(action, model) if operators else None,
+        trust=trust,
     )
+    advertised = args.advertise or (args.host, args.zmq_port)
+    admission = Admission(trust, host=advertised[0], zmq_port=advertised[1]) if trust is not None else None
     node = Node(
         spec,
         more=[mesh.actor],
         peers_endpoint=mesh.query_endpoint,
         inbox_endpoint=mesh.inbox_endpoint,
         operations=lambda what, a: operators[0].command(what, a) if operators else {"error": "starting up"},
+        keyring=trust.keyring if trust is not None else None,
+        trust=admission.command if admission is not None else None,
     )
     try:
         node.start()
@@ -336,6 +435,12 @@ def _run(
         return 1
     mesh.start_discovery(node)
     spec = node.spec
+    if node.keyring is None:
+        log.warning(
+            "OPEN MESH: any host on this LAN can join mesh %r, serve its users and read their prompts; "
+            "on a LAN you do not trust, start the first node with --secure and the others with --join TOKEN",
+            spec.mesh,
+        )
     what = (
         f"serving {spec.models[0].model_id}"
         if spec.models
@@ -405,17 +510,28 @@ def _gunicorn_argv(args: argparse.Namespace) -> list[str]:
 def _gunicorn_env(args: argparse.Namespace, spec: NodeSpec) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        MESH_LLM_ROUTER=spec.router_endpoint,
+        MESH_LLM_ROUTER=spec.gateway_endpoint or spec.router_endpoint,
         MESH_LLM_NODE_ID=spec.node_id,
         MESH_LLM_MAX_BODY_BYTES=str(args.max_body_bytes),
         MESH_LLM_IDLE_TIMEOUT_S=str(spec.config.gateway_idle_timeout_s),
         MESH_LLM_MAX_FRAME_BYTES=str(spec.config.max_frame_bytes),
         MESH_LLM_HTTP_CONNECTIONS=str(args.http_connections),
-        MESH_LLM_API_KEY=args.api_key or "",
+        MESH_LLM_API_KEYS="\n".join(sorted(spec.api_keys)),
         MESH_LLM_CORS_ORIGINS=" ".join(args.cors_origin),
         MESH_LLM_PARENT_PID=str(os.getpid()),
     )
     return env
+
+
+def _gateway_endpoint(zmq_port: int) -> str:
+    """Where the node's own HTTP gateway reaches its router: an ipc socket in a directory only
+    this user can enter, so that the LAN-facing router port can serve members only."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"mesh-llm-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    if base.stat().st_uid != os.getuid():
+        raise StateDirError(f"{base} belongs to another user")
+    os.chmod(base, 0o700)
+    return f"ipc://{base}/router-{zmq_port}-{os.getpid()}"
 
 
 def _wait_listening(host: str, port: int, gateway: ChildProcess) -> bool:

@@ -21,6 +21,9 @@ from actors.moe._analyze import (
     weight_importance,
 )
 from actors.moe._shards import Gate, split_model, stderr_progress
+from actors.runtime._ask import Refused as HandshakeRefused
+from actors.wire._curve import ClientKeys
+from discovery._trust import TrustError, TrustFiles
 
 _SHAPE_FLAGS = {
     "vocab": "n_vocab",
@@ -41,7 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh-ctl", description="Operate a mesh-llm node.")
     parser.add_argument("--node", default="tcp://127.0.0.1:9338", help="the node's control endpoint")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the node")
+    parser.add_argument(
+        "--state-dir", type=Path,
+        help="the --state-dir of a node of a secured mesh on this machine: talk with its credentials",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
+    invite = sub.add_parser("invite", help="print a token that lets one more node join this secured mesh")
+    invite.add_argument(
+        "--ttl", type=float, default=3600.0, metavar="SECONDS", help="valid this long (0: forever)"
+    )
+    invite.add_argument("--uses", type=int, default=1, help="how many nodes may join with it")
+    revoke = sub.add_parser("revoke", help="remove a node from this secured mesh, for good")
+    revoke.add_argument("node_id")
     for name, text in (
         ("status", "this node and its peers"),
         ("peers", "the peers this node knows"),
@@ -109,12 +123,67 @@ def _moe_commands(sub: Any) -> None:
         cmd.add_argument("--threads", type=int, default=2)
 
 
+_credentials: list[ClientKeys] = []  # set by main from --state-dir: every query uses them
+
+
 def query(node: str, what: str, timeout_s: float, args: dict[str, Any] | None = None) -> dict[str, Any]:
     ctx = zmq.Context()
+    keys = _credentials[0] if _credentials else None
     try:
-        return ask(ctx, node, what, timeout_s=timeout_s, args=args)
+        return ask(ctx, node, what, timeout_s=timeout_s, args=args, keys=keys)
+    except HandshakeRefused as err:
+        if keys is None:
+            raise PeerUnavailable(
+                f"{err}. It is a node of a secured mesh: run mesh-ctl on its machine with "
+                "--state-dir DIR (that node's state directory, which holds its credentials)"
+            ) from err
+        raise PeerUnavailable(
+            f"{err}. The credentials of --state-dir are not a member's of its mesh"
+        ) from err
     finally:
         ctx.term()
+
+
+def credentials(state_dir: Path, node: str) -> ClientKeys:
+    """The CURVE credentials of the node whose state directory is `state_dir`, to talk to `node`
+    (itself, or another member of its mesh). Raises `TrustError` saying what is missing."""
+    try:
+        node_id = (state_dir / "node_id").read_text().strip()
+    except OSError as err:
+        raise TrustError(f"{state_dir} is not a node's state directory ({err.strerror})") from err
+    files = TrustFiles(state_dir, node_id)
+    if not files.exists():
+        raise TrustError(f"{state_dir} holds no credentials: its node is not part of a secured mesh")
+    keys = files.node_keys()
+    _, roster = files.roster()
+    host, _, port = node.removeprefix("tcp://").rpartition(":")
+    target = next((m for m in roster.members if (m.host, str(m.zmq_port)) == (host, port)), None)
+    server = target.curve_key if target is not None else keys.curve_public
+    return ClientKeys(public=keys.curve_public, secret=keys.curve_secret, server=server)
+
+
+def run_trust_command(args: argparse.Namespace) -> int:
+    """`invite` and `revoke`, on the node that holds the mesh's authority."""
+    if args.command == "invite":
+        if args.uses < 1 or args.ttl < 0:
+            print("mesh-ctl: --uses is at least 1 and --ttl at least 0", file=sys.stderr)
+            return 2
+        request = {"ttl_s": args.ttl, "uses": args.uses}
+    else:
+        request = {"node_id": args.node_id}
+    try:
+        data = query(args.node, args.command, args.timeout, request)
+    except PeerUnavailable as err:
+        print(f"mesh-ctl: {err}", file=sys.stderr)
+        return 1
+    if "error" in data:
+        print(f"mesh-ctl: {data['error']}", file=sys.stderr)
+        return 1
+    if args.command == "invite":
+        print(data["token"])
+    else:
+        print(f"revoked {data['revoked']} (roster version {data['version']})")
+    return 0
 
 
 class Refused(Exception):
@@ -416,6 +485,14 @@ def _analyze(args: argparse.Namespace, prompts: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.state_dir is not None:
+        try:
+            _credentials.append(credentials(args.state_dir, args.node))
+        except TrustError as err:
+            print(f"mesh-ctl: {err}", file=sys.stderr)
+            return 1
+    if args.command in ("invite", "revoke"):
+        return run_trust_command(args)
     if args.command == "model" and args.model_command == "swap":
         path = str(args.path.resolve())
         return run_operation(args.node, "swap", {"path": path}, args.wait, args.timeout)

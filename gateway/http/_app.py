@@ -30,18 +30,22 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class _MeshHeaders:
-    """Every response says which node produced it; a configured API key guards all but /health."""
+    """Every response says which node produced it; configured API keys guard all but /health
+    (any one of them opens the API)."""
 
-    def __init__(self, node_id: str, api_key: str | None) -> None:
+    def __init__(self, node_id: str, api_keys: Sequence[str]) -> None:
         self.node_id = node_id
-        self.api_key = api_key.encode() if api_key else None
+        self.api_keys = [k.encode() for k in api_keys if k]
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         req.context.mesh_node = self.node_id
-        if self.api_key is None or req.path in _OPEN_PATHS or req.method == "OPTIONS":
+        if not self.api_keys or req.path in _OPEN_PATHS or req.method == "OPTIONS":
             return  # (a browser's CORS preflight carries no key; it starts nothing)
         scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key):
+        key = given.strip().encode()
+        # Compare with every key (no early exit): the time taken does not say which one was close.
+        matches = [hmac.compare_digest(key, k) for k in self.api_keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def process_response(
@@ -103,14 +107,15 @@ def create_app(
     backend: Backend,
     *,
     node_id: str,
-    api_key: str | None = None,
+    api_key: str | Sequence[str] | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     cors_origins: Sequence[str] = (),
 ) -> WatchDisconnect:
     """The OpenAI-compatible API over `backend`, as an ASGI app. `cors_origins`: the browser
     origins (or "*") allowed to call it from another origin (falcon's CORS middleware answers
     their preflights)."""
-    middleware: list[Any] = [_MeshHeaders(node_id, api_key)]
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
+    middleware: list[Any] = [_MeshHeaders(node_id, keys)]
     if cors_origins:
         origins = "*" if "*" in cors_origins else list(cors_origins)
         middleware.append(falcon.CORSMiddleware(allow_origins=origins, expose_headers=_EXPOSED))
@@ -141,7 +146,7 @@ def get_app() -> WatchDisconnect:
     return create_app(
         backend,
         node_id=env["MESH_LLM_NODE_ID"],
-        api_key=env.get("MESH_LLM_API_KEY") or None,
+        api_key=env.get("MESH_LLM_API_KEYS", "").split("\n"),
         max_body_bytes=int(env.get("MESH_LLM_MAX_BODY_BYTES", MAX_BODY_BYTES)),
         cors_origins=env.get("MESH_LLM_CORS_ORIGINS", "").split(),
     )

@@ -20,6 +20,7 @@ from actors import (
     PeerUnavailable,
     RequestError,
     RequestTooLarge,
+    Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ _STATUS: dict[type[RequestError], tuple[int, str]] = {
     EngineFailed: (503, "server_error"),
     NotReady: (503, "server_error"),
     PeerUnavailable: (503, "server_error"),
+    Unauthorized: (401, "invalid_request_error"),
     InternalError: (500, "server_error"),
 }
 

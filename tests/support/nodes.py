@@ -85,6 +85,11 @@ class NodeProcess:
     http_port: int
     zmq_port: int
     log_path: Path
+    state: Path | None = None  # its --state-dir: a secured node's credentials are there
+
+    @property
+    def secured(self) -> bool:
+        return self.state is not None and (self.state / "trust" / "roster.signed").exists()
 
     @property
     def url(self) -> str:
@@ -95,15 +100,23 @@ class NodeProcess:
         return f"tcp://127.0.0.1:{self.zmq_port}"
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """mesh-ctl against this node (with its credentials, when it is secured)."""
+        creds = ["--state-dir", str(self.state)] if self.secured else []
         return subprocess.run(
-            [str(BIN / "mesh-ctl"), "--node", self.control, *args], capture_output=True, text=True, timeout=30
+            [str(BIN / "mesh-ctl"), "--node", self.control, *creds, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     def status(self) -> dict:
         """`mesh-ctl status --json`'s data, asked in-process (mesh-ctl itself is tested apart)."""
+        from gateway.ctl._main import credentials
+
         ctx = zmq.Context()
+        keys = credentials(self.state, self.control) if self.state is not None and self.secured else None
         try:
-            return ask(ctx, self.control, "status", timeout_s=10)
+            return ask(ctx, self.control, "status", timeout_s=10, keys=keys)
         finally:
             ctx.term()
 
@@ -207,7 +220,8 @@ def launch(
     ]  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen([*prefix, *argv], stdout=log, stderr=subprocess.STDOUT, env=environ)
-    return NodeProcess(proc=proc, http_port=http_port, zmq_port=zmq_port, log_path=log_path)
+    state = tmp / f"state-{zmq_port}" if state_dir else None
+    return NodeProcess(proc=proc, http_port=http_port, zmq_port=zmq_port, log_path=log_path, state=state)
 
 
 def wait_http(node: NodeProcess, timeout_s: float = 30.0) -> None:
