@@ -32,7 +32,7 @@ MESH, MODEL = "lan-secure", "tiny-llama"
 # requests, stage claims, forged heartbeats' worth of bytes; prints how many answers came back.
 _HOSTILE = r"""
 import sys, time, zmq
-from actors import Generate, PeerSeen, Query, encode
+from actors.wire import Generate, PeerSeen, Query, encode
 from actors.wire._messages import StageClaim
 me, targets = sys.argv[1], sys.argv[2:]
 ctx = zmq.Context()
