@@ -262,3 +262,45 @@ def test_api_keys_guard_every_way_to_start_generation_on_an_open_mesh(
             ctx.term()
     finally:
         node.stop()
+
+
+def test_a_dense_split_of_a_secured_mesh_tunnels_to_an_invited_stage(
+    authority_split: NodeProcess, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The head's RPC tunnel to its stage runs over the secured tunnel port: the split forms with
+    an invited stage, serves, and the stage refused nobody it should have taken."""
+    models = tmp_path / "held"
+    models.mkdir()
+    (models / tiny_model.name).symlink_to(tiny_model)
+    stage = launch(
+        tmp_path, None, "--join", _invite(authority_split), "--peer", f"127.0.0.1:{authority_split.zmq_port}",
+        "--no-mdns", models_dir=models,
+    )  # fmt: skip
+    try:
+
+        def split_state() -> str:
+            rows = authority_split.status()["splits"]
+            return rows[0]["state"] if rows else "none"
+
+        eventually(lambda: split_state() == "serving", 90, split_state)
+        oai = openai.OpenAI(base_url=f"{authority_split.url}/v1", api_key="x", max_retries=0, timeout=60)
+        assert (
+            oai.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0).choices[0].text
+        )
+        row = authority_split.status()["splits"][0]
+        assert [s["node_id"] for s in row["stages"]][-1] == stage.status()["node_id"] or len(
+            row["stages"]
+        ) == 2
+        assert "refused a connection to the tunnel port" not in stage.log_path.read_text()
+    finally:
+        stage.stop()
+
+
+@pytest.fixture
+def authority_split(tmp_path: Path, tiny_model: Path) -> Iterator[NodeProcess]:
+    node = launch(tmp_path, tiny_model, "--secure", "--split", "--no-mdns")
+    try:
+        wait_http(node)  # not ready: its split waits for a stage
+        yield node
+    finally:
+        node.stop()
