@@ -62,6 +62,7 @@ def _mesh(work: Path, model: Path, secure: bool) -> list[NodeProcess]:
             extra += ["--join", _invite(first)]
         nodes.append(_up(launch(work, what, *extra)))
     _routable(nodes[-1])
+    assert all(n.status()["secure"] is secure for n in nodes), "the mesh is not what it should be"
     return nodes
 
 
