@@ -144,6 +144,12 @@ def query(node: str, what: str, timeout_s: float, args: dict[str, Any] | None = 
         ctx.term()
 
 
+def _why(err: PeerUnavailable) -> str:
+    """What to tell the user when a node does not answer."""
+    text = str(err)
+    return text if "refused the connection" in text else f"{text} (is a node running there?)"
+
+
 def credentials(state_dir: Path, node: str) -> ClientKeys:
     """The CURVE credentials of the node whose state directory is `state_dir`, to talk to `node`
     (itself, or another member of its mesh). Raises `TrustError` saying what is missing."""
@@ -197,7 +203,7 @@ def start_operation(node: str, what: str, args: dict[str, Any], timeout_s: float
         before = query(node, "status", timeout_s).get("operation") or {}
         answer = query(node, what, timeout_s, args)
     except PeerUnavailable as err:
-        raise Refused(f"{err} (is a node running there?)") from err
+        raise Refused(_why(err)) from err
     if "error" in answer:
         raise Refused(answer["error"])
     return before.get("last")
@@ -243,7 +249,7 @@ def run_rollout(args: argparse.Namespace) -> int:
     try:
         status = query(args.node, "status", args.timeout)
     except PeerUnavailable as err:
-        print(f"mesh-ctl: {err} (is a node running there?)", file=sys.stderr)
+        print(f"mesh-ctl: {_why(err)}", file=sys.stderr)
         return 1
     targets = [f"tcp://{status['host']}:{status['zmq_port']}"] if args.model in status["models"] else []
     targets += [
@@ -355,7 +361,7 @@ def run_node_command(args: argparse.Namespace) -> int:
     try:
         data = query(args.node, args.command, args.timeout)
     except PeerUnavailable as err:
-        print(f"mesh-ctl: {err} (is a node running there?)", file=sys.stderr)
+        print(f"mesh-ctl: {_why(err)}", file=sys.stderr)
         return 1
     if "error" in data:
         print(f"mesh-ctl: {data['error']}", file=sys.stderr)
