@@ -9,6 +9,7 @@ the authority's node with the invite's key, once, and keeps what it is given.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +17,12 @@ import zmq
 
 from actors import PeerUnavailable, ask
 from actors.wire._curve import INVITE_USER, ClientKeys, Member
+from discovery._gossip import valid_address
 from discovery._trust import Invite, Roster, Trust, TrustError, TrustFiles
 
 log = logging.getLogger(__name__)
 ENROL_TIMEOUT_S = 10.0
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # as a state directory's node id
 
 
 class Admission:
@@ -73,14 +76,12 @@ class Admission:
         if sender is None or not sender.startswith(INVITE_USER):
             raise TrustError("enrol comes with an invite's key")
         node_id, key = str(args.get("node_id", "")), bytes.fromhex(str(args.get("key", "")))
-        if len(key) != 32 or not node_id or len(node_id) > 128:
-            raise TrustError("enrol needs a node id and a 32-byte public key")
-        member = Member(
-            node_id=node_id,
-            verify_key=key,
-            host=str(args.get("host", "")),
-            zmq_port=int(args.get("zmq_port", 0)),
-        )
+        if len(key) != 32 or not _NODE_ID.fullmatch(node_id):
+            raise TrustError("enrol needs a node id (letters, digits, . _ -) and a 32-byte public key")
+        host, port = args.get("host"), args.get("zmq_port")
+        if not isinstance(host, str) or not isinstance(port, int) or not valid_address(host, port):
+            raise TrustError("enrol needs the address the node listens at")
+        member = Member(node_id=node_id, verify_key=key, host=host, zmq_port=port)
         signed = self.trust.authority.admit(sender[len(INVITE_USER) :].encode(), member)
         self.trust.published(signed)
         log.info(

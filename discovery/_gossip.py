@@ -296,7 +296,7 @@ class Gossip(Actor):
             if beat.instance != self.instance:
                 self._collide(beat)
             return
-        if not _valid_address(beat.host, beat.zmq_port):
+        if not valid_address(beat.host, beat.zmq_port):
             self.stats["bad_heartbeats"] += 1
             return
         now = self.clock()
@@ -366,7 +366,7 @@ class Gossip(Actor):
             row.state == "alive"
             and row.node_id != self.me.node_id
             and self.membership.state_of(row.node_id) is not None
-            and _valid_address(row.host, row.zmq_port)
+            and valid_address(row.host, row.zmq_port)
         ):
             peer = self._peers.setdefault(row.node_id, _Peer(host=row.host, zmq_port=row.zmq_port))
             peer.keep_proof(row)
@@ -750,7 +750,7 @@ def _rounded(ms: float | None) -> float | None:
     return round(ms, 2) if ms is not None else None
 
 
-def _valid_address(host: str, port: int) -> bool:
+def valid_address(host: str, port: int) -> bool:
     """A host and ZeroMQ port a peer could really listen on (no endpoint injection)."""
     if not 0 < port < 65536 - ZMQ_PORT_SPAN or not host or len(host) > 253:
         return False

@@ -12,6 +12,7 @@ import zmq
 
 from actors.wire._curve import Keyring, Member, NodeKeys, NotAMember, dial, listen, secure, unsecure
 from actors.wire._messages import ViewRow
+from discovery._admission import Admission
 from discovery._gossip import _Signer
 from discovery._trust import Invite, Roster, Trust, TrustError, TrustFiles, open_roster
 
@@ -203,3 +204,36 @@ def test_curve_sockets_admit_members_and_refuse_others(tmp_path: Path) -> None:
         unsecure(member_ctx)
         for ctx in (server_ctx, member_ctx, plain_ctx):
             ctx.term()
+
+
+def test_enrolment_takes_a_live_invite_once_and_refuses_malformed_requests(tmp_path: Path) -> None:
+    trust = _mesh(tmp_path)
+    authority = trust.authority
+    assert authority is not None
+    admission = Admission(trust, host="10.0.0.1", zmq_port=9338)
+    invite = authority.invite(
+        ttl_s=60, uses=1, host="h", zmq_port=1, server_key=trust.keyring.keys.curve_public
+    )
+    sender = f"invite:{invite.public.decode()}"
+    key = NodeKeys.generate().verify_key.hex()
+    good = {"node_id": "b-1", "key": key, "host": "10.0.0.9", "zmq_port": 9338}
+    for bad in (
+        {**good, "key": "zz"},
+        {**good, "key": "00" * 31},
+        {**good, "node_id": ""},
+        {**good, "node_id": "../../etc"},
+        {**good, "node_id": "x" * 200},
+        {**good, "host": "tcp://evil;rm"},
+        {**good, "zmq_port": "9338"},
+        {**good, "zmq_port": 70000},
+        {k: v for k, v in good.items() if k != "key"},
+    ):
+        answer = admission.command("enrol", bad, sender)
+        assert "error" in answer, bad
+    assert "error" in admission.command("enrol", good, None), "enrol needs an invite's connection"
+    assert "error" in admission.command("enrol", good, "b-1")
+    assert set(trust.keyring.members()) == {"first"}, "no malformed request changed the roster"
+    answer = admission.command("enrol", good, sender)
+    assert "roster" in answer and "b-1" in trust.keyring.members()
+    assert "used up" in admission.command("enrol", {**good, "node_id": "c"}, sender)["error"]
+    assert "error" in admission.command("revoke", {"node_id": 5}, "first")
