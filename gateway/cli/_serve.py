@@ -396,6 +396,12 @@ def _serve(
         keyring=trust.keyring if trust is not None else None,
         trust=admission.command if admission is not None else None,
     )
+    if trust is None:
+        log.warning(
+            "OPEN MESH: any host on this LAN can join mesh %r, serve its users and read their prompts; "
+            "on a LAN you do not trust, start the first node with --secure and the others with --join TOKEN",
+            spec.mesh,
+        )
     try:
         node.start()
     except ActorStartError as err:
@@ -435,12 +441,6 @@ def _run(
         return 1
     mesh.start_discovery(node)
     spec = node.spec
-    if node.keyring is None:
-        log.warning(
-            "OPEN MESH: any host on this LAN can join mesh %r, serve its users and read their prompts; "
-            "on a LAN you do not trust, start the first node with --secure and the others with --join TOKEN",
-            spec.mesh,
-        )
     what = (
         f"serving {spec.models[0].model_id}"
         if spec.models
