@@ -278,7 +278,8 @@ def run_rollout(args: argparse.Namespace) -> int:
 
 
 def print_status(data: dict[str, Any]) -> None:
-    print(f"node     {data['node_id']}  (mesh {data['mesh']}, role {data['role']}, v{data['version']})")
+    mesh = f"{'secured' if data.get('secure') else 'open'} mesh {data['mesh']}"
+    print(f"node     {data['node_id']}  ({mesh}, role {data['role']}, v{data['version']})")
     print(
         f"address  http://{data['host']}:{data['http_port']}  zmq {data['zmq_port']}  up {data['uptime_s']}s"
     )
