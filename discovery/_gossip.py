@@ -225,13 +225,16 @@ class Gossip(Actor):
             self._pub.setsockopt(zmq.LINGER, int(self.config.leave_flush_s * 1000))
             self._publish()
 
-    # Alone (no member known, no demand, no claim): nobody times our heartbeats out, so one a
-    # second will do until a peer appears (any message asks `idle()` again: fast ticks at once).
+    # Alone (no member known, no demand, no claim) and serving what we will serve: nobody times our
+    # heartbeats out, so one a second will do until a peer appears (any message asks `idle()`
+    # again: fast ticks at once). While a serving node's model loads, the fast ticks carry its
+    # readiness out at once.
     idle_tick_s = 1.0
 
     def idle(self) -> bool:
         alone = not self._peers and not self.membership.members()
-        return alone and not self._demand and not self.elastic.claims
+        settled = bool(self._models) or self.me.role != "serving"
+        return alone and settled and not self._demand and not self.elastic.claims
 
     def on_tick(self, now: float) -> None:
         if self._revoked:
