@@ -9,8 +9,11 @@ Map of this room:
                  (measured and gossiped), latency class (a far node acts as a client only),
                  and what each node offers dense splits and the splits it heads.
 - `_mesh`        `MeshMembership`: the gossip actor, mDNS and `--peer` seeds for one node.
+- `_trust`       a secured mesh's roster (signed by its authority), invites, and the files a node
+                 keeps them in; `Trust`, a node's live keyring and roster.
+- `_admission`   joining (`enrol`) and the membership commands (roster, enrol, invite, revoke).
 
-Still to come: demand signals and standby promotion. (Routing and failover live in the router.)
+Demand signals and standby promotion live in `_elastic`. (Routing and failover live in the router.)
 """
 
 from discovery._gossip import Gossip

@@ -2,7 +2,10 @@
 
 - `_messages`  one frozen dataclass per message kind (and the nested records they carry).
 - `_codec`     the one codec: versioned msgpack frames, validated on decode (`ProtocolError`).
-- `_sockets`   the one socket factory: every socket of the node is made (and secured) there.
+- `_sockets`   the one socket factory: every socket of the node is made there.
+- `_curve`     CURVE and ZAP: node keys, the keyring of a secured mesh's members, and `listen` /
+               `dial`, through which every network socket binds or connects (secured when the
+               context is).
 """
 
 from actors.wire._codec import Message, decode, encode, peek_version
