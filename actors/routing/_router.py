@@ -53,6 +53,7 @@ from actors.wire._messages import (
     Started,
     WorkerState,
 )
+from actors.wire._sockets import remove_ipc
 
 log = logging.getLogger(__name__)
 # A peer's refusals that another node may not share: try the next node before telling the client.
@@ -128,6 +129,7 @@ class Router(Actor):
         self.on_socket(self._back, self._from_worker)
 
     def teardown(self) -> None:
+        remove_ipc(self.gateway_endpoint)
         for rid in list(self._flights):
             self._end(
                 rid, ErrorReply(request_id=rid, code=EngineFailed.code, message="the node is shutting down")

@@ -14,6 +14,7 @@ change there too, and never restarts a dead engine by itself.
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import os
 import sys
@@ -35,8 +36,10 @@ from actors.wire._messages import (
     WorkerState,
     WorkerStateName,
 )
+from actors.wire._sockets import private_ipc, remove_ipc
 
 log = logging.getLogger(__name__)
+_pipes = itertools.count()  # engine pipes made by this process (each child gets a fresh one)
 
 
 class ShardWorker(Actor):
@@ -73,6 +76,7 @@ class ShardWorker(Actor):
         self._load_deadline = 0.0
         self._child: ChildProcess | None = None
         self._engine: zmq.Socket | None = None
+        self._engine_pipe: str | None = None  # the engine pipe's ipc endpoint, until the child connected
         self._router: zmq.Socket | None = None
         self._backoff = Backoff(
             self.config.engine_restart_backoff_s, self.config.engine_max_restart_backoff_s
@@ -97,6 +101,7 @@ class ShardWorker(Actor):
         if self._child is not None:
             self._child.close()
             self._child = None
+        self._drop_pipe()
         self._set_state("retired", "stopped")  # the router forgets this worker
 
     idle_tick_s = 1.0  # no engine to restart, load or cancel
@@ -130,10 +135,14 @@ class ShardWorker(Actor):
 
     def _spawn(self) -> None:
         engine = self.socket(zmq.PAIR)
-        port = engine.bind_to_random_port("tcp://127.0.0.1")
+        # ipc, not loopback TCP: one token's trip to the node costs less, and only this user's
+        # processes can reach the pipe.
+        endpoint = private_ipc(f"engine-{self.worker_id}-{next(_pipes)}")
+        engine.bind(endpoint)
+        self._engine_pipe = endpoint
         argv = [
             sys.executable, "-m", "actors.engine._child",
-            "--endpoint", f"tcp://127.0.0.1:{port}",
+            "--endpoint", endpoint,
             "--parent-pid", str(os.getpid()),
             "--spec", base64.b64encode(encode(self.spec)).decode(),
         ]  # fmt: skip
@@ -145,6 +154,10 @@ class ShardWorker(Actor):
         self._load_deadline = self.clock() + self.config.engine_load_timeout_s
         self._set_state("loading", f"engine pid {pid} loading {self.spec.model}")
 
+    def _drop_pipe(self) -> None:
+        remove_ipc(self._engine_pipe)
+        self._engine_pipe = None
+
     def _on_child_exit(self) -> None:
         child, engine = self._child, self._engine
         if child is None or engine is None:
@@ -152,6 +165,7 @@ class ShardWorker(Actor):
         code = child.exit_code()
         self.forget(child.exit_fd)
         self.forget(engine)
+        self._drop_pipe()
         child.close()
         self._child = self._engine = None
         self._cancel_deadlines.clear()
@@ -189,6 +203,7 @@ class ShardWorker(Actor):
             return
         self.forget(child.exit_fd)
         self.forget(engine)
+        self._drop_pipe()
         child.close()
         self._child = self._engine = None
         self._cancel_deadlines.clear()
@@ -199,6 +214,7 @@ class ShardWorker(Actor):
         self.last_event_at = self.clock()
         message = self.decode(frames[-1], "engine")
         if isinstance(message, EngineReady):
+            self._drop_pipe()  # the child is connected: nobody else may connect from now on
             self._failed_loads = 0
             self._backoff.reset()
             self.n_ctx = message.n_ctx

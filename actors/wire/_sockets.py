@@ -9,6 +9,10 @@ retransmission back-off.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import zmq
 
 # Queues are bounded so that a stuck peer costs memory we chose, not all of it.
@@ -41,3 +45,30 @@ def make_socket(ctx: zmq.Context, kind: int, *, identity: bytes | None = None) -
         # Raise EHOSTUNREACH instead of silently dropping a message to a vanished peer.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     return sock
+
+
+def private_ipc(name: str) -> str:
+    """An `ipc://` endpoint for `name` in a directory only this user can enter (for pipes between
+    a node's own processes: its gateway, its engine children). Named after this process, so that
+    the pipes of processes that died without closing them (a `kill -9`) are swept here."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"mesh-llm-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    if base.stat().st_uid != os.getuid():
+        raise PermissionError(f"{base} belongs to another user")
+    os.chmod(base, 0o700)
+    _sweep(base)
+    return f"ipc://{base}/{os.getpid()}-{name}"
+
+
+def _sweep(base: Path) -> None:
+    """Remove pipes left by processes that are gone."""
+    for entry in base.iterdir():
+        pid = entry.name.split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            entry.unlink(missing_ok=True)
+
+
+def remove_ipc(endpoint: str | None) -> None:
+    """Remove the file of an `ipc://` endpoint we bound (ZeroMQ leaves it behind); idempotent."""
+    if endpoint is not None and endpoint.startswith("ipc://"):
+        Path(endpoint[len("ipc://") :]).unlink(missing_ok=True)

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from actors.engine._llamacpp import has_file_tensors
 from actors.gguf._identity import check_draft, check_file, check_model
 from actors.gguf._layout import Layout
 from actors.runtime._supervisor import ChildProcess
+from actors.wire._sockets import private_ipc
 from discovery import MeshMembership
 from discovery._admission import Admission, enrol
 from discovery._trust import Invite, Trust, TrustError, TrustFiles
@@ -526,12 +526,7 @@ def _gunicorn_env(args: argparse.Namespace, spec: NodeSpec) -> dict[str, str]:
 def _gateway_endpoint(zmq_port: int) -> str:
     """Where the node's own HTTP gateway reaches its router: an ipc socket in a directory only
     this user can enter, so that the LAN-facing router port can serve members only."""
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"mesh-llm-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
-    if base.stat().st_uid != os.getuid():
-        raise StateDirError(f"{base} belongs to another user")
-    os.chmod(base, 0o700)
-    return f"ipc://{base}/router-{zmq_port}-{os.getpid()}"
+    return private_ipc(f"router-{zmq_port}")
 
 
 def _wait_listening(host: str, port: int, gateway: ChildProcess) -> bool:
