@@ -59,24 +59,18 @@ def _mesh(work: Path, model: Path, secure: bool) -> list[NodeProcess]:
     for what in (model, None):
         extra = [*seed, "--ctx", "1024"] if what is not None else seed
         if secure:
-            extra += ["--join", _invite(first)]
+            extra += ["--join", first.invite("--uses", "1")]
         nodes.append(_up(launch(work, what, *extra)))
     _routable(nodes[-1])
     assert all(n.status()["secure"] is secure for n in nodes), "the mesh is not what it should be"
     return nodes
 
 
-def _invite(node: NodeProcess) -> str:
-    out = node.ctl("invite", "--uses", "1")
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 def _join_time(work: Path, first: NodeProcess, secure: bool) -> float:
     """Launch of a client node -> the model routable from it."""
     extra = ["--peer", f"127.0.0.1:{first.zmq_port}", "--no-mdns"]
     if secure:
-        extra += ["--join", _invite(first)]
+        extra += ["--join", first.invite("--uses", "1")]
     start = time.monotonic()
     node = launch(work, None, *extra)
     try:

@@ -47,7 +47,7 @@ from actors.wire import decode
 from actors.wire._messages import StageClaim, StageGrant
 from bench._common import cpu_seconds, free_port_pair, print_targets, stop_process, write_result
 from tests.support.delay_proxy import DelayProxy
-from tests.support.netns import Lan, can_make_namespaces, run_in
+from tests.support.netns import Lan, can_make_namespaces, mesh_ctl, run_in
 from tests.support.nodes import listening
 
 BIN = Path(sys.executable).parent
@@ -133,16 +133,7 @@ class Host:
         return self
 
     def ctl(self, *args: str) -> Any:
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.ns,
-            str(BIN / "mesh-ctl"),
-            "--node",
-            f"tcp://{self.address}:{ZMQ}",
-        ]
-        done = subprocess.run([*argv, *args, "--json"], capture_output=True, text=True, timeout=30)
+        done = mesh_ctl(self.ns, self.address, *args, "--json", zmq_port=ZMQ)
         return json.loads(done.stdout) if done.returncode == 0 else None
 
     def split(self) -> dict[str, Any] | None:

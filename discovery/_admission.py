@@ -9,7 +9,6 @@ the authority's node with the invite's key, once, and keeps what it is given.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -18,11 +17,10 @@ import zmq
 from actors import PeerUnavailable, ask
 from actors.wire._curve import INVITE_USER, ClientKeys, Member
 from discovery._gossip import valid_address
-from discovery._trust import Invite, Roster, Trust, TrustError, TrustFiles
+from discovery._trust import NODE_ID, Invite, Roster, Trust, TrustError, TrustFiles
 
 log = logging.getLogger(__name__)
 ENROL_TIMEOUT_S = 10.0
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # as a state directory's node id
 
 
 class Admission:
@@ -76,7 +74,7 @@ class Admission:
         if sender is None or not sender.startswith(INVITE_USER):
             raise TrustError("enrol comes with an invite's key")
         node_id, key = str(args.get("node_id", "")), bytes.fromhex(str(args.get("key", "")))
-        if len(key) != 32 or not _NODE_ID.fullmatch(node_id):
+        if len(key) != 32 or not NODE_ID.fullmatch(node_id):
             raise TrustError("enrol needs a node id (letters, digits, . _ -) and a 32-byte public key")
         host, port = args.get("host"), args.get("zmq_port")
         if not isinstance(host, str) or not isinstance(port, int) or not valid_address(host, port):

@@ -21,13 +21,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import zmq
 
 from actors import GOSSIP_PORT_OFFSET, PROTOCOL_VERSION, ZMQ_PORT_SPAN, Actor, Answer, Query, encode
 from actors.wire import Heartbeat, MeshView, PeerSeen, peek_version
-from actors.wire._curve import Keyring, NotAMember, dial
+from actors.wire._curve import NotAMember, dial
 from actors.wire._messages import Demand, Echo, Load, Offer, PeerRow, SplitNews, SplitRow, ViewRow
+from discovery._claims import ClaimSigner
 from discovery._elastic import Elastic, Standby
 from discovery._mdns import Advert
 from discovery._membership import Change, Membership
@@ -77,47 +77,6 @@ class _Peer:
 _ROSTER_RETRY_S = 2.0  # a roster asked for and not received this long is asked for again
 
 
-class _Signer:
-    """A secured mesh's gossip signatures: each heartbeat signed by its node, and each member's
-    own alive/left claim signed by it, so that the claim can travel second-hand."""
-
-    def __init__(self, keyring: Keyring, mesh: str) -> None:
-        self.keyring = keyring
-        self.mesh = mesh
-        self._own: tuple[tuple[str, int, str, int], bytes] | None = None
-
-    def sign(self, frame: bytes) -> bytes:
-        return self.keyring.keys.sign(frame)
-
-    def verify_beat(self, beat: Heartbeat, frames: list[bytes]) -> bool:
-        return len(frames) == 2 and self.keyring.verify(beat.node_id, frames[0], frames[1])
-
-    def _claim(self, row: ViewRow) -> bytes:
-        return msgpack.packb([self.mesh, row.node_id, row.state, row.incarnation, row.host, row.zmq_port])
-
-    def prove(self, row: ViewRow, proofs: dict[tuple[str, int], bytes] | None) -> ViewRow:
-        """`row` with the proof of its claim: ours signed now, a peer's as we received it."""
-        if row.state not in _OWN_CLAIMS:
-            return row
-        if row.node_id == self.keyring.node_id:
-            key = (row.state, row.incarnation, row.host, row.zmq_port)
-            if self._own is None or self._own[0] != key:
-                self._own = (key, self.keyring.keys.sign(self._claim(row)))
-            return dataclasses.replace(row, proof=self._own[1])
-        proof = (proofs or {}).get((row.state, row.incarnation), b"")
-        return dataclasses.replace(row, proof=proof) if proof else row
-
-    def credible(self, row: ViewRow, *, own_word: bool) -> bool:
-        """Whether to hear `row`: about a member; a claim only its subject may make (alive,
-        left) carries the subject's signature unless it is the subject's own heartbeat."""
-        if self.keyring.member(row.node_id) is None:
-            return False
-        if own_word or row.state not in _OWN_CLAIMS:
-            return True
-        return self.keyring.verify(row.node_id, self._claim(row), row.proof)
-
-
-_OWN_CLAIMS = ("alive", "left")
 MAX_PEER_DEMAND = 1000.0  # units of unmet demand one peer's report counts for at most
 
 
@@ -187,7 +146,7 @@ class Gossip(Actor):
         self._hellos: dict[tuple[str, int], zmq.Socket] = {}
         self._next_hello = 0.0
         self.trust = trust
-        self.signed = _Signer(trust.keyring, me.mesh) if trust is not None else None
+        self.signed = ClaimSigner(trust.keyring, me.mesh) if trust is not None else None
         self._roster_fetch: tuple[zmq.Socket, float] | None = None  # (socket, when asked)
         self._revoked = False  # the keyring dropped members: cut their connections (next tick)
         if trust is not None:
@@ -618,12 +577,8 @@ class Gossip(Actor):
         for address in targets:
             sock = self._hellos.get(address)
             if sock is None:  # a DEALER to that node's control port
-                node_id = self._node_at(address)
-                sock = self.socket(zmq.DEALER)
-                try:
-                    dial(sock, f"tcp://{address[0]}:{address[1]}", node_id)
-                except NotAMember:
-                    self.forget(sock)
+                sock = self.dial(zmq.DEALER, f"tcp://{address[0]}:{address[1]}", self._node_at(address))
+                if sock is None:
                     continue
                 self._hellos[address] = sock
             try:
@@ -685,11 +640,8 @@ class Gossip(Actor):
         peer = self._peers.get(node_id)
         if peer is None:
             return
-        sock = self.socket(zmq.DEALER)
-        try:
-            dial(sock, f"tcp://{peer.host}:{peer.zmq_port}", node_id)
-        except NotAMember:
-            self.forget(sock)
+        sock = self.dial(zmq.DEALER, f"tcp://{peer.host}:{peer.zmq_port}", node_id)
+        if sock is None:
             return
         self._roster_fetch = (sock, now)
         self.on_socket(sock, lambda frames: self._on_roster(sock, frames))

@@ -19,6 +19,7 @@ import base64
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from actors.wire._curve import Keyring, Member, NodeKeys
 
 log = logging.getLogger(__name__)
 TOKEN_PREFIX = "mesh-llm-invite-1."
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a node id, as state dirs and rosters hold it
 MAX_MEMBERS = 1024  # a roster naming more is refused (a bound on what a file can make us hold)
 MAX_INVITES = 1000  # invites remembered (the oldest are forgotten first)
 
@@ -288,11 +290,10 @@ class TrustFiles:
             raise TrustError("authority.pub is not a public key")
         return key
 
-    def authority(self) -> Authority | None:
-        """The mesh's authority, if this state directory holds it."""
+    def authority(self, roster: Roster, signed: bytes) -> Authority | None:
+        """The mesh's authority over `roster` (as read from here), if this directory holds its key."""
         if not (self.dir / "authority.key").exists():
             return None
-        signed, roster = self.roster()
         return Authority(self, SigningKey(self._read("authority.key")), roster, signed)
 
     def mesh(self) -> dict[str, Any]:
@@ -358,7 +359,7 @@ class Trust:
         self.authority_public = files.authority_public()
         self.signed, roster = files.roster()
         self.mesh = roster.mesh
-        self.authority = files.authority()
+        self.authority = files.authority(roster, self.signed)
         if self.authority is not None and self.authority.public != self.authority_public:
             raise TrustError("authority.key does not match authority.pub")
         check = self.authority.check_invite if self.authority is not None else None

@@ -36,7 +36,6 @@ from actors.routing._peers import PeerTable
 from actors.routing._placement import choose
 from actors.runtime._actor import Actor
 from actors.wire._codec import Message, encode
-from actors.wire._curve import NotAMember, dial
 from actors.wire._messages import (
     TERMINAL_TYPES,
     Accepted,
@@ -85,7 +84,6 @@ class Router(Actor):
         self.gateway_endpoint = gateway_endpoint
         self.api_keys = api_keys
         self._forward_key = min(api_keys) if api_keys else ""
-        self._secured_front = False
         self.aliases = dict(aliases or {})
         self.frontend_endpoints = frontend_endpoints
         self.backend_endpoint = backend_endpoint
@@ -113,7 +111,6 @@ class Router(Actor):
         self._front.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
         for endpoint in self.frontend_endpoints:
             self.listen(self._front, endpoint, "router")
-        self._secured_front = self._front in self._secured
         self.on_socket(self._front, lambda frames: self._from_client(self._front, frames, inside=False))
         if self.gateway_endpoint is not None:
             gate = self.socket(zmq.ROUTER)
@@ -163,7 +160,7 @@ class Router(Actor):
         client, frame = frames
         message = self.decode(frame, "node" if inside else "client")
         if isinstance(message, Generate):
-            if not (inside or keyed or self._secured_front) and not self._key_ok(message.api_key):
+            if not (inside or keyed or sock in self._secured) and not self._key_ok(message.api_key):
                 self.stats["refused_requests"] += 1
                 self.warn_once(
                     "api-key", "router: refused a request without a valid API key from the network"
@@ -626,12 +623,10 @@ class Router(Actor):
         link = self._links.get(node)
         if link is None:
             peer = self.peers.live[node]
-            link = self.socket(zmq.DEALER)
-            try:
-                dial(link, f"tcp://{peer.host}:{(peer.zmq_port or 0) + ROUTER_PORT_OFFSET}", node)
-            except NotAMember as err:
-                self.forget(link)
-                self.warn_once(f"peer-key:{node}", "router: cannot reach %s: %s", node, err)
+            link = self.dial(
+                zmq.DEALER, f"tcp://{peer.host}:{(peer.zmq_port or 0) + ROUTER_PORT_OFFSET}", node
+            )
+            if link is None:
                 self._peer_disconnected(node)
                 return
             self.on_socket(link, lambda frames, node=node: self._from_peer(node, frames))  # type: ignore[misc]

@@ -22,7 +22,15 @@ from zmq.utils.monitor import parse_monitor_message
 from actors._config import NodeConfig
 from actors._errors import ActorStartError, ProtocolError
 from actors.wire._codec import Message, decode
-from actors.wire._curve import HANDSHAKE_FAILURES, INVITE_USER, Keyring, describe_failure, listen
+from actors.wire._curve import (
+    HANDSHAKE_FAILURES,
+    INVITE_USER,
+    Keyring,
+    NotAMember,
+    describe_failure,
+    dial,
+    listen,
+)
 from actors.wire._sockets import make_socket
 
 log = logging.getLogger(__name__)
@@ -143,6 +151,19 @@ class Actor:
         """A socket owned by this actor, closed when it stops."""
         sock = make_socket(self.ctx, kind, identity=identity)
         self._owned.append(sock)
+        return sock
+
+    def dial(self, kind: int, endpoint: str, node_id: str | None) -> zmq.Socket | None:
+        """A socket owned by this actor, connected to node `node_id` at `endpoint` through the
+        socket factory (CURVE, pinned to that member's key, on a secured node); None when a
+        secured node does not know it as a member (a warning, once)."""
+        sock = self.socket(kind)
+        try:
+            dial(sock, endpoint, node_id)
+        except NotAMember as err:
+            self.forget(sock)
+            self.warn_once(f"not-member:{endpoint}", "%s: not connecting to %s: %s", self.name, endpoint, err)
+            return None
         return sock
 
     def listen(self, sock: zmq.Socket, endpoint: str, plane: str) -> None:

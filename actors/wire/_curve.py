@@ -12,7 +12,6 @@ keyring registered for the context) bind and connect plainly.
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -98,8 +97,6 @@ class Keyring:
         self._revoked: frozenset[bytes] = frozenset()
         self._on_update: list[Callable[[frozenset[str]], None]] = []
         self._logged: set[tuple[str, bytes, str]] = set()
-        self._lock = threading.Lock()
-        self.refused = 0  # connections refused (all planes)
 
     # -- the tables -------------------------------------------------------------------------
 
@@ -156,12 +153,11 @@ class Keyring:
         return None, f"an unknown key ({key[:8].decode()}...), not a member of this mesh"
 
     def refuse(self, plane: str, address: str, key: bytes, why: str) -> None:
-        """Log (once per plane, key and reason at WARNING) and count a refused connection."""
-        with self._lock:
-            self.refused += 1
-            fresh = (plane, key, why) not in self._logged and len(self._logged) < _MAX_LOGGED
-            if fresh:
-                self._logged.add((plane, key, why))
+        """Log a refused connection: at WARNING the first time for its plane, key and reason
+        (called on ZAP's thread only; the socket monitors count refusals per actor)."""
+        fresh = (plane, key, why) not in self._logged and len(self._logged) < _MAX_LOGGED
+        if fresh:
+            self._logged.add((plane, key, why))
         log.log(
             logging.WARNING if fresh else logging.DEBUG,
             "refused a connection to the %s port from %s: %s",

@@ -11,14 +11,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import re
 import secrets
 import socket
 from pathlib import Path
 from typing import IO
 
+from discovery._trust import NODE_ID
+
 log = logging.getLogger(__name__)
-_VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class StateDirError(Exception):
@@ -64,7 +64,7 @@ class StateDir:
             text = None
         except OSError as err:
             raise StateDirError(f"cannot read {path}: {err}") from err
-        if text is not None and _VALID_ID.fullmatch(text):
+        if text is not None and NODE_ID.fullmatch(text):
             return text
         if text is not None:
             log.warning("the node id file %s held %r, not an id: making a new id", path, text[:40])

@@ -177,13 +177,8 @@ def run_trust_command(args: argparse.Namespace) -> int:
         request = {"ttl_s": args.ttl, "uses": args.uses}
     else:
         request = {"node_id": args.node_id}
-    try:
-        data = query(args.node, args.command, args.timeout, request)
-    except PeerUnavailable as err:
-        print(f"mesh-ctl: {err}", file=sys.stderr)
-        return 1
-    if "error" in data:
-        print(f"mesh-ctl: {data['error']}", file=sys.stderr)
+    data = answer_or_say(args, request)
+    if data is None:
         return 1
     if args.command == "invite":
         print(data["token"])
@@ -358,14 +353,22 @@ def print_models(models: list[dict[str, Any]]) -> None:
         print(f"{m['id']:<32} {', '.join(m['nodes'])}")
 
 
-def run_node_command(args: argparse.Namespace) -> int:
+def answer_or_say(args: argparse.Namespace, request: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The node's answer to `args.command`, or None once what went wrong is printed."""
     try:
-        data = query(args.node, args.command, args.timeout)
+        data = query(args.node, args.command, args.timeout, request)
     except PeerUnavailable as err:
         print(f"mesh-ctl: {_why(err)}", file=sys.stderr)
-        return 1
+        return None
     if "error" in data:
         print(f"mesh-ctl: {data['error']}", file=sys.stderr)
+        return None
+    return data
+
+
+def run_node_command(args: argparse.Namespace) -> int:
+    data = answer_or_say(args)
+    if data is None:
         return 1
     shown = data if args.command == "status" else data.get(args.command)
     if args.json:

@@ -13,8 +13,8 @@ import zmq
 from actors.wire._curve import Keyring, Member, NodeKeys, NotAMember, dial, listen, secure, unsecure
 from actors.wire._messages import ViewRow
 from discovery._admission import Admission
-from discovery._gossip import _Signer
-from discovery._trust import Invite, Roster, Trust, TrustError, TrustFiles, open_roster
+from discovery._claims import ClaimSigner
+from discovery._trust import Authority, Invite, Roster, Trust, TrustError, TrustFiles, open_roster
 
 
 def _mesh(tmp: Path, node_id: str = "first") -> Trust:
@@ -26,6 +26,26 @@ def _mesh(tmp: Path, node_id: str = "first") -> Trust:
 def _member(node_id: str) -> tuple[NodeKeys, Member]:
     keys = NodeKeys.generate()
     return keys, Member(node_id=node_id, verify_key=keys.verify_key, host="10.0.0.9", zmq_port=9338)
+
+
+def _authority(trust: Trust) -> Authority:
+    assert trust.authority is not None
+    return trust.authority
+
+
+def _invite(trust: Trust, *, ttl_s: float = 0, uses: int = 1) -> Invite:
+    return _authority(trust).invite(
+        ttl_s=ttl_s, uses=uses, host="h", zmq_port=1, server_key=trust.keyring.keys.curve_public
+    )
+
+
+def _joined(trust: Trust, node_id: str) -> tuple[NodeKeys, Keyring]:
+    """A member admitted with an invite of its own: its keys, and its keyring (the new roster)."""
+    keys, member = _member(node_id)
+    trust.published(_authority(trust).admit(_invite(trust).public, member))
+    ring = Keyring(node_id, keys)
+    ring.update(trust.keyring.version, trust.keyring.members().values(), ())
+    return keys, ring
 
 
 def test_a_new_mesh_keeps_private_files_and_names_its_first_node(tmp_path: Path) -> None:
@@ -61,8 +81,7 @@ def test_a_roster_signed_by_another_key_or_altered_is_refused(tmp_path: Path) ->
 
 def test_an_invite_admits_one_key_per_use_until_it_is_used_up_or_expires(tmp_path: Path) -> None:
     trust = _mesh(tmp_path)
-    authority = trust.authority
-    assert authority is not None
+    authority = _authority(trust)
     invite = authority.invite(
         ttl_s=60, uses=2, host="10.0.0.1", zmq_port=9338, server_key=trust.keyring.keys.curve_public
     )
@@ -75,9 +94,7 @@ def test_an_invite_admits_one_key_per_use_until_it_is_used_up_or_expires(tmp_pat
     with pytest.raises(TrustError, match="used up"):
         authority.admit(invite.public, _member("d")[1])
     assert set(trust.keyring.members()) == {"first", "b", "c"} and trust.keyring.version == 3
-    short = authority.invite(
-        ttl_s=0.05, uses=1, host="h", zmq_port=1, server_key=trust.keyring.keys.curve_public
-    )
+    short = _invite(trust, ttl_s=0.05)
     time.sleep(0.1)
     assert authority.check_invite(short.public) == "expired"
     with pytest.raises(KeyError):
@@ -95,11 +112,8 @@ def test_damaged_tokens_are_refused_with_a_reason() -> None:
 
 def test_revocation_removes_a_member_for_good_and_spares_the_authority(tmp_path: Path) -> None:
     trust = _mesh(tmp_path)
-    authority = trust.authority
-    assert authority is not None
-    invite = authority.invite(
-        ttl_s=0, uses=3, host="h", zmq_port=1, server_key=trust.keyring.keys.curve_public
-    )
+    authority = _authority(trust)
+    invite = _invite(trust, uses=3)
     keys, member = _member("b")
     trust.published(authority.admit(invite.public, member))
     removed: list[frozenset[str]] = []
@@ -120,29 +134,20 @@ def test_revocation_removes_a_member_for_good_and_spares_the_authority(tmp_path:
 
 def test_the_keyring_admits_members_everywhere_and_live_invites_only_to_enrol(tmp_path: Path) -> None:
     trust = _mesh(tmp_path)
-    ring, authority = trust.keyring, trust.authority
-    assert authority is not None
+    ring = trust.keyring
     me = ring.keys.curve_public
     assert ring.judge("gossip", me) == ("first", "member")
     stranger = NodeKeys.generate().curve_public
     assert ring.judge("tunnel", stranger)[0] is None and "unknown key" in ring.judge("tunnel", stranger)[1]
-    invite = authority.invite(ttl_s=60, uses=1, host="h", zmq_port=1, server_key=me)
+    invite = _invite(trust, ttl_s=60)
     assert ring.judge("control", invite.public)[0] == f"invite:{invite.public.decode()}"
     assert "only enrol" in ring.judge("router", invite.public)[1]
 
 
 def test_gossip_claims_travel_second_hand_only_with_their_subject_s_signature(tmp_path: Path) -> None:
     trust = _mesh(tmp_path)
-    authority = trust.authority
-    assert authority is not None
-    invite = authority.invite(
-        ttl_s=0, uses=1, host="h", zmq_port=1, server_key=trust.keyring.keys.curve_public
-    )
-    b_keys, b = _member("b")
-    trust.published(authority.admit(invite.public, b))
-    b_ring = Keyring("b", b_keys)
-    b_ring.update(trust.keyring.version, trust.keyring.members().values(), ())
-    b_signer, our_signer = _Signer(b_ring, "mesh"), _Signer(trust.keyring, "mesh")
+    _, b_ring = _joined(trust, "b")
+    b_signer, our_signer = ClaimSigner(b_ring, "mesh"), ClaimSigner(trust.keyring, "mesh")
     row = ViewRow(node_id="b", state="alive", incarnation=7, host="10.0.0.9", zmq_port=9338)
     proven = b_signer.prove(row, None)
     assert len(proven.proof) == 64
@@ -164,16 +169,8 @@ def test_gossip_claims_travel_second_hand_only_with_their_subject_s_signature(tm
 
 def test_curve_sockets_admit_members_and_refuse_others(tmp_path: Path) -> None:
     trust = _mesh(tmp_path)
-    authority = trust.authority
-    assert authority is not None
-    invite = authority.invite(
-        ttl_s=0, uses=1, host="h", zmq_port=1, server_key=trust.keyring.keys.curve_public
-    )
-    b_keys, b = _member("b")
-    trust.published(authority.admit(invite.public, b))
+    _, b_ring = _joined(trust, "b")
     server_ctx, member_ctx, plain_ctx = zmq.Context(), zmq.Context(), zmq.Context()
-    b_ring = Keyring("b", b_keys)
-    b_ring.update(trust.keyring.version, trust.keyring.members().values(), ())
     secure(server_ctx, trust.keyring)
     secure(member_ctx, b_ring)
     sockets = []
@@ -208,12 +205,8 @@ def test_curve_sockets_admit_members_and_refuse_others(tmp_path: Path) -> None:
 
 def test_enrolment_takes_a_live_invite_once_and_refuses_malformed_requests(tmp_path: Path) -> None:
     trust = _mesh(tmp_path)
-    authority = trust.authority
-    assert authority is not None
     admission = Admission(trust, host="10.0.0.1", zmq_port=9338)
-    invite = authority.invite(
-        ttl_s=60, uses=1, host="h", zmq_port=1, server_key=trust.keyring.keys.curve_public
-    )
+    invite = _invite(trust, ttl_s=60)
     sender = f"invite:{invite.public.decode()}"
     key = NodeKeys.generate().verify_key.hex()
     good = {"node_id": "b-1", "key": key, "host": "10.0.0.9", "zmq_port": 9338}

@@ -78,12 +78,6 @@ def _attempt_all(
         ctx.term()
 
 
-def _invite(node: NodeProcess, *args: str) -> str:
-    out = node.ctl("invite", *args)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 def _join(tmp: Path, token: str, authority: NodeProcess, model: Path | None = None) -> NodeProcess:
     node = launch(tmp, model, "--join", token, "--peer", f"127.0.0.1:{authority.zmq_port}", "--no-mdns")
     try:
@@ -107,7 +101,7 @@ def authority(tmp_path: Path, tiny_model: Path) -> Iterator[NodeProcess]:
 def test_an_invited_node_joins_a_secured_mesh_and_is_served_through_it(
     authority: NodeProcess, tmp_path: Path
 ) -> None:
-    token = _invite(authority, "--uses", "1")
+    token = authority.invite("--uses", "1")
     assert token.startswith("mesh-llm-invite-1.") and len(token.splitlines()) == 1
     trust = authority.state / "trust"  # type: ignore[operator]
     assert (trust.stat().st_mode & 0o777) == 0o700
@@ -137,10 +131,10 @@ def test_an_invited_node_joins_a_secured_mesh_and_is_served_through_it(
 def test_every_port_refuses_no_key_a_wrong_key_a_revoked_member_and_spent_invites(
     authority: NodeProcess, tmp_path: Path
 ) -> None:
-    used = _invite(authority, "--uses", "1")
+    used = authority.invite("--uses", "1")
     member = _join(tmp_path, used, authority)  # uses the invite up
-    expired = _invite(authority, "--ttl", "1")
-    revokee = _join(tmp_path, _invite(authority), authority)
+    expired = authority.invite("--ttl", "1")
+    revokee = _join(tmp_path, authority.invite(), authority)
     try:
         server = credentials(authority.state, authority.control).server  # type: ignore[arg-type]
         revokee_id = revokee.status()["node_id"]
@@ -273,7 +267,7 @@ def test_a_dense_split_of_a_secured_mesh_tunnels_to_an_invited_stage(
     models.mkdir()
     (models / tiny_model.name).symlink_to(tiny_model)
     stage = launch(
-        tmp_path, None, "--join", _invite(authority_split), "--peer", f"127.0.0.1:{authority_split.zmq_port}",
+        tmp_path, None, "--join", authority_split.invite(), "--peer", f"127.0.0.1:{authority_split.zmq_port}",
         "--no-mdns", models_dir=models,
     )  # fmt: skip
     try:

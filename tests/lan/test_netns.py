@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.netns import Lan, can_make_namespaces
+from tests.support.netns import Lan, can_make_namespaces, mesh_ctl
 from tests.support.nodes import BIN, eventually, stop_process
 
 WHY_NOT = can_make_namespaces()
@@ -44,16 +44,7 @@ class Host:
         return times
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.ns,
-            str(BIN / "mesh-ctl"),
-            "--node",
-            f"tcp://{self.address}:{ZMQ_PORT}",
-        ]
-        return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
+        return mesh_ctl(self.ns, self.address, *args, zmq_port=ZMQ_PORT)
 
     def peers(self) -> dict[str, str]:
         out = self.ctl("peers", "--json")

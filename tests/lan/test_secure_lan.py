@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support.netns import Lan, can_make_namespaces, run_in
+from tests.support.netns import Lan, can_make_namespaces, mesh_ctl, run_in
 from tests.support.nodes import BIN, eventually, stop_process
 
 WHY_NOT = can_make_namespaces()
@@ -72,17 +72,7 @@ class Host:
     state: Path | None
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        creds = ["--state-dir", str(self.state)] if self.state is not None else []
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.ns,
-            str(BIN / "mesh-ctl"),
-            "--node",
-            f"tcp://{self.address}:{ZMQ_PORT}",
-        ]
-        return subprocess.run([*argv, *creds, *args], capture_output=True, text=True, timeout=30)
+        return mesh_ctl(self.ns, self.address, *args, zmq_port=ZMQ_PORT, state=self.state)
 
     def status(self) -> dict:
         out = self.ctl("status", "--json")

@@ -10,7 +10,10 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
+
+from tests.support.nodes import BIN
 
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000
@@ -105,6 +108,16 @@ class Lan:
         while self._made:
             ns = self._made.pop()
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def mesh_ctl(
+    ns: str, address: str, *args: str, zmq_port: int = 9338, state: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`mesh-ctl` run on host `ns` against its node at address:zmq_port (with the credentials of
+    the node's `state` directory, for a secured node)."""
+    creds = ["--state-dir", str(state)] if state is not None else []
+    argv = ["ip", "netns", "exec", ns, str(BIN / "mesh-ctl"), "--node", f"tcp://{address}:{zmq_port}", *creds]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
 
 
 def _ip_netns_exec(ns: str, *argv: str) -> None:

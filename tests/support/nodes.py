@@ -109,6 +109,12 @@ class NodeProcess:
             timeout=30,
         )
 
+    def invite(self, *args: str) -> str:
+        """A join token from this node (`mesh-ctl invite ARGS`: it holds a secured mesh's authority)."""
+        out = self.ctl("invite", *args)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
     def status(self) -> dict:
         """`mesh-ctl status --json`'s data, asked in-process (mesh-ctl itself is tested apart)."""
         from gateway.ctl._main import credentials
