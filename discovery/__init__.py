@@ -11,6 +11,8 @@ Map of this room:
 - `_mesh`        `MeshMembership`: the gossip actor, mDNS and `--peer` seeds for one node.
 - `_trust`       a secured mesh's roster (signed by its authority), invites, and the files a node
                  keeps them in; `Trust`, a node's live keyring and roster.
+- `_claims`      a secured mesh's gossip signatures: heartbeats, and members' own claims relayed
+                 second-hand.
 - `_admission`   joining (`enrol`) and the membership commands (roster, enrol, invite, revoke).
 
 Demand signals and standby promotion live in `_elastic`. (Routing and failover live in the router.)
