@@ -66,10 +66,13 @@ class Sample:
         return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
-def prompts(n: int) -> list[str]:
+def prompts(n: int, round_: int = 0) -> list[str]:
+    """`n` prompts, new in each round: a prompt seen before would be answered from a server's
+    prompt cache (llama-server keeps finished prompts in RAM), measuring the cache, not the server."""
     topics = ["a lighthouse", "the mesh", "ZeroMQ sockets", "a rainy day", "old machines", "gossip", "tea"]
     return [
-        f"Request {i}: write a short story about {topics[i % len(topics)]} and what it learns."
+        f"{topics[(i + round_) % len(topics)].capitalize()}, round {round_}, request {i}: write a short "
+        f"story about {topics[i % len(topics)]} and what it learns."
         for i in range(n)
     ]
 
@@ -130,6 +133,9 @@ def http_client(base: str, model: str) -> Callable[[str, int], Sample]:
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "stream": True,
+            # Tokens are counted from the usage, not the events: a server may send several
+            # tokens in one event (the mesh does, per --stream-interval).
+            "stream_options": {"include_usage": True},
         }
         if not hasattr(local, "client"):
             local.client = httpx.Client(timeout=600)  # made before the clock starts: setup, not latency
@@ -141,8 +147,11 @@ def http_client(base: str, model: str) -> Callable[[str, int], Sample]:
                     for line in r.iter_lines():
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
-                        if json.loads(line[6:])["choices"][0]["text"]:
+                        event = json.loads(line[6:])
+                        if event["choices"] and event["choices"][0]["text"]:
                             sample.token()
+                        if event.get("usage"):  # the true count, where the server gives it
+                            sample.tokens = event["usage"]["completion_tokens"]
                 return sample
             except httpx.RemoteProtocolError:
                 # A kept-alive connection the server closed while other ways ran (llama-server
@@ -156,10 +165,10 @@ def http_client(base: str, model: str) -> Callable[[str, int], Sample]:
 
 
 def measure(
-    run: Callable[[str, int], Sample], clients: int, per_client: int, max_tokens: int
+    run: Callable[[str, int], Sample], clients: int, per_client: int, max_tokens: int, round_: int = 0
 ) -> tuple[list[Sample], float]:
     """`clients` threads each sending `per_client` requests back to back; samples and wall time."""
-    texts = prompts(clients * per_client)
+    texts = prompts(clients * per_client, round_)
     samples: list[Sample] = []
     lock = threading.Lock()
 
@@ -202,7 +211,7 @@ def interleaved(
     walls = dict.fromkeys(names, 0.0)
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            got, wall = measure(ways[name], clients, args.per_client, args.max_tokens)
+            got, wall = measure(ways[name], clients, args.per_client, args.max_tokens, r)
             samples[name] += got
             walls[name] += wall
     return {n: summarize(samples[n], walls[n], clients) for n in names}

@@ -2,7 +2,8 @@
 
 Run as `python -m actors.engine._child --endpoint E --parent-pid P --spec SPEC`. It announces itself with
 `EngineReady` (or an `ErrorReply` if loading fails, then exits), admits up to `slots` requests,
-and between decode steps takes in new requests and cancels. It dies with its parent
+and between decode steps takes in new requests and cancels. What it says goes out through an
+`Outbox`, which merges a request's tokens into one frame per stream interval. It dies with its parent
 (PR_SET_PDEATHSIG).
 """
 
@@ -19,6 +20,7 @@ import zmq
 from actors._errors import EngineFailed, ProtocolError, RequestError
 from actors.engine._build import load_engine
 from actors.engine._engine import Engine
+from actors.engine._outbox import Outbox
 from actors.runtime._supervisor import die_with_parent
 from actors.wire._codec import decode, encode
 from actors.wire._messages import Cancel, EngineReady, EngineSpec, ErrorReply, Finished, Generate
@@ -27,19 +29,20 @@ from actors.wire._sockets import make_socket
 log = logging.getLogger("mesh_llm.engine")
 
 
-def serve(sock: zmq.Socket, engine: Engine) -> None:
+def serve(sock: zmq.Socket, engine: Engine, outbox: Outbox) -> None:
     """Answer requests until we are killed: take in what arrived, then advance one step."""
     while True:
         # Block while idle; between steps only look at what is already there.
         if sock.poll(None if engine.active == 0 else 0):
             for message in _drain(sock):
-                _handle(sock, engine, message)
+                _handle(engine, message, outbox)
         if engine.active:
+            outbox.flush_due()
             for event in engine.step():
-                sock.send(encode(event))
+                outbox.put(event)
 
 
-def _handle(sock: zmq.Socket, engine: Engine, message: object) -> None:
+def _handle(engine: Engine, message: object, outbox: Outbox) -> None:
     if isinstance(message, Generate):
         try:
             events = engine.admit(message)
@@ -47,15 +50,15 @@ def _handle(sock: zmq.Socket, engine: Engine, message: object) -> None:
             reply = ErrorReply(
                 request_id=message.request_id, code=err.code, message=err.message, details=err.details
             )
-            sock.send(encode(reply))
+            outbox.put(reply)
             return
         for event in events:
-            sock.send(encode(event))
+            outbox.put(event)
     elif isinstance(message, Cancel) and engine.cancel(message.request_id):
         done = Finished(
             request_id=message.request_id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0
         )
-        sock.send(encode(done))
+        outbox.put(done)
 
 
 def _drain(sock: zmq.Socket) -> list[object]:
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         slots=engine.slots,
     )
     sock.send(encode(ready))
-    serve(sock, engine)
+    serve(sock, engine, Outbox(sock, spec.stream_interval_ms / 1000))
     return 0
 
 

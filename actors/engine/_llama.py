@@ -14,6 +14,7 @@ Runs inside the engine child process only; every call blocks.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -56,6 +57,7 @@ class _Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV entries are present
     request: Generate | None = None
+    admitted: int = 0  # the request's place in the order of admission
     todo: list[int] = field(default_factory=list)  # tokens to feed before the next sample
     # A resumed request's tokens from this position on were generated (elsewhere): they are fed
     # one per step, as they were when generated, so that the KV cache holds bit for bit the
@@ -142,6 +144,7 @@ class LlamaEngine:
         )
         self._n_batch = n_batch
         self._slots = [_Slot(seq_id=i) for i in range(slots)]
+        self._admissions = itertools.count()
         self._drafts: Any = None  # a DraftClient when a draft model runs next to us
         self._drafter_actor: Any = None
         if draft:
@@ -198,6 +201,9 @@ class LlamaEngine:
     @property
     def active(self) -> int:
         return sum(1 for s in self._slots if s.request is not None)
+
+    def _active(self) -> list[_Slot]:
+        return [s for s in self._slots if s.request is not None]
 
     def render(self, request: Generate) -> str:
         """The prompt text: the request's prompt, or its messages through the chat template."""
@@ -256,6 +262,7 @@ class LlamaEngine:
         slot.cached = tokens[:keep]
         slot.todo = tokens[keep:]
         slot.request = request
+        slot.admitted = next(self._admissions)
         slot.max_tokens = max_tokens
         slot.n_done = 0
         slot.unsent = []
@@ -344,14 +351,20 @@ class LlamaEngine:
         sampled: list[tuple[_Slot, int, list[int]]] = []  # slot, first logits index, drafts
         budget = self._n_batch
         decoding_only = True
-        # Generating sequences first (one token each, plus drafts), then prompt chunks.
-        for slot in sorted((s for s in self._slots if s.request is not None), key=lambda s: len(s.todo)):
+        prefilling = False
+        # Generating sequences first (one token each, plus drafts) in sequence order (measured:
+        # 4 sequences' step took 20 ms, not 13, with their KV streams out of order), then the
+        # prompt admitted first: one prompt a step. Prompts that arrive together then get their
+        # first tokens one prefill apart, not all after the prefill of them all: less time to
+        # first token for all but the last (and for it, about the same).
+        for slot in sorted(self._active(), key=_feeding_order):
             limit, at = budget, len(slot.cached)
             if slot.replay_from is not None:
                 limit = 1 if at >= slot.replay_from else min(budget, slot.replay_from - at)
             take = slot.todo[:limit]
-            if not take:
+            if not take or (len(take) > 1 and prefilling):
                 continue
+            prefilling |= len(take) > 1
             whole = len(take) == len(slot.todo)  # its last token is fed: sample after it
             extra = drafts.get(slot.seq_id, [])[: budget - len(take)] if whole else []
             decoding_only &= len(take) == 1
@@ -689,6 +702,11 @@ def _apply(lib: Any, sampler: Any, candidates: np.ndarray, select: bool = True) 
     if not 0 <= array.selected < array.size:
         raise EngineFailed("the sampler selected no token")
     return int(array.data[array.selected].id)  # samplers may reorder the array: ask it
+
+
+def _feeding_order(slot: _Slot) -> tuple[bool, int]:
+    prompt = len(slot.todo) > 1
+    return prompt, slot.admitted if prompt else slot.seq_id
 
 
 def _common_prefix(a: list[int], b: list[int], start: int = 0) -> int:

@@ -56,6 +56,7 @@ class NodeSpec:
     n_ctx: int = 4096
     n_threads: int = 2
     slots: int = 1  # requests each engine serves at once (continuous batching)
+    stream_interval_ms: float = 0.0  # a stream's later tokens go at most this often (see engine._outbox)
     role: str = "serving"
     config: NodeConfig = field(default_factory=NodeConfig)
     # Dense splits: what this node offers them (--max-memory), the GGUFs it holds for them, whether
@@ -80,6 +81,7 @@ class NodeSpec:
             slots=self.slots,
             draft=model.draft,
             speculative=model.speculative,
+            stream_interval_ms=self.stream_interval_ms,
         )
 
     @property

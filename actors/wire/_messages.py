@@ -185,6 +185,9 @@ class EngineSpec:
     tensor_split: list[int] = field(default_factory=list)
     # For each device, the identity of the GGUF it loads its tensors from itself ("": send them).
     device_files: list[str] = field(default_factory=list)
+    # A request's tokens after its first are sent at most this often, several to a frame: each
+    # frame costs CPU on its way to the client, which a small machine takes from decoding.
+    stream_interval_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

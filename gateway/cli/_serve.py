@@ -30,6 +30,7 @@ log = logging.getLogger("mesh_llm")
 _GUNICORN_START_TIMEOUT_S = 30.0
 _RESTART = -1  # `_serve` asks to be run again (with a fresh node id)
 GIB = 1024**3
+STREAM_INTERVAL_MS = 20.0  # ~3 tokens a frame at 150 tok/s; a 50 Hz screen refreshes as often
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
     serve.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     serve.add_argument("--slots", type=int, default=4, help="requests decoded together (continuous batching)")
+    serve.add_argument(
+        "--stream-interval", type=_milliseconds, metavar="MS", default=STREAM_INTERVAL_MS,
+        help="a stream's tokens after its first are sent at most this often, several to a frame "
+        "(0: every token as it comes; each frame costs CPU that a small machine takes from decoding)",
+    )  # fmt: skip
     serve.add_argument(
         "--max-memory",
         type=float,
@@ -160,6 +166,16 @@ def _node_options(cmd: argparse.ArgumentParser) -> None:
         help="a browser origin (scheme://host[:port], or *) allowed to call the API (repeatable)",
     )  # fmt: skip
     cmd.add_argument("-v", "--verbose", action="store_true")
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text} ms is not between 0 and 1000")
+    return value
 
 
 def _alias(text: str) -> str:
@@ -364,6 +380,7 @@ def _serve(
         n_ctx=getattr(args, "ctx", 4096),
         n_threads=getattr(args, "threads", 1),
         slots=getattr(args, "slots", 1),
+        stream_interval_ms=getattr(args, "stream_interval", 0.0),
         config=config,
         max_memory_bytes=int(max_memory * GIB) if args.command == "serve" else 0,
         holdings=holdings,
