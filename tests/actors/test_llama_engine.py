@@ -326,3 +326,20 @@ def test_a_grammar_s_shortlist_finds_the_token_a_full_check_finds(
     shortlisted = run("short")
     monkeypatch.setattr(llama_module, "GRAMMAR_SHORTLISTS", (1,))
     assert run("full") == shortlisted and shortlisted.lstrip().startswith("{")
+
+
+def test_prompts_admitted_together_are_evaluated_one_a_step_in_order(engine: LlamaEngine) -> None:
+    for rid in ("first", "second", "third"):
+        engine.admit(greedy(rid, f"the {rid} prompt of a few words", 3))
+    heard = []
+    while engine.active:
+        heard.append(sorted({e.request_id for e in engine.step() if isinstance(e, Chunk)}))
+    # Each step feeds one new prompt besides the sequences already generating.
+    assert heard[:3] == [["first"], ["first", "second"], ["first", "second", "third"]]
+
+
+def test_the_greedy_shortcut_draws_what_llama_cpp_s_greedy_sampler_draws(engine: LlamaEngine) -> None:
+    plain = texts(run_all(engine, [greedy("p", "the mesh layer node", 32)]))["p"]
+    # Asking for logprobs keeps the request on llama.cpp's sampler chain.
+    sampled = dataclasses.replace(greedy("s", "the mesh layer node", 32), logprobs=0)
+    assert texts(run_all(engine, [sampled]))["s"] == plain

@@ -54,7 +54,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     model = synthesize(
         "llama", tmp_path_factory.mktemp("api") / f"{MODEL}.gguf", shape_for("llama", "tiny"), seed=4
     )
-    args = ("--slots", "2", "--alias", "gpt-4o-mini", "--alias", "local", "--no-mdns", "--mesh", "api")
+    # Every token its own event (as on a slower model): streamed tool calls arrive in pieces.
+    args = ("--slots", "2", "--alias", "gpt-4o-mini", "--alias", "local", "--no-mdns", "--mesh", "api",
+            "--stream-interval", "0")  # fmt: skip
     proc = start_node(tmp_path_factory.mktemp("node"), model, *args)
     yield proc
     proc.stop()

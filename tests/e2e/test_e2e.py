@@ -183,7 +183,7 @@ def test_killing_the_engine_mid_stream_resumes_the_stream_on_the_restarted_engin
     received = []
     for chunk in stream:
         received.append(chunk.choices[0].text)
-        if len(received) == 3:
+        if len(received) == 1:  # the first token comes alone, the next ones a stream interval later
             os.kill(pid, signal.SIGKILL)
     assert "".join(received) == whole
     status = node.wait_ready(timeout_s=60)

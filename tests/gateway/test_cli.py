@@ -86,6 +86,8 @@ def test_an_http_port_among_the_zmq_ports_is_refused_clearly(tmp_path: Path) -> 
         (["--alias", "two words"], "without spaces"),
         (["--standby", "--split"], "do not go together"),
         (["--promote-after", "-1"], "at least 0"),
+        (["--stream-interval", "-5"], "not between 0 and 1000"),
+        (["--stream-interval", "soon"], "not a number of milliseconds"),
     ],
 )
 def test_bad_node_options_are_refused_clearly(tmp_path: Path, args: list[str], words: str) -> None:
