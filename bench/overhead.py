@@ -302,7 +302,12 @@ def main() -> int:
     parser.add_argument("--preset", default="100m", help="synthesized model size (see mesh-ctl model synth)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--per-client", type=int, default=2, help="requests per client and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; each measures every way once")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds; each measures every way once (3 left the ratios near 1.0 +-2 %%)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=2048)
     args = parser.parse_args()
