@@ -40,6 +40,7 @@ def serve(sock: zmq.Socket, engine: Engine, outbox: Outbox) -> None:
             outbox.flush_due()
             for event in engine.step():
                 outbox.put(event)
+            outbox.flush_due()
 
 
 def _handle(engine: Engine, message: object, outbox: Outbox) -> None:

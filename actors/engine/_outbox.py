@@ -1,11 +1,13 @@
-"""What an engine child says to its worker, with a request's chunks merged per stream interval.
+"""What an engine child says to its worker, with the requests' chunks merged per stream interval.
 
 Every frame an engine sends costs CPU in each process it crosses on its way to the client (the
 worker, the router, the HTTP worker): on a machine whose cores all decode, that CPU comes out of
 decoding. So a request's first chunk goes at once (the time to first token is not delayed), and
-later chunks are held and merged until `interval_s` has passed since the request's last frame:
-a few tokens to a frame, each token late by at most the interval. Any other event about the
-request (its end, an error) first sends what is held, so order is kept and nothing is lost.
+later chunks are held and merged until `interval_s` has passed since the last flush: a few tokens
+to a frame, each token late by at most the interval. All requests' held chunks go out together,
+back to back, so that each process on the way wakes once for all of them, not once per request.
+Any other event about a request (its end, an error) first sends what is held for it, so order is
+kept and nothing is lost.
 """
 
 from __future__ import annotations
@@ -28,37 +30,40 @@ class Outbox:
         self._sock = sock
         self.interval_s = interval_s
         self._clock = clock
-        self._last_sent: dict[str, float] = {}  # request id -> when its last chunk went
+        self._last_flush = clock()
+        self._streaming: set[str] = set()  # requests whose first chunk went (until they end)
         self._held: dict[str, Chunk] = {}  # request id -> the chunks not sent yet, merged
 
     def put(self, event: Message) -> None:
-        """Send `event`, or hold it if it is a chunk due later (and send what is due by now)."""
+        """Send `event`, or hold it if it is a later chunk (`flush_due` sends those)."""
         rid: str = getattr(event, "request_id", "")
         if isinstance(event, Chunk):
-            held = self._held.pop(rid, None)
-            chunk = event if held is None else _merge(held, event)
-            now = self._clock()
-            if now - self._last_sent.get(rid, -1e18) >= self.interval_s:
-                self._last_sent[rid] = now
-                self._sock.send(encode(chunk))
-            else:
-                self._held[rid] = chunk
+            if rid not in self._streaming:
+                self._streaming.add(rid)
+                self._sock.send(encode(event))
+                return
+            held = self._held.get(rid)
+            self._held[rid] = event if held is None else _merge(held, event)
             return
         held = self._held.pop(rid, None)
         if held is not None:
             self._sock.send(encode(held))
         if isinstance(event, TERMINAL_TYPES):
-            self._last_sent.pop(rid, None)
+            self._streaming.discard(rid)
         self._sock.send(encode(event))
 
     def flush_due(self) -> None:
-        """Send the held chunks whose interval has passed (before a step that may take long)."""
+        """Send every held chunk if the interval has passed: after each step, and before one
+        (which may take long)."""
         if not self._held:
             return
         now = self._clock()
-        for rid in [r for r in self._held if now - self._last_sent[r] >= self.interval_s]:
-            self._last_sent[rid] = now
-            self._sock.send(encode(self._held.pop(rid)))
+        if now - self._last_flush < self.interval_s:
+            return
+        self._last_flush = now
+        for chunk in self._held.values():
+            self._sock.send(encode(chunk))
+        self._held.clear()
 
     @property
     def holding(self) -> int:

@@ -54,8 +54,11 @@ def test_the_first_chunk_goes_at_once_and_later_ones_are_merged_until_the_interv
     clock.now += 0.01
     box.put(chunk("a", "z", 3))
     assert pipe.sent() == [] and box.holding == 1
-    clock.now += 0.04  # 0.06 s since the last frame
+    box.flush_due()
+    assert pipe.sent() == [] and box.holding == 1
+    clock.now += 0.04  # 0.06 s since the last flush
     box.put(chunk("a", "w", 4))
+    box.flush_due()
     (merged,) = pipe.sent()
     assert merged == Chunk(request_id="a", text="yzw", n_tokens=3, tokens=[2, 3, 4])
 
@@ -93,4 +96,21 @@ def test_an_interval_of_zero_sends_every_chunk_as_it_comes() -> None:
     box, pipe, _ = outbox(0.0)
     for i in range(5):
         box.put(chunk("a", str(i), i))
+        box.flush_due()
     assert [m.text for m in pipe.sent()] == ["0", "1", "2", "3", "4"]  # type: ignore[attr-defined]
+
+
+def test_every_request_s_held_chunks_go_out_together_so_each_hop_wakes_once() -> None:
+    box, pipe, clock = outbox(0.05)
+    for rid in ("a", "b", "c"):
+        box.put(chunk(rid, "first", 0))
+    pipe.sent()
+    for step in range(1, 4):  # three steps of 20 ms, each with a token of every request
+        clock.now += 0.02
+        for rid in ("a", "b", "c"):
+            box.put(chunk(rid, str(step), step))
+        box.flush_due()  # after the step
+        sent = pipe.sent()
+        if step < 3:
+            assert sent == []
+    assert sorted((m.request_id, m.text) for m in sent) == [("a", "123"), ("b", "123"), ("c", "123")]  # type: ignore[attr-defined]
