@@ -137,15 +137,13 @@ class LlamaEngine:
         self._eos = self._piece(self.llm.token_eos())
         # The longest token in bytes (~0.05 s for a 32k vocabulary): a text longer than n_ctx of
         # them cannot fit, and is refused without being tokenized.
-        self._max_piece_bytes = max(
-            len(self.llm.detokenize([t], special=True)) for t in range(self.llm.n_vocab())
-        )
+        self._n_vocab = self.llm.n_vocab()
+        self._max_piece_bytes = max(len(self.llm.detokenize([t], special=True)) for t in range(self._n_vocab))
         self._ctx, self._memory, self._batch = open_context(
             lib, self.llm.model, n_ctx=n_ctx, slots=slots, n_batch=n_batch, n_threads=n_threads
         )
         self._n_batch = n_batch
         self._slots = [_Slot(seq_id=i) for i in range(slots)]
-        self._n_vocab = self.llm.n_vocab()
         self._admissions = itertools.count()
         self._drafts: Any = None  # a DraftClient when a draft model runs next to us
         self._drafter_actor: Any = None
@@ -202,7 +200,7 @@ class LlamaEngine:
 
     @property
     def active(self) -> int:
-        return sum(1 for s in self._slots if s.request is not None)
+        return len(self._active())
 
     def _active(self) -> list[_Slot]:
         return [s for s in self._slots if s.request is not None]
@@ -248,7 +246,7 @@ class LlamaEngine:
         if not free:
             raise InvalidRequest(f"all {self.slots} slots are busy")
         drafter = self._drafter_for(request)  # these two may refuse the request: before the slot changes
-        sampler, grammar = self._sampler(request, tokens)
+        sampler, grammar, greedy_alone = self._sampler(request, tokens)
         slot = max(free, key=lambda s: _common_prefix(s.cached, tokens))
         keep = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)  # re-feed >= 1 token
         if keep < 2:
@@ -272,9 +270,8 @@ class LlamaEngine:
         slot.replay_from = len(tokens) - len(request.resume_tokens) if request.resume_tokens else None
         slot.n_prompt = len(tokens)
         slot.sampler, slot.grammar = sampler, grammar
-        plain = not (request.logit_bias or request.logprobs >= 0 or request.resume_tokens)
-        penalties = (request.repeat_penalty, request.frequency_penalty, request.presence_penalty)
-        slot.argmax = plain and grammar is None and request.temperature <= 0 and penalties == (1.0, 0.0, 0.0)
+        # Logprobs and resumed requests keep llama.cpp's own path.
+        slot.argmax = greedy_alone and request.logprobs < 0 and not request.resume_tokens
         slot.stream = TextStream(request.stop)
         slot.drafter = drafter
         slot.n_drafted = slot.n_accepted = 0
@@ -521,7 +518,7 @@ class LlamaEngine:
     def _logprob(self, index: int, token: int, top_k: int) -> TokenLogprob:
         """The log probability of `token` under the logits at batch `index` (the model's, before
         sampling), and the `top_k` likeliest tokens there."""
-        n_vocab = self.llm.n_vocab()
+        n_vocab = self._n_vocab
         logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(n_vocab,))
         logits = logits.astype(np.float64)
         peak = logits.max()
@@ -560,15 +557,16 @@ class LlamaEngine:
         # Fed-but-unsampled tokens are in the cache; tokens still to feed are not.
         slot.todo = []
 
-    def _sampler(self, request: Generate, context: list[int]) -> tuple[Any, Any]:
+    def _sampler(self, request: Generate, context: list[int]) -> tuple[Any, Any, bool]:
         """llama.cpp's sampler chain for a request: logit bias, penalties (over the last
         `PENALTY_WINDOW` tokens of `context` and of what it generates), then greedy, or top-k,
         top-p, min-p, temperature and a seeded draw; and apart from it, the grammar of a forced
         tool call or structured output (or None). A resumed request's tokens (the end of
         `context`) go through both as if just generated. Raises `InvalidRequest` for what cannot
-        be honoured (a bias on a token the model lacks, a schema with no grammar)."""
+        be honoured (a bias on a token the model lacks, a schema with no grammar). Third: whether
+        that is the greedy sampler alone, with no grammar (`_argmax` then draws the same)."""
         lib = self._lib
-        n_vocab = self.llm.n_vocab()
+        n_vocab = self._n_vocab
         bias = self._logit_bias(request.logit_bias, n_vocab)
         grammar = self._grammar(request)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
@@ -591,7 +589,8 @@ class LlamaEngine:
             lib.llama_sampler_accept(chain, token)
             if grammar is not None:
                 lib.llama_sampler_accept(grammar, token)
-        return chain, grammar
+        greedy_alone = not bias and penalties == (1.0, 0.0, 0.0) and request.temperature <= 0
+        return chain, grammar, greedy_alone and grammar is None
 
     def _constrained(self, slot: _Slot, index: int) -> int:
         """Sample under a grammar without checking the whole vocabulary against it each token
@@ -600,7 +599,7 @@ class LlamaEngine:
         greedy requests, the best token the grammar takes among the likeliest (`GRAMMAR_SHORTLISTS`:
         the same token a full check finds, when it is there), and only then the full check.
         Sampled requests redraw from the grammar's share of the distribution."""
-        lib, n_vocab = self._lib, self.llm.n_vocab()
+        lib, n_vocab = self._lib, self._n_vocab
         logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, index), shape=(n_vocab,))
         candidates = _candidates(logits)
         token = _apply(lib, slot.sampler, candidates)

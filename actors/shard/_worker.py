@@ -158,10 +158,11 @@ class ShardWorker(Actor):
         remove_ipc(self._engine_pipe)
         self._engine_pipe = None
 
-    def _on_child_exit(self) -> None:
+    def _release_engine(self) -> int | None:
+        """Let go of the running engine child (killed if it still runs), its pipe and its
+        watches; its exit code (None: it was still running)."""
         child, engine = self._child, self._engine
-        if child is None or engine is None:
-            return
+        assert child is not None and engine is not None  # the callers checked
         code = child.exit_code()
         self.forget(child.exit_fd)
         self.forget(engine)
@@ -169,6 +170,12 @@ class ShardWorker(Actor):
         child.close()
         self._child = self._engine = None
         self._cancel_deadlines.clear()
+        return code
+
+    def _on_child_exit(self) -> None:
+        if self._child is None or self._engine is None:
+            return
+        code = self._release_engine()
         self.restarts += 1
         if self._control is not None:  # managed: whoever manages us decides what comes next
             self._set_state("loading", f"engine exited with code {code}")
@@ -198,15 +205,9 @@ class ShardWorker(Actor):
 
     def _stop_engine(self) -> None:
         """Kill the engine (its requests fail: the router resumes them when we are ready again)."""
-        child, engine = self._child, self._engine
-        if child is None or engine is None:
+        if self._child is None or self._engine is None:
             return
-        self.forget(child.exit_fd)
-        self.forget(engine)
-        self._drop_pipe()
-        child.close()
-        self._child = self._engine = None
-        self._cancel_deadlines.clear()
+        self._release_engine()
         self._set_state("loading", "replacing the engine")  # before the failures: the router resumes them
         self._fail_current("the engine was replaced (its split is re-forming)")
 

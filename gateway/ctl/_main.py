@@ -133,11 +133,11 @@ def query(node: str, what: str, timeout_s: float, args: dict[str, Any] | None = 
         return ask(ctx, node, what, timeout_s=timeout_s, args=args, keys=keys)
     except HandshakeRefused as err:
         if keys is None:
-            raise PeerUnavailable(
+            raise HandshakeRefused(
                 f"{err}. It is a node of a secured mesh: run mesh-ctl on its machine with "
                 "--state-dir DIR (that node's state directory, which holds its credentials)"
             ) from err
-        raise PeerUnavailable(
+        raise HandshakeRefused(
             f"{err}. The credentials of --state-dir are not a member's of its mesh"
         ) from err
     finally:
@@ -146,8 +146,7 @@ def query(node: str, what: str, timeout_s: float, args: dict[str, Any] | None = 
 
 def _why(err: PeerUnavailable) -> str:
     """What to tell the user when a node does not answer."""
-    text = str(err)
-    return text if "refused the connection" in text else f"{text} (is a node running there?)"
+    return str(err) if isinstance(err, HandshakeRefused) else f"{err} (is a node running there?)"
 
 
 def credentials(state_dir: Path, node: str) -> ClientKeys:

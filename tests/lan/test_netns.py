@@ -54,15 +54,6 @@ class Host:
 
 
 @pytest.fixture
-def lan() -> Iterator[Lan]:
-    network = Lan()
-    try:
-        yield network
-    finally:
-        network.close()
-
-
-@pytest.fixture
 def hosts(lan: Lan, tiny_model: Path, tmp_path: Path) -> Iterator[list[Host]]:
     made: list[Host] = []
     try:

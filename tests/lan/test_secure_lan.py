@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,15 +79,6 @@ class Host:
 
     def view(self) -> dict[str, str]:
         return {p["node_id"]: p["state"] for p in self.status().get("peers", [])}
-
-
-@pytest.fixture
-def lan() -> Iterator[Lan]:
-    network = Lan()
-    try:
-        yield network
-    finally:
-        network.close()
 
 
 def _start(lan: Lan, tmp: Path, name: str, *what: str, state: bool = True) -> Host:
