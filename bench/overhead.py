@@ -7,12 +7,15 @@
   llama-cpp-python-server  llama-cpp-python's OpenAI server (`python -m llama_cpp.server`)
   llama-bench       llama.cpp's `llama-bench` tg (no server: the machine's limit), same build
 
-Same synthesized model (about 110M parameters, random weights), same prompts, greedy decoding,
-with 1 and with 4 concurrent clients, all servers running at once and measured in interleaved
-rounds (llama-bench runs between them). Figures: time to first token, decode throughput, start-up
-to `/health` 200 (mesh and llama-server, after a first run), and idle CPU of all of a server's
-processes. (in-process-raw is the bare `Llama.generate` loop.)
-Writes bench/results/overhead.json and prints a table.
+Two synthesized models (random weights), as the issue measured them: about 110M parameters in
+f16 and about 300M in Q8_0. Per model: same prompts, greedy decoding, with 1 and with 4 concurrent
+clients, all servers running at once and measured in interleaved rounds in a rotating order,
+llama-bench taking its turn in each 1-client round (so drift in the machine's speed falls on it
+alike). Figures: time to first token, decode throughput, start-up to `/health` 200 (mesh and
+llama-server, after a first run), and idle CPU of all of a server's processes.
+(in-process-raw is the bare `Llama.generate` loop.) llama-cpp-python's ways run on the first
+model only: they are no target, and at 4 clients they serve one request at a time.
+Writes bench/results/overhead.json and prints a table per model.
 """
 
 from __future__ import annotations
@@ -31,12 +34,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.gguf import shape_for, synthesize
-from bench._common import cpu_seconds, free_port_pair, p50, stop_process, wait_http, write_result
+from actors.gguf import PRESETS, shape_for, synthesize
+from bench._common import (
+    cpu_seconds,
+    free_port_pair,
+    p50,
+    print_targets,
+    stop_process,
+    wait_http,
+    write_result,
+)
 from bench._llama_tools import llama_tools
 
 BIN = Path(sys.executable).parent
-MODEL_ID = "bench-100m"
+MODELS = "100m:f16,300m:q8_0"
 
 
 class Sample:
@@ -201,20 +212,31 @@ def summarize(samples: list[Sample], wall_s: float, clients: int) -> dict[str, A
     }
 
 
-def interleaved(
-    ways: dict[str, Callable[[str, int], Sample]], clients: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Every way measured in each of `rounds` rounds, in a rotating order, so that drift in the
+def interleaved(steps: dict[str, Callable[[int], None]], rounds: int) -> None:
+    """Every step taken once in each of `rounds` rounds, in a rotating order, so that drift in the
     machine's speed (this is a shared VM) falls on all of them alike."""
-    names = list(ways)
-    samples: dict[str, list[Sample]] = {n: [] for n in names}
-    walls = dict.fromkeys(names, 0.0)
-    for r in range(args.rounds):
+    names = list(steps)
+    for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            steps[name](r)
+
+
+def measured(
+    ways: dict[str, Callable[[str, int], Sample]], clients: int, args: argparse.Namespace
+) -> tuple[dict[str, Callable[[int], None]], Callable[[], dict[str, Any]]]:
+    """A round step per way (`clients` clients) and what sums them up once the rounds are done."""
+    samples: dict[str, list[Sample]] = {n: [] for n in ways}
+    walls = dict.fromkeys(ways, 0.0)
+
+    def step(name: str) -> Callable[[int], None]:
+        def one_round(r: int) -> None:
             got, wall = measure(ways[name], clients, args.per_client, args.max_tokens, r)
             samples[name] += got
             walls[name] += wall
-    return {n: summarize(samples[n], walls[n], clients) for n in names}
+
+        return one_round
+
+    return {n: step(n) for n in ways}, lambda: {n: summarize(samples[n], walls[n], clients) for n in ways}
 
 
 def start_mesh(
@@ -241,7 +263,7 @@ def start_llama_cpp_server(
     argv = [
         str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
         "-t", str(threads), "-tb", str(threads), "-c", str(ctx * slots), "-np", str(slots),
-        "--alias", MODEL_ID, "--no-webui",
+        "--alias", model.stem, "--no-webui",
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -250,7 +272,7 @@ def start_llama_cpp_server(
 
 
 def llama_bench_tg(binary: Path, model: Path, threads: int, tokens: int) -> float:
-    """llama-bench's text-generation speed (tokens/s, mean of 3 repetitions)."""
+    """llama-bench's text-generation speed (tokens/s, mean of 3 repetitions after its warm-up)."""
     done = subprocess.run(
         [str(binary), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens), "-r", "3",
          "-o", "json"],
@@ -284,7 +306,7 @@ def start_llama_server(model: Path, threads: int, ctx: int) -> tuple[subprocess.
     argv = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-        "--n_ctx", str(ctx), "--model_alias", MODEL_ID,
+        "--n_ctx", str(ctx), "--model_alias", model.stem,
         # Its default cuts a running stream off whenever another request arrives; a server with
         # several clients must queue them instead, as the mesh does.
         "--interrupt_requests", "False",
@@ -299,7 +321,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="100m", help="synthesized model size (see mesh-ctl model synth)")
+    parser.add_argument(
+        "--models",
+        default=MODELS,
+        help="synthesized models, PRESET:DTYPE,... (presets: see mesh-ctl model synth; "
+        "dtypes f16, q8_0); default %(default)s",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--per-client", type=int, default=2, help="requests per client and round")
     parser.add_argument(
@@ -311,10 +338,48 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=2048)
     args = parser.parse_args()
+    models = [_model_arg(parser, m) for m in args.models.split(",")]
 
     tools = llama_tools()
     work = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-    model = synthesize("llama", work / f"{MODEL_ID}.gguf", shape_for("llama", args.preset), seed=0)
+    by_model: dict[str, Any] = {}
+    for i, (preset, dtype) in enumerate(models):
+        name = f"{preset}-{dtype}"
+        model = synthesize(
+            "llama", work / f"bench-{name}.gguf", shape_for("llama", preset), dtype=dtype, seed=0
+        )
+        results = bench_model(model, tools, work / name, args, baselines=i == 0)
+        by_model[name] = {
+            "model": {
+                "arch": "llama",
+                "preset": preset,
+                "dtype": dtype,
+                "parameters": _params(model),
+                "weights": "random",
+            },
+            "results": results,
+            "ratios": compare(results, startup_target=preset == "100m"),
+        }
+    targets = {f"{name}: {t}": ok for name, m in by_model.items() for t, ok in m["ratios"]["targets"].items()}
+    path = write_result("overhead", {"config": vars(args), "models": by_model, "targets": targets})
+    for name, m in by_model.items():
+        print(f"\n== {name} ({m['model']['parameters'] / 1e6:.0f}M parameters)")
+        print_table(m["results"], m["ratios"])
+    print_targets(targets, path)
+    return 0
+
+
+def _model_arg(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
+    preset, _, dtype = text.partition(":")
+    if preset not in PRESETS or dtype not in ("f16", "q8_0"):
+        parser.error(f"--models: {text!r} is not PRESET:DTYPE (presets {', '.join(PRESETS)}; f16, q8_0)")
+    return preset, dtype
+
+
+def bench_model(
+    model: Path, tools: dict[str, Path], work: Path, args: argparse.Namespace, *, baselines: bool
+) -> dict[str, Any]:
+    """Every figure of one model: start-up, idle, then 1 and 4 clients in interleaved rounds."""
     fast = 0.01  # poll /health every 10 ms when timing start-up
     startup = {  # the mesh's first run makes its state dir and caches; these are the later ones
         "mesh": startup_s(lambda: start_mesh(model, args.threads, args.ctx, work / "state", poll_s=fast)),
@@ -322,30 +387,36 @@ def main() -> int:
             lambda: start_llama_cpp_server(tools["llama-server"], model, args.threads, args.ctx, poll_s=fast)
         ),
     }
-    mesh, mesh_base = start_mesh(model, args.threads, args.ctx, work / "state")
-    cpp, cpp_base = start_llama_cpp_server(tools["llama-server"], model, args.threads, args.ctx)
-    server, server_base = start_llama_server(model, args.threads, args.ctx)
-    bench_tg: list[float] = []
+    servers: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        ways = {
-            "in-process": in_process_client(model, args.threads, args.ctx, raw=False),
-            "in-process-raw": in_process_client(model, args.threads, args.ctx, raw=True),
-            "mesh": http_client(mesh_base, MODEL_ID),
-            "llama-server": http_client(cpp_base, MODEL_ID),
-            "llama-cpp-python-server": http_client(server_base, MODEL_ID),
-        }
+        ways: dict[str, Callable[[str, int], Sample]] = {}
+        servers["mesh"], base = start_mesh(model, args.threads, args.ctx, work / "state")
+        ways["mesh"] = http_client(base, model.stem)
+        servers["llama-server"], base = start_llama_cpp_server(
+            tools["llama-server"], model, args.threads, args.ctx
+        )
+        ways["llama-server"] = http_client(base, model.stem)
+        if baselines:
+            ways["in-process"] = in_process_client(model, args.threads, args.ctx, raw=False)
+            ways["in-process-raw"] = in_process_client(model, args.threads, args.ctx, raw=True)
+            servers["llama-cpp-python-server"], base = start_llama_server(model, args.threads, args.ctx)
+            ways["llama-cpp-python-server"] = http_client(base, model.stem)
         for run in ways.values():
             run("warm-up", 8)
-        idle = idle_cpu_ms_per_s({"mesh": mesh, "llama-server": cpp})
-        bench_tg.append(llama_bench_tg(tools["llama-bench"], model, args.threads, args.max_tokens))
+        idle = idle_cpu_ms_per_s({"mesh": servers["mesh"], "llama-server": servers["llama-server"]})
+        bench_tg: list[float] = []
+
+        def llama_bench(_round: int) -> None:
+            bench_tg.append(llama_bench_tg(tools["llama-bench"], model, args.threads, args.max_tokens))
+
         by_clients = {}
         for c in (1, 4):
-            by_clients[str(c)] = interleaved(ways, c, args)
-            bench_tg.append(llama_bench_tg(tools["llama-bench"], model, args.threads, args.max_tokens))
+            steps, summed = measured(ways, c, args)
+            interleaved({**steps, "llama-bench": llama_bench} if c == 1 else steps, args.rounds)
+            by_clients[str(c)] = summed()
     finally:
-        stop_process(mesh)
-        stop_process(cpp)
-        stop_process(server)
+        for proc in servers.values():
+            stop_process(proc)
     results: dict[str, Any] = {way: {c: by_clients[c][way] for c in by_clients} for way in ways}
     results["llama-bench"] = {
         "tg_tps": [round(t, 2) for t in bench_tg],
@@ -353,51 +424,35 @@ def main() -> int:
     }
     results["startup_s"] = startup
     results["idle_cpu_ms_per_s"] = idle
-
-    ratios = compare(results)
-    path = write_result(
-        "overhead",
-        {
-            "model": {
-                "arch": "llama",
-                "preset": args.preset,
-                "parameters": _params(model),
-                "weights": "random",
-            },
-            "config": vars(args),
-            "results": results,
-            "ratios": ratios,
-        },
-    )
-    print_table(results, ratios)
-    print(f"\nwritten to {path}")
-    return 0
+    return results
 
 
-def compare(r: dict[str, Any]) -> dict[str, Any]:
-    """Every ratio of the mesh against llama.cpp's own server and llama-bench (issue targets),
-    and against llama-cpp-python in process and as a server."""
+def compare(r: dict[str, Any], *, startup_target: bool) -> dict[str, Any]:
+    """Every ratio of the mesh against llama.cpp's own server and llama-bench (the issue's
+    targets), and against llama-cpp-python in process and as a server where they ran."""
     out: dict[str, Any] = {}
+    limit = r["llama-bench"]["tg_tps_mean"]
     for c in ("1", "4"):
         key = "decode_tps_p50" if c == "1" else "aggregate_tps"
-        mesh, cpp, pyserver = r["mesh"][c], r["llama-server"][c], r["llama-cpp-python-server"][c]
-        # The stronger in-process baseline: the faster one, and the earlier first token.
-        local = {
-            key: max(r["in-process"][c][key], r["in-process-raw"][c][key]),
-            "ttft_ms_p50": min(r["in-process"][c]["ttft_ms_p50"], r["in-process-raw"][c]["ttft_ms_p50"]),
-        }
+        mesh, cpp = r["mesh"][c], r["llama-server"][c]
         out[c] = {
             "throughput_metric": key,
             "mesh_vs_llama_server_throughput": round(mesh[key] / cpp[key], 3),
             "mesh_vs_llama_server_ttft_p50": round(cpp["ttft_ms_p50"] / mesh["ttft_ms_p50"], 3),
-            "mesh_vs_in_process_throughput": round(mesh[key] / local[key], 3),
-            "mesh_ttft_overhead_ms": round(mesh["ttft_ms_p50"] - local["ttft_ms_p50"], 2),
-            "mesh_vs_llama_cpp_python_server_throughput": round(mesh[key] / pyserver[key], 3),
-            "llama_server_vs_llama_bench_tg": round(
-                cpp["decode_tps_p50"] / r["llama-bench"]["tg_tps_mean"], 3
-            ),
+            "llama_server_vs_llama_bench_tg": round(cpp["decode_tps_p50"] / limit, 3),
         }
-    limit = r["llama-bench"]["tg_tps_mean"]
+        if "in-process" in r:
+            pyserver = r["llama-cpp-python-server"][c]
+            # The stronger in-process baseline: the faster one, and the earlier first token.
+            local = {
+                key: max(r["in-process"][c][key], r["in-process-raw"][c][key]),
+                "ttft_ms_p50": min(r["in-process"][c]["ttft_ms_p50"], r["in-process-raw"][c]["ttft_ms_p50"]),
+            }
+            out[c] |= {
+                "mesh_vs_in_process_throughput": round(mesh[key] / local[key], 3),
+                "mesh_ttft_overhead_ms": round(mesh["ttft_ms_p50"] - local["ttft_ms_p50"], 2),
+                "mesh_vs_llama_cpp_python_server_throughput": round(mesh[key] / pyserver[key], 3),
+            }
     out["mesh_vs_llama_bench_tg"] = round(r["mesh"]["1"]["decode_tps_p50"] / limit, 3)
     startup = {k: p50(v) for k, v in r["startup_s"].items()}
     idle = r["idle_cpu_ms_per_s"]
@@ -410,11 +465,14 @@ def compare(r: dict[str, Any]) -> dict[str, Any]:
         f"4 clients aggregate: mesh >= 1.0x llama-server ({four:.3f})": four >= 1.0,
         f"4 clients: mesh TTFT p50 <= llama-server's ({ttft_mesh:.1f} vs {ttft_cpp:.1f} ms)": ttft_mesh
         <= ttft_cpp,
-        f"start-up to /health 200 <= 1 s (mesh {startup['mesh']:.2f} s, llama-server "
-        f"{startup['llama-server']:.2f} s)": startup["mesh"] <= 1.0,
         f"idle CPU of all the node's processes <= 5 ms/s ({idle['mesh']:.1f}; llama-server "
         f"{idle['llama-server']:.1f})": idle["mesh"] <= 5.0,
     }
+    if startup_target:
+        out["targets"][
+            f"start-up to /health 200 <= 1 s (mesh {startup['mesh']:.2f} s, llama-server "
+            f"{startup['llama-server']:.2f} s)"
+        ] = startup["mesh"] <= 1.0
     return out
 
 
@@ -425,7 +483,7 @@ def _params(model: Path) -> int:
 
 
 def print_table(results: dict[str, Any], ratios: dict[str, Any]) -> None:
-    print(f"\n{'way':<25}{'clients':>8}{'TTFT p50 ms':>13}{'decode tok/s p50':>18}{'aggregate tok/s':>17}")
+    print(f"{'way':<25}{'clients':>8}{'TTFT p50 ms':>13}{'decode tok/s p50':>18}{'aggregate tok/s':>17}")
     for way, by_clients in results.items():
         if way in ("llama-bench", "startup_s", "idle_cpu_ms_per_s"):
             continue
@@ -433,22 +491,23 @@ def print_table(results: dict[str, Any], ratios: dict[str, Any]) -> None:
             print(
                 f"{way:<25}{c:>8}{m['ttft_ms_p50']:>13.1f}{m['decode_tps_p50']:>18.1f}{m['aggregate_tps']:>17.1f}"
             )
-    print(f"llama-bench tg: {results['llama-bench']['tg_tps']} tok/s")
+    print(f"llama-bench tg, one per round: {results['llama-bench']['tg_tps']} tok/s")
     print(f"start-up to /health 200: {results['startup_s']}; idle CPU ms/s: {results['idle_cpu_ms_per_s']}")
-    print()
     for c in ("1", "4"):
         x = ratios[c]
-        print(
+        line = (
             f"{c} client(s): mesh/llama-server {x['throughput_metric']} "
             f"{x['mesh_vs_llama_server_throughput']:.3f}, TTFT {x['mesh_vs_llama_server_ttft_p50']:.3f}; "
-            f"mesh/in-process {x['mesh_vs_in_process_throughput']:.3f} "
-            f"(TTFT {x['mesh_ttft_overhead_ms']:+.1f} ms); mesh/llama-cpp-python server "
-            f"{x['mesh_vs_llama_cpp_python_server_throughput']:.3f}; llama-server/llama-bench "
-            f"{x['llama_server_vs_llama_bench_tg']:.3f}"
+            f"llama-server/llama-bench {x['llama_server_vs_llama_bench_tg']:.3f}"
         )
+        if "mesh_vs_in_process_throughput" in x:
+            line += (
+                f"; mesh/in-process {x['mesh_vs_in_process_throughput']:.3f} "
+                f"(TTFT {x['mesh_ttft_overhead_ms']:+.1f} ms); mesh/llama-cpp-python server "
+                f"{x['mesh_vs_llama_cpp_python_server_throughput']:.3f}"
+            )
+        print(line)
     print(f"mesh/llama-bench tg (1 client): {ratios['mesh_vs_llama_bench_tg']:.3f}")
-    for target, ok in ratios["targets"].items():
-        print(f"  {'PASS' if ok else 'MISS'}  {target}")
 
 
 if __name__ == "__main__":
