@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +22,14 @@ from tests.support.nodes import free_port_pair, stop_process
 __all__ = ["free_port_pair", "stop_process"]  # ports and stops: the tests' own helpers
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new directory for a benchmark's models and state, removed when the benchmark exits
+    (models are hundreds of MB; a run must not leave them behind)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def machine() -> dict[str, Any]:

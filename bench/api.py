@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,15 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.gguf import shape_for, synthesize
-from bench._common import free_port_pair, p50, print_targets, stop_process, wait_http, write_result
+from bench._common import (
+    free_port_pair,
+    p50,
+    print_targets,
+    scratch_dir,
+    stop_process,
+    wait_http,
+    write_result,
+)
 
 BIN = Path(sys.executable).parent
 PROMPTS = ["List some numbers.", "Give me the values as JSON.", "the model node"]
@@ -96,7 +103,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="api-bench-"))
+    work = scratch_dir("api-bench-")
     model = synthesize("llama", work / "api-bench.gguf", shape_for("llama", "300m", n_vocab=32000), seed=11)
     zmq_port, http_port = free_port_pair(), free_port_pair()
     url = f"http://127.0.0.1:{http_port}"

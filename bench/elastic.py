@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.gguf import shape_for, synthesize
-from bench._common import p50, print_targets, write_result
+from bench._common import p50, print_targets, scratch_dir, write_result
 from tests.support.load import Load
 from tests.support.nodes import BIN, NodeProcess, launch, start_nodes, wait_http
 
@@ -265,7 +264,7 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--period", type=float, default=30.0)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="elastic-bench-"))
+    work = scratch_dir("elastic-bench-")
     model = synthesize("llama", work / f"{MODEL}.gguf", shape_for("llama", "small"), seed=3)
     results = {
         "a_promotion": promotion(work, model),

@@ -20,7 +20,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import zmq
 
 from actors import ask
 from actors.gguf import shape_for, synthesize
-from bench._common import print_targets, stop_process, write_result
+from bench._common import print_targets, scratch_dir, stop_process, write_result
 
 BIN = Path(sys.executable).parent
 
@@ -350,7 +349,7 @@ def main() -> int:
     parser.add_argument("--chaos-requests", type=int, default=200)
     parser.add_argument("--parts", default="abcde")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+    work = scratch_dir("mesh-bench-")
     ctx = zmq.Context()
     results: dict[str, Any] = {}
     try:

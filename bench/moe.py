@@ -17,7 +17,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import httpx
 from actors.gguf import shape_for, synthesize
 from actors.moe._analyze import plan_split, weight_importance
 from actors.moe._shards import Gate, file_sha256, split_model, write_shard
-from bench._common import free_port_pair, print_targets, write_result
+from bench._common import free_port_pair, print_targets, scratch_dir, write_result
 from tests.support.delay_proxy import DelayProxy
 
 BIN = Path(sys.executable).parent
@@ -290,7 +289,7 @@ def main() -> int:
     if args.child_write:
         child_write(*args.child_write)
         return 0
-    work = Path(tempfile.mkdtemp(prefix="moe-bench-"))
+    work = scratch_dir("moe-bench-")
     results: dict[str, Any] = {}
     if "a" in args.parts:
         results["split_cost"] = part_a(work)

@@ -25,7 +25,6 @@ import json
 import queue
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from bench._common import (
     free_port_pair,
     p50,
     print_targets,
+    scratch_dir,
     stop_process,
     wait_http,
     write_result,
@@ -341,7 +341,7 @@ def main() -> int:
     models = [_model_arg(parser, m) for m in args.models.split(",")]
 
     tools = llama_tools()
-    work = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+    work = scratch_dir("overhead-bench-")
     by_model: dict[str, Any] = {}
     for i, (preset, dtype) in enumerate(models):
         name = f"{preset}-{dtype}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.gguf import shape_for, synthesize
-from bench._common import p50, print_targets, write_result
+from bench._common import p50, print_targets, scratch_dir, write_result
 from bench.overhead import http_client
 from tests.support.nodes import NodeProcess, launch, wait_http
 
@@ -89,7 +88,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--joins", type=int, default=3)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-secure-"))
+    work = scratch_dir("bench-secure-")
     model = synthesize("llama", work / f"{MODEL_ID}.gguf", shape_for("llama", args.preset), seed=0)
     meshes: dict[str, list[NodeProcess]] = {}
     try:

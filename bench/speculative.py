@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from actors import Finished, Generate
 from actors.engine._llama import LlamaEngine
 from actors.engine._speculative import Governor
 from actors.gguf import shape_for, synthesize
-from bench._common import print_targets, write_result
+from bench._common import print_targets, scratch_dir, write_result
 
 PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -170,7 +169,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="spec-bench-"))
+    work = scratch_dir("spec-bench-")
     shape = shape_for("llama", "300m", n_vocab=8000)
     draft = synthesize(
         "llama", work / "draft.gguf", shape_for("llama", "300m", n_vocab=8000, n_layer=1), seed=7
