@@ -332,8 +332,9 @@ def main() -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=5,
-        help="rounds; each measures every way once (3 left the ratios near 1.0 +-2 %%)",
+        default=7,
+        help="rounds; each measures every way once (with 3 or 5 the ratios near 1.0 still moved "
+        "+-3 %% from run to run)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=2048)
