@@ -9,7 +9,7 @@ import pytest
 
 from actors import Chunk, ContextOverflow, Finished, Generate, InvalidRequest
 from actors.engine import EngineEvent
-from actors.engine._llama import LlamaEngine
+from actors.engine._llama import SHARED_PREFILL_TOKENS, LlamaEngine
 from actors.gguf import shape_for, synthesize
 from tests.support.engines import run_all, texts
 
@@ -328,14 +328,32 @@ def test_a_grammar_s_shortlist_finds_the_token_a_full_check_finds(
     assert run("full") == shortlisted and shortlisted.lstrip().startswith("{")
 
 
-def test_prompts_admitted_together_are_evaluated_one_a_step_in_order(engine: LlamaEngine) -> None:
-    for rid in ("first", "second", "third"):
-        engine.admit(greedy(rid, f"the {rid} prompt of a few words", 3))
+def test_prompts_admitted_together_share_a_step_while_they_fit_in_order_of_arrival(
+    engine: LlamaEngine,
+) -> None:
+    def prompt(word: str, n_tokens: int) -> str:  # these words are a token each; a BOS comes first
+        text = " ".join([word] * (n_tokens - 1))
+        assert len(engine.llm.tokenize(text.encode(), add_bos=True, special=True)) == n_tokens
+        return text
+
+    half = SHARED_PREFILL_TOKENS // 2
+    # Two halves fit one step; the third waits for the next.
+    for rid, word in (("first", "a"), ("second", "x"), ("third", "the")):
+        engine.admit(greedy(rid, prompt(word, half), 3))
     heard = []
     while engine.active:
         heard.append(sorted({e.request_id for e in engine.step() if isinstance(e, Chunk)}))
-    # Each step feeds one new prompt besides the sequences already generating.
-    assert heard[:3] == [["first"], ["first", "second"], ["first", "second", "third"]]
+    assert heard[:2] == [["first", "second"], ["first", "second", "third"]]
+
+    # A prompt that does not fit after the first waits, and so do those after it, short or not.
+    # (Words no cached prompt starts with: only a shared BOS is not evaluated again.)
+    engine.admit(greedy("first", prompt("and", half), 3))
+    engine.admit(greedy("long", prompt("of", half + 4), 3))
+    engine.admit(greedy("short", prompt("1", 3), 3))
+    heard = []
+    while engine.active:
+        heard.append(sorted({e.request_id for e in engine.step() if isinstance(e, Chunk)}))
+    assert heard[:2] == [["first"], ["first", "long", "short"]]
 
 
 def test_the_greedy_shortcut_draws_what_llama_cpp_s_greedy_sampler_draws(engine: LlamaEngine) -> None:
