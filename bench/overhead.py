@@ -198,8 +198,12 @@ def measure(
     return samples, time.perf_counter() - start
 
 
-def summarize(samples: list[Sample], wall_s: float, clients: int) -> dict[str, Any]:
+def summarize(rounds: list[tuple[list[Sample], float]], clients: int) -> dict[str, Any]:
+    """The figures of one way over all rounds (samples and wall time of each round), and the
+    throughput of each round alone (how far the machine's speed moved during the run)."""
+    samples = [s for got, _ in rounds for s in got]
     tokens = sum(s.tokens for s in samples)
+    wall_s = sum(wall for _, wall in rounds)
     return {
         "clients": clients,
         "requests": len(samples),
@@ -209,6 +213,10 @@ def summarize(samples: list[Sample], wall_s: float, clients: int) -> dict[str, A
         "decode_tps_p50": round(p50([s.decode_tps for s in samples]), 2),
         "aggregate_tps": round(tokens / wall_s, 2),
         "wall_s": round(wall_s, 2),
+        "by_round": {
+            "decode_tps_p50": [round(p50([s.decode_tps for s in got]), 1) for got, _ in rounds],
+            "aggregate_tps": [round(sum(s.tokens for s in got) / wall, 1) for got, wall in rounds],
+        },
     }
 
 
@@ -225,18 +233,15 @@ def measured(
     ways: dict[str, Callable[[str, int], Sample]], clients: int, args: argparse.Namespace
 ) -> tuple[dict[str, Callable[[int], None]], Callable[[], dict[str, Any]]]:
     """A round step per way (`clients` clients) and what sums them up once the rounds are done."""
-    samples: dict[str, list[Sample]] = {n: [] for n in ways}
-    walls = dict.fromkeys(ways, 0.0)
+    rounds: dict[str, list[tuple[list[Sample], float]]] = {n: [] for n in ways}
 
     def step(name: str) -> Callable[[int], None]:
         def one_round(r: int) -> None:
-            got, wall = measure(ways[name], clients, args.per_client, args.max_tokens, r)
-            samples[name] += got
-            walls[name] += wall
+            rounds[name].append(measure(ways[name], clients, args.per_client, args.max_tokens, r))
 
         return one_round
 
-    return {n: step(n) for n in ways}, lambda: {n: summarize(samples[n], walls[n], clients) for n in ways}
+    return {n: step(n) for n in ways}, lambda: {n: summarize(rounds[n], clients) for n in ways}
 
 
 def start_mesh(
@@ -441,6 +446,10 @@ def compare(r: dict[str, Any], *, startup_target: bool) -> dict[str, Any]:
             "mesh_vs_llama_server_throughput": round(mesh[key] / cpp[key], 3),
             "mesh_vs_llama_server_ttft_p50": round(cpp["ttft_ms_p50"] / mesh["ttft_ms_p50"], 3),
             "llama_server_vs_llama_bench_tg": round(cpp["decode_tps_p50"] / limit, 3),
+            # The same ratio round by round (each round measures both, one after the other).
+            "mesh_vs_llama_server_by_round": [
+                round(m / c, 3) for m, c in zip(mesh["by_round"][key], cpp["by_round"][key], strict=True)
+            ],
         }
         if "in-process" in r:
             pyserver = r["llama-cpp-python-server"][c]
@@ -499,7 +508,8 @@ def print_table(results: dict[str, Any], ratios: dict[str, Any]) -> None:
         line = (
             f"{c} client(s): mesh/llama-server {x['throughput_metric']} "
             f"{x['mesh_vs_llama_server_throughput']:.3f}, TTFT {x['mesh_vs_llama_server_ttft_p50']:.3f}; "
-            f"llama-server/llama-bench {x['llama_server_vs_llama_bench_tg']:.3f}"
+            f"llama-server/llama-bench {x['llama_server_vs_llama_bench_tg']:.3f}; by round "
+            f"{x['mesh_vs_llama_server_by_round']}"
         )
         if "mesh_vs_in_process_throughput" in x:
             line += (
