@@ -220,28 +220,25 @@ def summarize(rounds: list[tuple[list[Sample], float]], clients: int) -> dict[st
     }
 
 
-def interleaved(steps: dict[str, Callable[[int], None]], rounds: int) -> None:
-    """Every step taken once in each of `rounds` rounds, in a rotating order, so that drift in the
-    machine's speed (this is a shared VM) falls on all of them alike."""
-    names = list(steps)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            steps[name](r)
-
-
-def measured(
-    ways: dict[str, Callable[[str, int], Sample]], clients: int, args: argparse.Namespace
-) -> tuple[dict[str, Callable[[int], None]], Callable[[], dict[str, Any]]]:
-    """A round step per way (`clients` clients) and what sums them up once the rounds are done."""
+def interleaved(
+    ways: dict[str, Callable[[str, int], Sample]],
+    clients: int,
+    args: argparse.Namespace,
+    between: dict[str, Callable[[int], None]] | None = None,
+) -> dict[str, Any]:
+    """Every way measured with `clients` clients once in each of `args.rounds` rounds (and each
+    step of `between` taken there too), in a rotating order, so that drift in the machine's speed
+    (this is a shared VM) falls on all of them alike; each way's figures."""
+    steps = between or {}
     rounds: dict[str, list[tuple[list[Sample], float]]] = {n: [] for n in ways}
-
-    def step(name: str) -> Callable[[int], None]:
-        def one_round(r: int) -> None:
-            rounds[name].append(measure(ways[name], clients, args.per_client, args.max_tokens, r))
-
-        return one_round
-
-    return {n: step(n) for n in ways}, lambda: {n: summarize(rounds[n], clients) for n in ways}
+    names = [*ways, *steps]
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if name in ways:
+                rounds[name].append(measure(ways[name], clients, args.per_client, args.max_tokens, r))
+            else:
+                steps[name](r)
+    return {n: summarize(rounds[n], clients) for n in ways}
 
 
 def start_mesh(
@@ -415,11 +412,10 @@ def bench_model(
         def llama_bench(_round: int) -> None:
             bench_tg.append(llama_bench_tg(tools["llama-bench"], model, args.threads, args.max_tokens))
 
-        by_clients = {}
-        for c in (1, 4):
-            steps, summed = measured(ways, c, args)
-            interleaved({**steps, "llama-bench": llama_bench} if c == 1 else steps, args.rounds)
-            by_clients[str(c)] = summed()
+        by_clients = {
+            "1": interleaved(ways, 1, args, between={"llama-bench": llama_bench}),
+            "4": interleaved(ways, 4, args),
+        }
     finally:
         for proc in servers.values():
             stop_process(proc)

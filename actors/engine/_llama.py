@@ -357,7 +357,7 @@ class LlamaEngine:
         sampled: list[tuple[_Slot, int, list[int]]] = []  # slot, first logits index, drafts
         budget = self._n_batch
         decoding_only = True
-        prefilling = 0  # prompt tokens in this step
+        prompt_tokens = 0  # fed in this step
         # Generating sequences first (one token each, plus drafts) in sequence order (measured:
         # 4 sequences' step took 20 ms, not 13, with their KV streams out of order), then prompts
         # in order of arrival: the first, and the next ones only while they fit in
@@ -371,9 +371,9 @@ class LlamaEngine:
             take = slot.todo[:limit]
             if not take:
                 continue
-            if len(take) > 1 and prefilling and prefilling + len(take) > SHARED_PREFILL_TOKENS:
+            if len(take) > 1 and prompt_tokens and prompt_tokens + len(take) > SHARED_PREFILL_TOKENS:
                 break  # only prompts come after it, and they wait their turn
-            prefilling += len(take) if len(take) > 1 else 0
+            prompt_tokens += len(take) if len(take) > 1 else 0
             whole = len(take) == len(slot.todo)  # its last token is fed: sample after it
             extra = drafts.get(slot.seq_id, [])[: budget - len(take)] if whole else []
             decoding_only &= len(take) == 1
