@@ -9,6 +9,7 @@ import pytest
 
 from actors import Chunk, ContextOverflow, Finished, Generate, InvalidRequest
 from actors.engine import EngineEvent
+from actors.engine._batching import DecodePlanner
 from actors.engine._llama import SHARED_PREFILL_TOKENS, LlamaEngine
 from actors.gguf import shape_for, synthesize
 from tests.support.engines import run_all, texts
@@ -328,7 +329,19 @@ def test_a_grammar_s_shortlist_finds_the_token_a_full_check_finds(
     assert run("full") == shortlisted and shortlisted.lstrip().startswith("{")
 
 
-def test_prompts_admitted_together_share_a_step_while_they_fit_in_order_of_arrival(
+def sampled_by(engine: LlamaEngine) -> list[str]:
+    """The requests that drew a token in one step of `engine` (whether it made text or not)."""
+
+    def done() -> dict[str, int]:
+        return {s.request.request_id: s.n_done for s in engine._slots if s.request is not None}
+
+    before = done()
+    ended = {e.request_id for e in engine.step() if isinstance(e, Finished)}
+    after = done()
+    return sorted(rid for rid in before if rid in ended or after.get(rid, 0) > before[rid])
+
+
+def test_prompts_and_generating_sequences_take_turns_and_prompts_share_a_step_while_they_fit(
     engine: LlamaEngine,
 ) -> None:
     def prompt(word: str, n_tokens: int) -> str:  # these words are a token each; a BOS comes first
@@ -337,13 +350,14 @@ def test_prompts_admitted_together_share_a_step_while_they_fit_in_order_of_arriv
         return text
 
     half = SHARED_PREFILL_TOKENS // 2
-    # Two halves fit one step; the third waits for the next.
+    # Two halves fit one step; the third waits while the first two generate, then gets its turn
+    # (the first two wait), then all three generate together.
     for rid, word in (("first", "a"), ("second", "x"), ("third", "the")):
         engine.admit(greedy(rid, prompt(word, half), 3))
     heard = []
     while engine.active:
-        heard.append(sorted({e.request_id for e in engine.step() if isinstance(e, Chunk)}))
-    assert heard[:2] == [["first", "second"], ["first", "second", "third"]]
+        heard.append(sampled_by(engine))
+    assert heard[:4] == [["first", "second"], ["first", "second"], ["third"], ["first", "second", "third"]]
 
     # A prompt that does not fit after the first waits, and so do those after it, short or not.
     # (Words no cached prompt starts with: only a shared BOS is not evaluated again.)
@@ -352,8 +366,35 @@ def test_prompts_admitted_together_share_a_step_while_they_fit_in_order_of_arriv
     engine.admit(greedy("short", prompt("1", 3), 3))
     heard = []
     while engine.active:
-        heard.append(sorted({e.request_id for e in engine.step() if isinstance(e, Chunk)}))
-    assert heard[:2] == [["first"], ["first", "long", "short"]]
+        heard.append(sampled_by(engine))
+    assert heard[:3] == [["first"], ["first"], ["long", "short"]]
+
+
+def test_generating_sequences_split_into_decodes_as_measured_cheaper_and_each_gets_its_lone_text(
+    engine: LlamaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests = [greedy("a", "the model node"), greedy("b", "x y mesh"), greedy("c", "hello mesh", 10)]
+    alone = {r.request_id: texts(run_all(engine, [r]))[r.request_id] for r in requests}
+    lib = engine._lib
+    decode, widths = lib.llama_decode, []
+
+    def counting(ctx: object, batch: object) -> int:
+        widths.append(batch.n_tokens)  # type: ignore[attr-defined]
+        return int(decode(ctx, batch))
+
+    monkeypatch.setattr(lib, "llama_decode", counting)
+    # As measured on a machine where one-token decodes are cheap and wider ones are not.
+    monkeypatch.setattr(engine, "planner", DecodePlanner(costs={1: 0.010, 2: 0.032, 3: 0.040}))
+    split = run_all(engine, requests)
+    # Generating, the three went one per decode; a batch of one token per sequence decodes each
+    # sequence exactly as it decodes alone, so each text is the one it gets alone.
+    assert texts(split) == alone
+    assert 3 not in widths and widths.count(1) >= 3 * 9
+    # Measured the other way round, they go together again.
+    widths.clear()
+    monkeypatch.setattr(engine, "planner", DecodePlanner(costs={1: 0.010, 2: 0.012, 3: 0.013}))
+    run_all(engine, requests)
+    assert widths.count(3) >= 9
 
 
 def test_the_greedy_shortcut_draws_what_llama_cpp_s_greedy_sampler_draws(engine: LlamaEngine) -> None:
