@@ -77,13 +77,14 @@ class Sample:
         return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
-def prompts(n: int, round_: int = 0) -> list[str]:
-    """`n` prompts, new in each round: a prompt seen before would be answered from a server's
-    prompt cache (llama-server keeps finished prompts in RAM), measuring the cache, not the server."""
+def prompts(n: int, round_: int = 0, clients: int = 1) -> list[str]:
+    """`n` prompts, new in each round and for each number of clients: a prompt seen before would
+    be answered from a server's prompt cache (llama-server keeps finished prompts in RAM),
+    measuring the cache, not the server."""
     topics = ["a lighthouse", "the mesh", "ZeroMQ sockets", "a rainy day", "old machines", "gossip", "tea"]
     return [
-        f"{topics[(i + round_) % len(topics)].capitalize()}, round {round_}, request {i}: write a short "
-        f"story about {topics[i % len(topics)]} and what it learns."
+        f"{topics[(i + round_) % len(topics)].capitalize()}, round {round_} of {clients}, request {i}: "
+        f"write a short story about {topics[i % len(topics)]} and what it learns."
         for i in range(n)
     ]
 
@@ -179,7 +180,7 @@ def measure(
     run: Callable[[str, int], Sample], clients: int, per_client: int, max_tokens: int, round_: int = 0
 ) -> tuple[list[Sample], float]:
     """`clients` threads each sending `per_client` requests back to back; samples and wall time."""
-    texts = prompts(clients * per_client, round_)
+    texts = prompts(clients * per_client, round_, clients)
     samples: list[Sample] = []
     lock = threading.Lock()
 
