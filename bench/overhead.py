@@ -383,7 +383,8 @@ def _model_arg(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
 def bench_model(
     model: Path, tools: dict[str, Path], work: Path, args: argparse.Namespace, *, baselines: bool
 ) -> dict[str, Any]:
-    """Every figure of one model: start-up, idle, then 1 and 4 clients in interleaved rounds."""
+    """Every figure of one model: start-up, idle, then 1, 2 and 4 clients in interleaved rounds
+    (2 clients: the mesh and llama-server only; the issue sets no target there)."""
     fast = 0.01  # poll /health every 10 ms when timing start-up
     startup = {  # the mesh's first run makes its state dir and caches; these are the later ones
         "mesh": startup_s(lambda: start_mesh(model, args.threads, args.ctx, work / "state", poll_s=fast)),
@@ -415,12 +416,15 @@ def bench_model(
 
         by_clients = {
             "1": interleaved(ways, 1, args, between={"llama-bench": llama_bench}),
+            "2": interleaved({w: ways[w] for w in ("mesh", "llama-server")}, 2, args),
             "4": interleaved(ways, 4, args),
         }
     finally:
         for proc in servers.values():
             stop_process(proc)
-    results: dict[str, Any] = {way: {c: by_clients[c][way] for c in by_clients} for way in ways}
+    results: dict[str, Any] = {
+        way: {c: by_clients[c][way] for c in by_clients if way in by_clients[c]} for way in ways
+    }
     results["llama-bench"] = {
         "tg_tps": [round(t, 2) for t in bench_tg],
         "tg_tps_mean": round(sum(bench_tg) / len(bench_tg), 2),
@@ -435,7 +439,7 @@ def compare(r: dict[str, Any], *, startup_target: bool) -> dict[str, Any]:
     targets), and against llama-cpp-python in process and as a server where they ran."""
     out: dict[str, Any] = {}
     limit = r["llama-bench"]["tg_tps_mean"]
-    for c in ("1", "4"):
+    for c in ("1", "2", "4"):
         key = "decode_tps_p50" if c == "1" else "aggregate_tps"
         mesh, cpp = r["mesh"][c], r["llama-server"][c]
         out[c] = {
@@ -448,7 +452,7 @@ def compare(r: dict[str, Any], *, startup_target: bool) -> dict[str, Any]:
                 round(m / c, 3) for m, c in zip(mesh["by_round"][key], cpp["by_round"][key], strict=True)
             ],
         }
-        if "in-process" in r:
+        if c in r.get("in-process", {}):
             pyserver = r["llama-cpp-python-server"][c]
             # The stronger in-process baseline: the faster one, and the earlier first token.
             local = {
@@ -500,7 +504,7 @@ def print_table(results: dict[str, Any], ratios: dict[str, Any]) -> None:
             )
     print(f"llama-bench tg, one per round: {results['llama-bench']['tg_tps']} tok/s")
     print(f"start-up to /health 200: {results['startup_s']}; idle CPU ms/s: {results['idle_cpu_ms_per_s']}")
-    for c in ("1", "4"):
+    for c in ("1", "2", "4"):
         x = ratios[c]
         line = (
             f"{c} client(s): mesh/llama-server {x['throughput_metric']} "
