@@ -98,6 +98,11 @@ class _Slot:
     mirror: list[int] = field(default_factory=list)  # what the draft model's cache holds
     mirror_ok: int = 0  # a prefix of `mirror` known to equal `cached + todo`
 
+    @property
+    def replaying(self) -> bool:
+        """Feeding a resumed request's generated tokens: one per step."""
+        return self.replay_from is not None and len(self.cached) >= self.replay_from
+
 
 class LlamaEngine:
     """A GGUF model in llama.cpp serving `slots` sequences at once."""
@@ -374,13 +379,15 @@ class LlamaEngine:
         fed: list[_Feed] = []
         for slot in feeding:
             limit, at = budget, len(slot.cached)
-            if slot.replay_from is not None:
-                limit = 1 if at >= slot.replay_from else min(budget, slot.replay_from - at)
+            if slot.replaying:
+                limit = 1
+            elif slot.replay_from is not None:  # the prompt before the replayed tokens
+                limit = min(budget, slot.replay_from - at)
             take = slot.todo[:limit]
             if not take:
                 continue
             if len(take) > 1 and prompt_tokens and prompt_tokens + len(take) > SHARED_PREFILL_TOKENS:
-                break  # only prompts come after it, and they wait their turn
+                break  # it and the prompts after it wait for the next prompt turn
             prompt_tokens += len(take) if len(take) > 1 else 0
             whole = len(take) == len(slot.todo)  # its last token is fed: sample after it
             extra = drafts.get(slot.seq_id, [])[: budget - len(take)] if whole else []
@@ -392,6 +399,8 @@ class LlamaEngine:
                 break
         sampled = [f.slot for f in fed if f.whole]
         events: list[EngineEvent] = self._end_stalled(sampled)
+        if not fed:
+            return events
         one_each = all(f.n_take == 1 for f in fed)  # generating sequences (with drafts, maybe)
         decoding_only = one_each and all(len(f.tokens) == 1 for f in fed)  # and no drafts
         emitted = 0
@@ -399,26 +408,24 @@ class LlamaEngine:
         rest = fed
         for size in sizes:
             group, rest = rest[:size], rest[size:]
-            tokens_by_slot, seconds = self._decode(group)
+            emits, seconds = self._decode(group)
             if decoding_only:
                 self.planner.record(size, seconds)
-            for feed, tokens in zip([f for f in group if f.whole], tokens_by_slot, strict=True):
+            for slot, tokens in emits:
                 emitted += len(tokens)
-                events += self._advance(feed.slot, tokens)
+                events += self._advance(slot, tokens)
         if one_each and any(slot.drafter for slot in sampled):
             self.governor.record(emitted, time.perf_counter() - started, len(sampled))
         return events
 
-    def _decode(self, group: list[_Feed]) -> tuple[list[list[int]], float]:
-        """Decode what `group` feeds in one llama.cpp batch; the tokens each sequence that was fed
-        whole now emits (in order), and the seconds llama.cpp took."""
+    def _decode(self, group: list[_Feed]) -> tuple[list[tuple[_Slot, list[int]]], float]:
+        """Decode what `group` feeds in one llama.cpp batch; each sequence fed whole with the
+        tokens it now emits, and the seconds llama.cpp took."""
         batch = self._batch
         batch.n_tokens = 0
         for feed in group:
             for i, token in enumerate(feed.tokens):
                 add_token(batch, token, feed.at + i, feed.slot.seq_id, feed.whole and i >= feed.n_take - 1)
-        if batch.n_tokens == 0:
-            return [], 0.0
         began = time.perf_counter()
         if self._lib.llama_decode(self._ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
@@ -428,7 +435,7 @@ class LlamaEngine:
             index += len(feed.tokens)
             if feed.whole:
                 extra = feed.tokens[feed.n_take :]
-                out.append(self._verify(feed.slot, index - 1 - len(extra), extra))
+                out.append((feed.slot, self._verify(feed.slot, index - 1 - len(extra), extra)))
         return out, seconds
 
     def _feeding(self) -> tuple[list[_Slot], bool]:
@@ -445,8 +452,8 @@ class LlamaEngine:
         against 223 mixed, aggregate +1 %."""
         generating, prompts = [], []
         for slot in self._active():
-            if len(slot.todo) == 1 or (slot.replay_from is not None and len(slot.cached) >= slot.replay_from):
-                generating.append(slot)  # a resumed request's replayed tokens go one per step too
+            if len(slot.todo) == 1 or slot.replaying:
+                generating.append(slot)
             elif slot.todo:
                 prompts.append(slot)
         prompt_turn = bool(prompts) and not (generating and self._fed_prompts)
