@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 
 from actors._errors import ProtocolError
-from actors.engine._llamacpp import add_token, open_context
+from actors.engine._llamacpp import add_token, logits_reader, open_context
 from actors.runtime._actor import Actor
 from actors.wire._codec import decode, encode
 from actors.wire._messages import Drafted, DraftRequest
@@ -38,7 +38,7 @@ class DraftModel:
         )
         self.n_ctx, self._n_batch = n_ctx, n_batch
         self._cached: list[list[int]] = [[] for _ in range(slots)]
-        self._greedy = llama_cpp.llama_sampler_init_greedy()
+        self._logits = logits_reader(llama_cpp, self.llm.n_vocab())  # drafts are greedy: the argmax
 
     def draft(self, rows: list[list[Any]]) -> list[list[Any]]:
         """Answer each `[seq_id, keep, append, n]` row with `[seq_id, drafts, cached length]`."""
@@ -57,7 +57,7 @@ class DraftModel:
         index = self._feed(seq, append)
         drafts: list[int] = []
         while len(drafts) < n:
-            token = int(self._lib.llama_sampler_sample(self._greedy, self._ctx, index))
+            token = int(self._logits(self._ctx, index).argmax())
             drafts.append(token)
             if len(drafts) < n:
                 index = self._feed(seq, [token])

@@ -5,6 +5,7 @@ nothing of ours; llama.cpp itself is passed in (`lib`, `llama_cpp`)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 
@@ -20,6 +21,32 @@ def open_context(lib: Any, model: Any, *, n_ctx: int, slots: int, n_batch: int, 
     if not ctx:
         raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} x {slots} tokens")
     return ctx, lib.llama_get_memory(ctx), lib.llama_batch_init(n_batch, 0, 1)
+
+
+def logits_reader(llama_cpp: Any, n_vocab: int) -> Callable[[Any, int], Any]:
+    """`read(ctx, i)`: the logits of batch output `i` as a numpy view (no copy) of llama.cpp's
+    buffer, valid until the next decode. llama-cpp-python's binding returns a ctypes pointer that
+    numpy wraps in a new array type on every call; this reads an address from a function object
+    of our own into one array type made once. Measured after real decodes (100M model, ~5 ms a
+    token): a greedy token's argmax took 44 us that way, 25 this one."""
+    import ctypes
+    import os
+
+    import numpy as np
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libllama.so"))
+    get = lib["llama_get_logits_ith"]  # a fresh function object (lib.name would be shared): ours to type
+    get.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    get.restype = ctypes.c_void_p
+    row = ctypes.c_float * n_vocab
+
+    def read(ctx: Any, i: int) -> Any:
+        address = get(ctx, i)
+        if not address:
+            raise RuntimeError(f"llama.cpp has no logits for batch output {i}")
+        return np.frombuffer(memoryview(row.from_address(address)), dtype=np.float32)
+
+    return read
 
 
 def add_token(batch: Any, token: int, pos: int, seq_id: int, logits: bool) -> None:

@@ -32,7 +32,7 @@ class Outbox:
         self._clock = clock
         self._last_flush = clock()
         self._streaming: set[str] = set()  # requests whose first chunk went (until they end)
-        self._held: dict[str, Chunk] = {}  # request id -> the chunks not sent yet, merged
+        self._held: dict[str, list[Chunk]] = {}  # request id -> its chunks not sent yet
 
     def put(self, event: Message) -> None:
         """Send `event`, or hold it if it is a later chunk (`flush_due` sends those)."""
@@ -43,11 +43,14 @@ class Outbox:
                 self._sock.send(encode(event))
                 return
             held = self._held.get(rid)
-            self._held[rid] = event if held is None else _merge(held, event)
+            if held is None:
+                self._held[rid] = [event]
+            else:
+                held.append(event)
             return
         held = self._held.pop(rid, None)
         if held is not None:
-            self._sock.send(encode(held))
+            self._sock.send(encode(_merged(held)))
         if isinstance(event, TERMINAL_TYPES):
             self._streaming.discard(rid)
         self._sock.send(encode(event))
@@ -61,8 +64,8 @@ class Outbox:
         if now - self._last_flush < self.interval_s:
             return
         self._last_flush = now
-        for chunk in self._held.values():
-            self._sock.send(encode(chunk))
+        for chunks in self._held.values():
+            self._sock.send(encode(_merged(chunks)))
         self._held.clear()
 
     @property
@@ -71,11 +74,15 @@ class Outbox:
         return len(self._held)
 
 
-def _merge(a: Chunk, b: Chunk) -> Chunk:
+def _merged(chunks: list[Chunk]) -> Chunk:
+    """One chunk for a request's held ones: merged once when sent, not token by token (each
+    merge copied the text and token lists held so far)."""
+    if len(chunks) == 1:
+        return chunks[0]
     return Chunk(
-        request_id=a.request_id,
-        text=a.text + b.text,
-        n_tokens=a.n_tokens + b.n_tokens,
-        tokens=a.tokens + b.tokens,
-        logprobs=a.logprobs + b.logprobs,
+        request_id=chunks[0].request_id,
+        text="".join(c.text for c in chunks),
+        n_tokens=sum(c.n_tokens for c in chunks),
+        tokens=[t for c in chunks for t in c.tokens],
+        logprobs=[p for c in chunks for p in c.logprobs],
     )

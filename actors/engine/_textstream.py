@@ -14,6 +14,8 @@ class StopMatcher:
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add `text`; returns (text safe to emit now, whether a stop string was reached)."""
+        if not self.stops:  # nothing to withhold (most requests; this runs for every token)
+            return text, False
         buf = self._held + text
         cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:

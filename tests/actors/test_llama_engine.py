@@ -402,3 +402,25 @@ def test_the_greedy_shortcut_draws_what_llama_cpp_s_greedy_sampler_draws(engine:
     # Asking for logprobs keeps the request on llama.cpp's sampler chain.
     sampled = dataclasses.replace(greedy("s", "the mesh layer node", 32), logprobs=0)
     assert texts(run_all(engine, [sampled]))["s"] == plain
+
+
+def test_the_logits_read_for_a_token_are_llama_cpps_own(engine: LlamaEngine) -> None:
+    """`logits_reader` reads llama.cpp's buffer itself: its argmax is the token llama.cpp's own
+    greedy sampler draws there, and a token whose logits were not output is refused, not read."""
+    import llama_cpp
+
+    from actors.engine._llamacpp import logits_reader
+
+    engine.admit(greedy("lg", "a prompt no other test sends", 4))  # nothing cached
+    engine.step()  # the prompt: only its last token's logits are output (index -1: the last)
+    read = logits_reader(llama_cpp, engine.llm.n_vocab())
+    chain = llama_cpp.llama_sampler_init_greedy()
+    try:
+        logits = read(engine._ctx, -1)
+        assert logits.shape == (engine.llm.n_vocab(),) and logits.std() > 0
+        assert int(logits.argmax()) == llama_cpp.llama_sampler_sample(chain, engine._ctx, -1)
+        with pytest.raises(RuntimeError, match="no logits for batch output 0"):
+            read(engine._ctx, 0)  # the prompt's first token: not output
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+        engine.cancel("lg")
