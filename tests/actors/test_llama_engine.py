@@ -419,7 +419,7 @@ def test_the_logits_read_for_a_token_are_llama_cpps_own(engine: LlamaEngine) -> 
         logits = read(engine._ctx, -1)
         assert logits.shape == (engine.llm.n_vocab(),) and logits.std() > 0
         assert int(logits.argmax()) == llama_cpp.llama_sampler_sample(chain, engine._ctx, -1)
-        with pytest.raises(RuntimeError, match="no logits for batch output 0"):
+        with pytest.raises(RuntimeError, match="no logits for batch token 0"):
             read(engine._ctx, 0)  # the prompt's first token: not output
     finally:
         llama_cpp.llama_sampler_free(chain)
