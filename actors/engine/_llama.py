@@ -156,8 +156,8 @@ class LlamaEngine:
         self._template = meta.get("tokenizer.chat_template")
         self.tool_syntax = tool_syntax(self._template)
         self._vocab = lib.llama_model_get_vocab(self.llm.model)
-        self._bos = self._piece(self.llm.token_bos())
-        self._eos = self._piece(self.llm.token_eos())
+        self._bos = self._special_piece(self.llm.token_bos())
+        self._eos = self._special_piece(self.llm.token_eos())
         # The longest token in bytes (~0.05 s for a 32k vocabulary): a text longer than n_ctx of
         # them cannot fit, and is refused without being tokenized.
         self._n_vocab = self.llm.n_vocab()
@@ -167,7 +167,7 @@ class LlamaEngine:
         )
         self._n_batch = n_batch
         self._logits = logits_reader(lib, self._n_vocab)
-        self._tokens: dict[int, tuple[bytes, bool]] = {}  # token id -> (text, ends generation)
+        self._pieces: dict[int, tuple[bytes, bool]] = {}  # token id -> (text, ends generation)
         self._slots = [_Slot(seq_id=i) for i in range(slots)]
         self._admissions = itertools.count()
         self._drafts: Any = None  # a DraftClient when a draft model runs next to us
@@ -220,7 +220,8 @@ class LlamaEngine:
             **self.governor.snapshot(),
         }
 
-    def _piece(self, token: int) -> str:
+    def _special_piece(self, token: int) -> str:
+        """A control token's own text (its BOS or EOS, for chat templates); "" if it has none."""
         if token < 0:
             return ""
         return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
@@ -554,7 +555,7 @@ class LlamaEngine:
         assert slot.request is not None and slot.stream is not None
         events: list[EngineEvent] = []
         for i, token in enumerate(tokens):
-            piece, end = self._token(token)
+            piece, end = self._piece_and_end(token)
             if end:
                 return events + self._finish(slot, "stop")
             slot.n_done += 1
@@ -584,14 +585,14 @@ class LlamaEngine:
         slot.fresh_logprobs = []
         return events
 
-    def _token(self, token: int) -> tuple[bytes, bool]:
+    def _piece_and_end(self, token: int) -> tuple[bytes, bool]:
         """A generated token's text and whether it ends generation, asked of llama.cpp once
         per token id (at most the vocabulary): after each decode has swept the CPU's caches, the
         two calls through llama-cpp-python took ~20 us a token more than this lookup (100M
         model, 5 ms a token)."""
-        known = self._tokens.get(token)
+        known = self._pieces.get(token)
         if known is None:
-            known = self._tokens[token] = (
+            known = self._pieces[token] = (
                 self.llm.detokenize([token]),
                 bool(self._lib.llama_vocab_is_eog(self._vocab, token)),
             )
@@ -612,10 +613,10 @@ class LlamaEngine:
         top = np.argpartition(-logprobs, top_k)[:top_k] if 0 < top_k < n_vocab else np.arange(n_vocab)[:top_k]
         top = top[np.argsort(-logprobs[top], kind="stable")]
         return TokenLogprob(
-            piece=self._token(token)[0],
+            piece=self._piece_and_end(token)[0],
             logprob=max(float(logprobs[token]), -9999.0),
             top=[
-                TopLogprob(piece=self._token(int(t))[0], logprob=max(float(logprobs[t]), -9999.0))
+                TopLogprob(piece=self._piece_and_end(int(t))[0], logprob=max(float(logprobs[t]), -9999.0))
                 for t in top
             ],
         )

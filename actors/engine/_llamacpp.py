@@ -26,16 +26,15 @@ def open_context(lib: Any, model: Any, *, n_ctx: int, slots: int, n_batch: int, 
 def logits_reader(llama_cpp: Any, n_vocab: int) -> Callable[[Any, int], Any]:
     """`read(ctx, i)`: the logits llama.cpp output for the batch's token `i` (negative: counted
     back from the last output), as a numpy view (no copy) of its buffer, valid until the next
-    decode. llama-cpp-python's binding returns a ctypes pointer that
-    numpy wraps in a new array type on every call; this reads an address from a function object
-    of our own into one array type made once. Measured after real decodes (100M model, ~5 ms a
-    token): a greedy token's argmax took 44 us that way, 25 this one."""
+    decode. llama-cpp-python's binding returns a ctypes pointer that numpy wraps in a new array
+    type on every call; this reads an address from a function object of our own into one array
+    type made once. Measured after real decodes (100M model, ~5 ms a token): a greedy token's
+    argmax took 44 us that way, 25 this one."""
     import ctypes
-    import os
 
     import numpy as np
 
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libllama.so"))
+    lib = ctypes.CDLL(_library(llama_cpp, "libllama.so"))
     get = lib["llama_get_logits_ith"]  # a fresh function object (lib.name would be shared): ours to type
     get.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     get.restype = ctypes.c_void_p
@@ -74,15 +73,21 @@ def vocabulary_mismatch(target: Any, draft: Any) -> str:
     return ""
 
 
+def _library(llama_cpp: Any, name: str) -> str:
+    """The path of one of the shared libraries llama-cpp-python loaded (dlopen of the same path
+    hands back the very copy it uses)."""
+    import os
+
+    return os.path.join(os.path.dirname(llama_cpp.__file__), "lib", name)
+
+
 def ggml_libraries(llama_cpp: Any) -> tuple[Any, Any]:
     """ggml and its RPC backend, the very copies llama.cpp uses (the `.so.0` names: the
     unversioned ones would load a second ggml whose devices llama.cpp never sees)."""
     import ctypes
-    import os
 
-    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    ggml = ctypes.CDLL(os.path.join(lib_dir, "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
-    rpc = ctypes.CDLL(os.path.join(lib_dir, "libggml-rpc.so.0"), mode=ctypes.RTLD_GLOBAL)
+    ggml = ctypes.CDLL(_library(llama_cpp, "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
+    rpc = ctypes.CDLL(_library(llama_cpp, "libggml-rpc.so.0"), mode=ctypes.RTLD_GLOBAL)
     ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]

@@ -11,6 +11,7 @@ from actors import Chunk, ContextOverflow, Finished, Generate, InvalidRequest
 from actors.engine import EngineEvent
 from actors.engine._batching import DecodePlanner
 from actors.engine._llama import SHARED_PREFILL_TOKENS, LlamaEngine
+from actors.engine._llamacpp import logits_reader
 from actors.gguf import shape_for, synthesize
 from tests.support.engines import run_all, texts
 
@@ -408,8 +409,6 @@ def test_the_logits_read_for_a_token_are_llama_cpps_own(engine: LlamaEngine) -> 
     """`logits_reader` reads llama.cpp's buffer itself: its argmax is the token llama.cpp's own
     greedy sampler draws there, and a token whose logits were not output is refused, not read."""
     import llama_cpp
-
-    from actors.engine._llamacpp import logits_reader
 
     engine.admit(greedy("lg", "a prompt no other test sends", 4))  # nothing cached
     engine.step()  # the prompt: only its last token's logits are output (index -1: the last)
