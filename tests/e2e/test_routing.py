@@ -153,21 +153,21 @@ def test_a_structured_stream_cut_by_a_node_s_death_resumes_inside_its_grammar(
     """Failover keeps what a grammar holds: the resumed node rebuilds the grammar's state from the
     tokens already sent, and the JSON comes out whole and valid, the same as without the kill.
     The array is long (~1,300 tokens, ~0.6 s on the tiny model) so that the victim is still
-    generating when the kill lands, even on a loaded machine: at 150 values the whole answer took
-    ~0.1 s and CI once read the first token after the victim had already finished."""
+    generating when the kill lands, even on a loaded machine (150 values took ~0.1 s: too short)."""
     a, b, c = trio
+    n_values = 600  # two tokens each
     schema = {
         "type": "object",
         "properties": {
             "values": {
                 "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
-                "minItems": 600, "maxItems": 600,
+                "minItems": n_values, "maxItems": n_values,
             },
         },
         "required": ["values"],
     }  # fmt: skip
     body = {
-        "model": "shared", "messages": [{"role": "user", "content": "numbers"}], "max_tokens": 1600,
+        "model": "shared", "messages": [{"role": "user", "content": "numbers"}], "max_tokens": 3 * n_values,
         "temperature": 0, "user": "grace",
         "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
     }  # fmt: skip
@@ -187,7 +187,7 @@ def test_a_structured_stream_cut_by_a_node_s_death_resumes_inside_its_grammar(
     assert lines[-1] == "data: [DONE]" and not any(line.startswith("event: error") for line in lines)
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
-    assert text == whole and len(json.loads(text)["values"]) == 600
+    assert text == whole and len(json.loads(text)["values"]) == n_values
     assert c.status()["requests"]["resumed"] == 1, "the stream really was cut and resumed"
 
 
