@@ -4,8 +4,11 @@ Every frame an engine sends costs CPU in each process it crosses on its way to t
 worker, the router, the HTTP worker): on a machine whose cores all decode, that CPU comes out of
 decoding. So a request's first chunk goes at once (the time to first token is not delayed), and
 later chunks are held and merged until `interval_s` has passed since the last flush: a few tokens
-to a frame, each token late by at most the interval. All requests' held chunks go out together,
-back to back, so that each process on the way wakes once for all of them, not once per request.
+to a frame, each token late by at most the interval. All requests' held chunks go out together, as
+the frames of one multipart message, so that each process on the way wakes once for all of them,
+not once per request. Sent one by one, each send could wake ZeroMQ's I/O thread again, which then
+took the decoding thread's core: measured with 4 clients (300M Q8_0, 2 cores), a flush of 4
+chunks held the decode loop 0.24-1.1 ms (median) as 4 sends, 0.16-0.19 ms as one message.
 Any other event about a request (its end, an error) first sends what is held for it, so order is
 kept and nothing is lost.
 """
@@ -64,8 +67,7 @@ class Outbox:
         if now - self._last_flush < self.interval_s:
             return
         self._last_flush = now
-        for chunks in self._held.values():
-            self._sock.send(encode(_merged(chunks)))
+        self._sock.send_multipart([encode(_merged(chunks)) for chunks in self._held.values()])
         self._held.clear()
 
     @property

@@ -212,8 +212,13 @@ class ShardWorker(Actor):
         self._fail_current("the engine was replaced (its split is re-forming)")
 
     def _from_engine(self, frames: list[bytes]) -> None:
+        """Each frame is one event (the child's outbox sends several requests' chunks as the
+        frames of one message); a bad one is dropped without the others."""
         self.last_event_at = self.clock()
-        message = self.decode(frames[-1], "engine")
+        for frame in frames:
+            self._engine_event(self.decode(frame, "engine"))
+
+    def _engine_event(self, message: Message | None) -> None:
         if isinstance(message, EngineReady):
             self._drop_pipe()  # the child is connected: nobody else may connect from now on
             self._failed_loads = 0

@@ -1,25 +1,32 @@
 """The engine child's outbox: a request's chunks merged per stream interval, nothing lost or
-reordered."""
+reordered; and the worker's end of the pipe, which takes a message's frames one event each."""
 
 from __future__ import annotations
 
-from actors import Chunk, ErrorReply, Finished, Started, decode
+import zmq
+
+from actors import Chunk, ErrorReply, Finished, Started, decode, encode
 from actors.engine._outbox import Outbox
+from actors.shard._worker import ShardWorker
 from actors.wire._codec import Message
+from actors.wire._messages import EngineSpec, Generate
 
 
 class Pipe:
-    """Stands in for the child's PAIR socket: keeps what is sent."""
+    """Stands in for the child's PAIR socket: keeps what is sent, message by message."""
 
     def __init__(self) -> None:
-        self.frames: list[bytes] = []
+        self.messages: list[list[bytes]] = []
 
     def send(self, frame: bytes) -> None:
-        self.frames.append(frame)
+        self.messages.append([frame])
+
+    def send_multipart(self, frames: list[bytes]) -> None:
+        self.messages.append(list(frames))
 
     def sent(self) -> list[Message]:
-        out = [decode(f) for f in self.frames]
-        self.frames.clear()
+        out = [decode(f) for frames in self.messages for f in frames]
+        self.messages.clear()
         return out
 
 
@@ -110,7 +117,26 @@ def test_every_request_s_held_chunks_go_out_together_so_each_hop_wakes_once() ->
         for rid in ("a", "b", "c"):
             box.put(chunk(rid, str(step), step))
         box.flush_due()  # after the step
-        sent = pipe.sent()
         if step < 3:
-            assert sent == []
+            assert pipe.messages == []
+    assert len(pipe.messages) == 1  # one message, a frame per request
+    sent = pipe.sent()
     assert sorted((m.request_id, m.text) for m in sent) == [("a", "123"), ("b", "123"), ("c", "123")]  # type: ignore[attr-defined]
+
+
+def test_the_worker_relays_each_frame_of_an_engine_message_and_drops_only_a_bad_one(
+    zmq_ctx: zmq.Context,
+) -> None:
+    worker = ShardWorker(
+        zmq_ctx, "w", spec=EngineSpec(model="fake:", model_id="m"), router_endpoint="inproc://r"
+    )
+    router = Pipe()
+    worker._router = router  # type: ignore[assignment]
+    for rid in ("a", "b", "c"):
+        worker._current[rid] = Generate(request_id=rid, model="m", prompt="hi")
+    worker._from_engine(
+        [encode(chunk("a", "x", 1)), b"\xffnot a frame", encode(done("b")), encode(chunk("z", "?", 2))]
+    )
+    assert [(type(m).__name__, m.request_id) for m in router.sent()] == [("Chunk", "a"), ("Finished", "b")]
+    assert worker.stats["dropped_frames"] == 1  # the bad frame; "z" is no request of this worker's
+    assert sorted(worker._current) == ["a", "c"]  # "b" ended
