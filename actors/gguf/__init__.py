@@ -3,11 +3,27 @@
 - `_identity`  model ids, the metadata keys we write, checks of a user's GGUF (no numpy).
 - `_synth`     synthesized models with random weights, for the demo, tests and benchmarks.
 
-Importing this package imports numpy and gguf (synthesis); `actors.gguf._identity` alone does not.
+Synthesis needs numpy and gguf (~0.07 s to import on 2 cores): its names load `_synth` when first
+asked for, so that a node serving a GGUF, or an engine child, imports neither by importing this room.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from actors.gguf._identity import SOURCE_MODEL_ID_KEY, check_draft, check_model, model_id_of
-from actors.gguf._synth import ARCHS, PRESETS, Shape, shape_for, synthesize
+
+if TYPE_CHECKING:
+    from actors.gguf._synth import ARCHS, PRESETS, Shape, shape_for, synthesize
+
+_SYNTH = frozenset({"ARCHS", "PRESETS", "Shape", "shape_for", "synthesize"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SYNTH:
+        from actors.gguf import _synth
+
+        return getattr(_synth, name)
+    raise AttributeError(f"module 'actors.gguf' has no attribute {name!r}")
+
 
 __all__ = [
     "ARCHS",
