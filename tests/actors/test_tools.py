@@ -148,3 +148,19 @@ def test_integer_ranges_become_enumerations_the_grammar_can_enforce() -> None:
     props = grammar_schema(schema)["properties"]
     assert props["a"] == {"enum": [1, 2, 3]} and props["b"] == {"enum": [2]}
     assert props["c"] == {"type": "integer", "minimum": 0} and props["d"]["items"] == {"enum": [-1, 0]}
+
+
+def test_each_chat_template_renders_as_itself_when_compiled_templates_are_reused() -> None:
+    from actors._errors import InvalidRequest
+    from actors.engine._engine import render_chat
+
+    a = "{% for m in messages %}A:{{ m.content }};{% endfor %}"
+    b = "{% for m in messages %}B:{{ m.content | upper }};{% endfor %}"
+    bad = "{{ raise_exception('no system role') }}"
+    hi = [{"role": "user", "content": "hi"}]
+    for _ in range(2):  # the second time from the compiled ones
+        assert render_chat(a, hi, "", "") == "A:hi;"
+        assert render_chat(b, hi, "", "") == "B:HI;"
+        with pytest.raises(InvalidRequest, match="no system role"):
+            render_chat(bad, hi, "", "")
+    assert render_chat(a, [{"role": "user", "content": "yo"}], "", "") == "A:yo;"
