@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -250,6 +251,9 @@ def start_mesh(
         str(BIN / "mesh-llm"), "serve", "--model", str(model), "--host", "127.0.0.1",
         "--http-port", str(http), "--zmq-port", str(zmq_port), "--threads", str(threads),
         "--ctx", str(ctx), "--state-dir", str(state),
+        # A mesh of its own: a node already serving the same model on this machine (a user's,
+        # or a benchmark's left over) would otherwise be found by mDNS and take requests.
+        "--mesh", f"overhead-bench-{os.getpid()}",
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{http}"
