@@ -1,7 +1,8 @@
 """The node: its actor runtime, the wire, its actors, and the GGUF files they load.
 
 Map of this room (each folder's `__init__` says more):
-- `_config`   every tunable of a node, unit in the name; `_errors` the error tree.
+- `_config`   every tunable of a node, unit in the name; `_errors` the error tree; `_lazy` names
+              a package loads on first use.
 - `runtime/`  generic actors, child-process supervision, `ask()`.
 - `wire/`     message kinds, the one codec, the one socket factory.
 - `routing/`  the router actor: admission, placement, forwarding, failover.
@@ -18,7 +19,7 @@ when first asked for (`actors.Node`), so that an engine child, which needs neith
 them (measured: ~0.1 s of its ~0.45 s start-up on 2 cores).
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from actors._config import (
     CONTROL_PORT_OFFSET,
@@ -47,6 +48,7 @@ from actors._errors import (
     Unauthorized,
     request_error,
 )
+from actors._lazy import lazy_names
 from actors.wire import (
     TERMINAL_TYPES,
     Accepted,
@@ -71,22 +73,13 @@ if TYPE_CHECKING:
     from actors.node import VERSION, ModelSpec, Node, NodeSpec
     from actors.runtime import Actor, ask
 
-_LAZY = {
-    "VERSION": "node",
-    "ModelSpec": "node",
-    "Node": "node",
-    "NodeSpec": "node",
-    "Actor": "runtime",
-    "ask": "runtime",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"actors.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'actors' has no attribute {name!r}")
+__getattr__ = lazy_names(
+    __name__,
+    {
+        **dict.fromkeys(("VERSION", "ModelSpec", "Node", "NodeSpec"), "actors.node"),
+        **dict.fromkeys(("Actor", "ask"), "actors.runtime"),
+    },
+)
 
 
 __all__ = [

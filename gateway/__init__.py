@@ -4,28 +4,25 @@ Map of this room:
 - `http/`  the Falcon app and its resources, request parsing, errors, the router client.
 - `cli/`   `mesh-llm` (run a node); `ctl/` `mesh-ctl` (operate one).
 
-Importing `gateway` loads nothing but this file. The HTTP app's names (as an HTTP worker asks for
-`gateway:get_app()`) load `http/` when first asked for, and the command-line entry points import
-their rooms when called: a node process, which serves no HTTP itself, does not pay for Falcon on
-its way to starting its engine (measured: ~0.17 s of a ~0.6 s start-up on 2 cores).
+Importing `gateway` loads only the light `actors` surface (config, errors, the wire). The HTTP
+app's names (as an HTTP worker asks for `gateway:get_app()`) load `http/` when first asked for,
+and the command-line entry points import their rooms when called: a node process, which serves
+no HTTP itself, does not pay for Falcon on its way to starting its engine (measured: ~0.17 s of
+a ~0.6 s start-up on 2 cores).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from actors._lazy import lazy_names
 
 if TYPE_CHECKING:
     from gateway.http import ApiError, Backend, RouterClient, create_app, get_app
 
-_HTTP_NAMES = frozenset({"ApiError", "Backend", "RouterClient", "create_app", "get_app"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HTTP_NAMES:
-        from gateway import http
-
-        return getattr(http, name)
-    raise AttributeError(f"module 'gateway' has no attribute {name!r}")
+__getattr__ = lazy_names(
+    __name__, dict.fromkeys(("ApiError", "Backend", "RouterClient", "create_app", "get_app"), "gateway.http")
+)
 
 
 def mesh_llm_main(argv: list[str] | None = None) -> int:

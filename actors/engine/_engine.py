@@ -90,7 +90,7 @@ def render_chat(
 @functools.lru_cache(maxsize=8)
 def _compiled(template: str) -> Any:
     """A chat template compiled once, not per request: compiling took ~4.6 ms of the engine's
-    loop for each chat request (a 1.3 KB template, 2 cores), rendering the compiled one ~0.1 ms."""
+    loop for each chat request (a 1.3 KB template, 2 cores), rendering the compiled one ~0.02 ms."""
     return _template_env().from_string(template)
 
 

@@ -7,22 +7,17 @@ Synthesis needs numpy and gguf (~0.07 s to import on 2 cores): its names load `_
 asked for, so that a node serving a GGUF, or an engine child, imports neither by importing this room.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from actors._lazy import lazy_names
 from actors.gguf._identity import SOURCE_MODEL_ID_KEY, check_draft, check_model, model_id_of
 
 if TYPE_CHECKING:
     from actors.gguf._synth import ARCHS, PRESETS, Shape, shape_for, synthesize
 
-_SYNTH = frozenset({"ARCHS", "PRESETS", "Shape", "shape_for", "synthesize"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SYNTH:
-        from actors.gguf import _synth
-
-        return getattr(_synth, name)
-    raise AttributeError(f"module 'actors.gguf' has no attribute {name!r}")
+__getattr__ = lazy_names(
+    __name__, dict.fromkeys(("ARCHS", "PRESETS", "Shape", "shape_for", "synthesize"), "actors.gguf._synth")
+)
 
 
 __all__ = [
