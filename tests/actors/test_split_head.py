@@ -60,6 +60,9 @@ def test_a_split_whose_engine_never_loads_is_held_failed_instead_of_reloaded_for
             # The stage is claimed and made ready; the head's engine fails to load three times.
             eventually(lambda: head.state == "failed", timeout_s=60, show=lambda: (head.state, head.detail))
             assert "failed to load the split 3 times" in head.detail
+            # The head tells its worker after setting its own state: the worker's thread hears it a
+            # moment later (CI once read "loading" in between).
+            eventually(lambda: worker.state == "failed", timeout_s=10, show=lambda: worker.state)
             assert worker.state == "failed" and worker.restarts == 3
             eventually(lambda: stage.lease is None, timeout_s=10)  # the split dissolved: the stage is free
             row = head.row()
