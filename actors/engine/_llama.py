@@ -28,7 +28,7 @@ import zmq
 
 from actors._errors import ContextOverflow, EngineFailed, InvalidRequest
 from actors.engine._batching import DecodePlanner
-from actors.engine._drafter import DraftClient, DraftModel, SpeculativeDrafter
+from actors.engine._drafter import DraftClient, DraftModel, SpeculativeDrafter, draft_threads
 from actors.engine._engine import EngineEvent, check_context, closing_events, render_chat
 from actors.engine._llamacpp import (
     add_token,
@@ -183,7 +183,7 @@ class LlamaEngine:
         self.drafted = self.accepted = 0
 
     def _start_drafter(self, path: str, n_threads: int) -> None:
-        model = DraftModel(path, n_ctx=self.n_ctx, n_threads=n_threads, slots=self.slots)
+        model = DraftModel(path, n_ctx=self.n_ctx, n_threads=draft_threads(n_threads), slots=self.slots)
         mismatch = vocabulary_mismatch(self.llm, model.llm)
         if mismatch:
             raise ValueError(f"the draft model {path} cannot draft for this model: {mismatch}")

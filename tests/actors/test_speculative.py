@@ -3,6 +3,7 @@ next to a real target, and the HTTP API (greedy output unchanged, usage and stat
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from actors import Finished, Generate, InvalidRequest
+from actors.engine._drafter import draft_threads
 from actors.engine._llama import LlamaEngine
 from actors.engine._speculative import DraftLength, Governor, NgramIndex
 from actors.gguf import shape_for, synthesize
@@ -110,6 +112,32 @@ def test_greedy_output_is_identical_with_a_draft_model_with_prompt_lookup_and_wi
                 assert sum(e.accepted_tokens for e in done) > 0.5 * sum(e.drafted_tokens for e in done)
         stats = engine.stats()
         assert stats["drafted_tokens"] and stats["accepted_tokens"]
+    finally:
+        engine.close()
+
+
+def test_a_draft_model_takes_the_cpus_the_target_leaves_or_one_thread() -> None:
+    assert draft_threads(2, cpus=2) == 1, "two teams on two CPUs throttle both models' decodes"
+    assert draft_threads(4, cpus=6) == 2
+    assert draft_threads(2, cpus=8) == 2, "never more than the target's"
+    assert draft_threads(8, cpus=4) == 1
+
+
+@pytest.mark.slow
+def test_drafting_next_to_a_target_on_every_cpu_starts_no_openmp_team(pair: tuple[Path, Path]) -> None:
+    """A second OpenMP team in the engine's process would make every decode slower (see
+    `draft_threads`); libgomp starts a team's workers as threads of the process, so count them."""
+    cpus = len(os.sched_getaffinity(0))
+    engine = LlamaEngine(
+        str(pair[0]), n_ctx=256, n_threads=cpus, slots=1, draft=str(pair[1]), speculative="draft",
+        governor=Governor(fixed=True),
+    )  # fmt: skip
+    try:
+        run_all(engine, [greedy("plain", PROMPTS[0], "off")])  # the target's team is up
+        before = len(os.listdir("/proc/self/task"))
+        done = run_all(engine, [greedy("drafted", PROMPTS[1], "draft")])[-1]
+        assert isinstance(done, Finished) and done.drafted_tokens > 0
+        assert len(os.listdir("/proc/self/task")) == before
     finally:
         engine.close()
 
