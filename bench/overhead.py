@@ -6,6 +6,9 @@
                     flags (bench/_llama_tools.py builds it once into a cache), 4 parallel slots
   llama-cpp-python-server  llama-cpp-python's OpenAI server (`python -m llama_cpp.server`)
   llama-bench       llama.cpp's `llama-bench` tg (no server: the machine's limit), same build
+  engine            the node's own engine (actors.engine.LlamaEngine, 4 slots) stepped in this
+                    process: no HTTP, ZeroMQ, router or worker. mesh/engine is what the serving
+                    path costs; engine/llama-server is how the two schedulers compare
 
 Two synthesized models (random weights), as the issue measured them: about 110M parameters in
 f16 and about 300M in Q8_0. Per model: same prompts, greedy decoding, with 1 and with 4 concurrent
@@ -14,13 +17,16 @@ llama-bench taking its turn in each 1-client round (so drift in the machine's sp
 alike). Figures: time to first token, decode throughput, start-up to `/health` 200 (mesh and
 llama-server, after a first run), and idle CPU of all of a server's processes.
 (in-process-raw is the bare `Llama.generate` loop.) llama-cpp-python's ways run on the first
-model only: they are no target, and at 4 clients they serve one request at a time.
+model only: they are no target, and at 4 clients they serve one request at a time. The in-process
+ways (engine, in-process, in-process-raw) make their llama.cpp calls from one thread of this
+process (`LlamaThread`), as a server does.
 Writes bench/results/overhead.json and prints a table per model.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import queue
@@ -59,6 +65,7 @@ class Sample:
         self.first: float | None = None
         self.last = start
         self.tokens = 0
+        self.server_ms_per_token: float | None = None  # the server's own decode time, if it says
 
     def token(self) -> None:
         now = time.perf_counter()
@@ -90,13 +97,55 @@ def prompts(n: int, round_: int = 0, clients: int = 1) -> list[str]:
     ]
 
 
-def in_process_client(model: Path, threads: int, ctx: int, *, raw: bool) -> Callable[[str, int], Sample]:
+class LlamaThread:
+    """The one thread that makes every llama.cpp call of this process. libgomp (llama.cpp's
+    threads here) gives each thread that starts a parallel region a team of its own, and once a
+    process holds more such threads than CPUs it all but stops spinning at barriers (100 spins,
+    then a futex wait). Measured (100M f16, 2 cores): with a second team alive in the process, the
+    engine's decodes took 8.7-9.8 ms a token instead of 6.3-6.5. One thread, one team; and the
+    in-process ways take turns anyway (each is measured alone)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="llama", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get()()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run `job` after those before it."""
+        self._jobs.put(job)
+
+    def call(self, job: Callable[[], Any]) -> Any:
+        """Run `job` there and return what it returns (or raise what it raised)."""
+        done: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+        def run() -> None:
+            try:
+                done.put((True, job()))
+            except BaseException as err:  # handed to the caller
+                done.put((False, err))
+
+        self.submit(run)
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+
+def in_process_client(
+    llama: LlamaThread, model: Path, threads: int, ctx: int, *, raw: bool
+) -> Callable[[str, int], Sample]:
     """create_completion(stream=True), as a user would write it; or, with `raw`, the bare token
-    loop (`Llama.generate` + detokenize), the fastest a single in-process caller can go."""
+    loop (`Llama.generate` + detokenize), the fastest a single in-process caller can go.
+    Requests are served one at a time, in arrival order (one llama context)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        model_path=str(model), n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+    llm = llama.call(
+        lambda: llama_cpp.Llama(
+            model_path=str(model), n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
     )
 
     def completion(prompt: str, max_tokens: int, sample: Sample) -> None:
@@ -113,20 +162,58 @@ def in_process_client(model: Path, threads: int, ctx: int, *, raw: bool) -> Call
                 break
 
     body = token_loop if raw else completion
-    jobs: queue.SimpleQueue[tuple[str, int, Sample, threading.Event]] = queue.SimpleQueue()
-
-    def serve() -> None:  # one llama context: requests are served in arrival order
-        while True:
-            prompt, max_tokens, sample, done = jobs.get()
-            body(prompt, max_tokens, sample)
-            done.set()
-
-    threading.Thread(target=serve, name="in-process-llama", daemon=True).start()
 
     def run(prompt: str, max_tokens: int) -> Sample:
         sample = Sample(time.perf_counter())  # time in the queue counts, as in a server's
-        done = threading.Event()
-        jobs.put((prompt, max_tokens, sample, done))
+        llama.call(lambda: body(prompt, max_tokens, sample))
+        return sample
+
+    return run
+
+
+def engine_client(
+    llama: LlamaThread, model: Path, threads: int, ctx: int, slots: int = 4
+) -> Callable[[str, int], Sample]:
+    """The node's own engine driven as its engine child drives it (take in what arrived, step,
+    hand out the events), on this process's llama thread: the mesh without its serving path."""
+    from actors.engine._llama import LlamaEngine
+    from actors.wire._messages import Chunk, ErrorReply, Finished, Generate
+
+    engine = llama.call(lambda: LlamaEngine(str(model), n_ctx=ctx, n_threads=threads, slots=slots))
+    inbox: queue.SimpleQueue[tuple[Generate, Sample, threading.Event]] = queue.SimpleQueue()
+    waiting: dict[str, tuple[Sample, threading.Event]] = {}
+    ids = itertools.count()
+
+    def drive() -> None:
+        """Step until no request is left, taking in new ones between steps. Every request is
+        followed by a drive of its own, so one that comes as this returns is not stranded."""
+        while True:
+            while not inbox.empty():
+                request, sample, done = inbox.get()
+                waiting[request.request_id] = (sample, done)
+                engine.admit(request)
+            if not engine.active:
+                return
+            for event in engine.step():
+                sample, done = waiting[event.request_id]
+                if isinstance(event, Chunk):
+                    for _ in range(event.n_tokens):
+                        sample.token()
+                elif isinstance(event, Finished):
+                    sample.tokens = event.completion_tokens
+                    done.set()
+                    del waiting[event.request_id]
+                elif isinstance(event, ErrorReply):
+                    raise RuntimeError(f"the engine failed a request: {event.message}")
+
+    def run(prompt: str, max_tokens: int) -> Sample:
+        sample, done = Sample(time.perf_counter()), threading.Event()
+        request = Generate(
+            request_id=f"bench-{next(ids)}", model=model.stem, prompt=prompt, max_tokens=max_tokens,
+            temperature=0.0,
+        )  # fmt: skip
+        inbox.put((request, sample, done))
+        llama.submit(drive)
         done.wait()
         return sample
 
@@ -165,6 +252,8 @@ def http_client(base: str, model: str) -> Callable[[str, int], Sample]:
                             sample.token()
                         if event.get("usage"):  # the true count, where the server gives it
                             sample.tokens = event["usage"]["completion_tokens"]
+                        if "timings" in event:  # llama-server's own account of the request
+                            sample.server_ms_per_token = event["timings"]["predicted_per_token_ms"]
                 return sample
             except httpx.RemoteProtocolError:
                 # A kept-alive connection the server closed while other ways ran (llama-server
@@ -206,6 +295,7 @@ def summarize(rounds: list[tuple[list[Sample], float]], clients: int) -> dict[st
     samples = [s for got, _ in rounds for s in got]
     tokens = sum(s.tokens for s in samples)
     wall_s = sum(wall for _, wall in rounds)
+    own = [s.server_ms_per_token for s in samples if s.server_ms_per_token is not None]
     return {
         "clients": clients,
         "requests": len(samples),
@@ -215,6 +305,8 @@ def summarize(rounds: list[tuple[list[Sample], float]], clients: int) -> dict[st
         "decode_tps_p50": round(p50([s.decode_tps for s in samples]), 2),
         "aggregate_tps": round(tokens / wall_s, 2),
         "wall_s": round(wall_s, 2),
+        # llama-server's own decode time per token (its `timings`), where it reports one
+        **({"server_decode_ms_per_token_p50": round(p50(own), 2)} if own else {}),
         "by_round": {
             "decode_tps_p50": [round(p50([s.decode_tps for s in got]), 1) for got, _ in rounds],
             "aggregate_tps": [round(sum(s.tokens for s in got) / wall, 1) for got, wall in rounds],
@@ -351,12 +443,13 @@ def main() -> int:
     tools = llama_tools()
     work = scratch_dir("overhead-bench-")
     by_model: dict[str, Any] = {}
+    llama = LlamaThread()
     for i, (preset, dtype) in enumerate(models):
         name = f"{preset}-{dtype}"
         model = synthesize(
             "llama", work / f"bench-{name}.gguf", shape_for("llama", preset), dtype=dtype, seed=0
         )
-        results = bench_model(model, tools, work / name, args, baselines=i == 0)
+        results = bench_model(model, tools, work / name, args, llama, baselines=i == 0)
         by_model[name] = {
             "model": {
                 "arch": "llama",
@@ -385,7 +478,13 @@ def _model_arg(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
 
 
 def bench_model(
-    model: Path, tools: dict[str, Path], work: Path, args: argparse.Namespace, *, baselines: bool
+    model: Path,
+    tools: dict[str, Path],
+    work: Path,
+    args: argparse.Namespace,
+    llama: LlamaThread,
+    *,
+    baselines: bool,
 ) -> dict[str, Any]:
     """Every figure of one model: start-up, idle, then 1, 2 and 4 clients in interleaved rounds
     (2 clients: the mesh and llama-server only; the issue sets no target there)."""
@@ -405,9 +504,10 @@ def bench_model(
             tools["llama-server"], model, args.threads, args.ctx
         )
         ways["llama-server"] = http_client(base, model.stem)
+        ways["engine"] = engine_client(llama, model, args.threads, args.ctx)
         if baselines:
-            ways["in-process"] = in_process_client(model, args.threads, args.ctx, raw=False)
-            ways["in-process-raw"] = in_process_client(model, args.threads, args.ctx, raw=True)
+            ways["in-process"] = in_process_client(llama, model, args.threads, args.ctx, raw=False)
+            ways["in-process-raw"] = in_process_client(llama, model, args.threads, args.ctx, raw=True)
             servers["llama-cpp-python-server"], base = start_llama_server(model, args.threads, args.ctx)
             ways["llama-cpp-python-server"] = http_client(base, model.stem)
         for run in ways.values():
@@ -420,7 +520,7 @@ def bench_model(
 
         by_clients = {
             "1": interleaved(ways, 1, args, between={"llama-bench": llama_bench}),
-            "2": interleaved({w: ways[w] for w in ("mesh", "llama-server")}, 2, args),
+            "2": interleaved({w: ways[w] for w in ("mesh", "llama-server", "engine")}, 2, args),
             "4": interleaved(ways, 4, args),
         }
     finally:
@@ -456,6 +556,17 @@ def compare(r: dict[str, Any], *, startup_target: bool) -> dict[str, Any]:
                 round(m / c, 3) for m, c in zip(mesh["by_round"][key], cpp["by_round"][key], strict=True)
             ],
         }
+        if c in r.get("engine", {}):  # what the serving path costs; how the schedulers compare
+            engine = r["engine"][c]
+            out[c] |= {
+                "mesh_vs_engine_throughput": round(mesh[key] / engine[key], 3),
+                "mesh_vs_engine_ttft_ms": round(mesh["ttft_ms_p50"] - engine["ttft_ms_p50"], 2),
+                "engine_vs_llama_server_throughput": round(engine[key] / cpp[key], 3),
+                "engine_vs_llama_server_by_round": [
+                    round(e / c, 3)
+                    for e, c in zip(engine["by_round"][key], cpp["by_round"][key], strict=True)
+                ],
+            }
         if c in r.get("in-process", {}):
             pyserver = r["llama-cpp-python-server"][c]
             # The stronger in-process baseline: the faster one, and the earlier first token.
@@ -516,6 +627,12 @@ def print_table(results: dict[str, Any], ratios: dict[str, Any]) -> None:
             f"llama-server/llama-bench {x['llama_server_vs_llama_bench_tg']:.3f}; by round "
             f"{x['mesh_vs_llama_server_by_round']}"
         )
+        if "mesh_vs_engine_throughput" in x:
+            line += (
+                f"; mesh/engine {x['mesh_vs_engine_throughput']:.3f} "
+                f"(TTFT {x['mesh_vs_engine_ttft_ms']:+.1f} "
+                f"ms), engine/llama-server {x['engine_vs_llama_server_throughput']:.3f}"
+            )
         if "mesh_vs_in_process_throughput" in x:
             line += (
                 f"; mesh/in-process {x['mesh_vs_in_process_throughput']:.3f} "
