@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,11 @@ class LlamaThread:
 
     def _serve(self) -> None:
         while True:
-            self._jobs.get()()
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:  # the thread lives on; the job's caller times out and says so
+                traceback.print_exc()
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run `job` after those before it."""
@@ -214,7 +219,8 @@ def engine_client(
         )  # fmt: skip
         inbox.put((request, sample, done))
         llama.submit(drive)
-        done.wait()
+        if not done.wait(600):
+            raise RuntimeError(f"the engine did not finish {request.request_id} in 600 s (see above)")
         return sample
 
     return run
