@@ -45,8 +45,6 @@ class DraftModel:
     def __init__(self, path: str, *, n_ctx: int, n_threads: int, slots: int, n_batch: int = 512) -> None:
         import llama_cpp
 
-        self.n_threads = n_threads
-
         self._lib = llama_cpp
         self.llm = llama_cpp.Llama(
             model_path=path, n_ctx=64, n_batch=64, n_threads=n_threads, n_gpu_layers=0, verbose=False
