@@ -147,7 +147,9 @@ def test_an_uninvited_host_captures_no_prompt_and_changes_no_view(
         assert set(served) <= {a.status()["node_id"], b.status()["node_id"]}, served
         taken = intruder.status()["requests"]
         assert taken.get("completed", 0) == 0 and taken.get("in_flight", 0) == 0, taken
-        assert full_mesh() == want, "a member's view changed"
+        # The intruder must leave no trace in any view. A member the 20 requests kept busy may be
+        # suspected for a moment on 2 cores (a fresh-clone CI saw one 'suspect'); that clears.
+        eventually(lambda: full_mesh() == want, 15, full_mesh)
         for host in (a, b, c):
             assert host.status()["secure"] is True
         assert intruder.status()["secure"] is False
