@@ -99,12 +99,10 @@ def prompts(n: int, round_: int = 0, clients: int = 1) -> list[str]:
 
 
 class LlamaThread:
-    """The one thread that makes every llama.cpp call of this process. libgomp (llama.cpp's
-    threads here) gives each thread that starts a parallel region a team of its own, and once a
-    process holds more such threads than CPUs it all but stops spinning at barriers (100 spins,
-    then a futex wait). Measured (100M f16, 2 cores): with a second team alive in the process, the
-    engine's decodes took 8.7-9.8 ms a token instead of 6.3-6.5. One thread, one team; and the
-    in-process ways take turns anyway (each is measured alone)."""
+    """The one thread that makes every llama.cpp call of this process: a second thread that
+    decodes makes a second OpenMP team, which throttles every decode of the process (see
+    `actors.engine._drafter.draft_threads`; here the engine took 8.7-9.8 ms a token instead of
+    6.3-6.5 with one alive). The in-process ways take turns anyway (each is measured alone)."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -493,7 +491,7 @@ def bench_model(
     baselines: bool,
 ) -> dict[str, Any]:
     """Every figure of one model: start-up, idle, then 1, 2 and 4 clients in interleaved rounds
-    (2 clients: the mesh and llama-server only; the issue sets no target there)."""
+    (2 clients: the mesh, llama-server and the engine only; the issue sets no target there)."""
     fast = 0.01  # poll /health every 10 ms when timing start-up
     startup = {  # the mesh's first run makes its state dir and caches; these are the later ones
         "mesh": startup_s(lambda: start_mesh(model, args.threads, args.ctx, work / "state", poll_s=fast)),
