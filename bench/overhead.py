@@ -15,7 +15,9 @@ f16 and about 300M in Q8_0. Per model: same prompts, greedy decoding, with 1 and
 clients, all servers running at once and measured in interleaved rounds in a rotating order,
 llama-bench taking its turn in each 1-client round (so drift in the machine's speed falls on it
 alike). Figures: time to first token, decode throughput, start-up to `/health` 200 (mesh and
-llama-server, after a first run), and idle CPU of all of a server's processes.
+llama-server, after a first run), idle CPU of all of a server's processes, and the CPU per token
+each process of the mesh and llama-server (and the benchmark's clients) spent while measured: on
+a machine whose cores all decode, what the others spend comes out of decoding.
 (in-process-raw is the bare `Llama.generate` loop.) llama-cpp-python's ways run on the first
 model only: they are no target, and at 4 clients they serve one request at a time. The in-process
 ways (engine, in-process, in-process-raw) make their llama.cpp calls from one thread of this
@@ -43,8 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.gguf import PRESETS, shape_for, synthesize
 from bench._common import (
+    cpu_ns_by_role,
     cpu_seconds,
     free_port_pair,
+    own_cpu_ns,
     p50,
     print_targets,
     scratch_dir,
@@ -56,6 +60,8 @@ from bench._llama_tools import llama_tools
 
 BIN = Path(sys.executable).parent
 MODELS = "100m:f16,300m:q8_0"
+# The mesh's processes by their command lines; the rest (the one `mesh-llm serve` started) is "node".
+MESH_ROLES = {"engine": b"actors.engine._child", "gateway": b"gunicorn"}
 
 
 class Sample:
@@ -293,11 +299,19 @@ def measure(
     return samples, time.perf_counter() - start
 
 
-def summarize(rounds: list[tuple[list[Sample], float]], clients: int) -> dict[str, Any]:
-    """The figures of one way over all rounds (samples and wall time of each round), and the
-    throughput of each round alone (how far the machine's speed moved during the run)."""
+def summarize(
+    rounds: list[tuple[list[Sample], float]], clients: int, cpu_ns: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The figures of one way over all rounds (samples and wall time of each round), the
+    throughput of each round alone (how far the machine's speed moved during the run), and, for
+    a server, the CPU each of its processes and the benchmark's clients spent per token."""
     samples = [s for got, _ in rounds for s in got]
     tokens = sum(s.tokens for s in samples)
+    cpu = {}
+    if cpu_ns and tokens:
+        cpu = {
+            "cpu_us_per_token": {role: round(ns / 1000 / tokens, 1) for role, ns in sorted(cpu_ns.items())}
+        }
     wall_s = sum(wall for _, wall in rounds)
     own = [s.server_ms_per_token for s in samples if s.server_ms_per_token is not None]
     return {
@@ -311,6 +325,7 @@ def summarize(rounds: list[tuple[list[Sample], float]], clients: int) -> dict[st
         "wall_s": round(wall_s, 2),
         # llama-server's own decode time per token (its `timings`), where it reports one
         **({"server_decode_ms_per_token_p50": round(p50(own), 2)} if own else {}),
+        **cpu,
         "by_round": {
             "decode_tps_p50": [round(p50([s.decode_tps for s in got]), 1) for got, _ in rounds],
             "aggregate_tps": [round(sum(s.tokens for s in got) / wall, 1) for got, wall in rounds],
@@ -323,20 +338,27 @@ def interleaved(
     clients: int,
     args: argparse.Namespace,
     between: dict[str, Callable[[int], None]] | None = None,
+    cpu: dict[str, Callable[[], dict[str, int]]] | None = None,
 ) -> dict[str, Any]:
     """Every way measured with `clients` clients once in each of `args.rounds` rounds (and each
     step of `between` taken there too), in a rotating order, so that drift in the machine's speed
-    (this is a shared VM) falls on all of them alike; each way's figures."""
-    steps = between or {}
+    (this is a shared VM) falls on all of them alike; each way's figures. `cpu[way]()` reads the
+    CPU nanoseconds so far by process: what each spends while its way is measured is summed."""
+    steps, meters = between or {}, cpu or {}
     rounds: dict[str, list[tuple[list[Sample], float]]] = {n: [] for n in ways}
+    spent: dict[str, dict[str, int]] = {n: {} for n in meters}
     names = [*ways, *steps]
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            if name in ways:
-                rounds[name].append(measure(ways[name], clients, args.per_client, args.max_tokens, r))
-            else:
+            if name not in ways:
                 steps[name](r)
-    return {n: summarize(rounds[n], clients) for n in ways}
+                continue
+            before = meters[name]() if name in meters else {}
+            rounds[name].append(measure(ways[name], clients, args.per_client, args.max_tokens, r))
+            if name in meters:
+                for role, ns in meters[name]().items():
+                    spent[name][role] = spent[name].get(role, 0) + ns - before.get(role, 0)
+    return {n: summarize(rounds[n], clients, spent.get(n)) for n in ways}
 
 
 def start_mesh(
@@ -522,10 +544,15 @@ def bench_model(
         def llama_bench(_round: int) -> None:
             bench_tg.append(llama_bench_tg(tools["llama-bench"], model, args.threads, args.max_tokens))
 
+        mesh_pid, cpp_pid = servers["mesh"].pid, servers["llama-server"].pid
+        cpu = {  # where each server's CPU goes, its clients' (in this process) included
+            "mesh": lambda: cpu_ns_by_role(mesh_pid, MESH_ROLES, "node") | {"client": own_cpu_ns()},
+            "llama-server": lambda: cpu_ns_by_role(cpp_pid, {}, "llama-server") | {"client": own_cpu_ns()},
+        }
         by_clients = {
-            "1": interleaved(ways, 1, args, between={"llama-bench": llama_bench}),
-            "2": interleaved({w: ways[w] for w in ("mesh", "llama-server", "engine")}, 2, args),
-            "4": interleaved(ways, 4, args),
+            "1": interleaved(ways, 1, args, between={"llama-bench": llama_bench}, cpu=cpu),
+            "2": interleaved({w: ways[w] for w in ("mesh", "llama-server", "engine")}, 2, args, cpu=cpu),
+            "4": interleaved(ways, 4, args, cpu=cpu),
         }
     finally:
         for proc in servers.values():
@@ -621,6 +648,10 @@ def print_table(results: dict[str, Any], ratios: dict[str, Any]) -> None:
             print(
                 f"{way:<25}{c:>8}{m['ttft_ms_p50']:>13.1f}{m['decode_tps_p50']:>18.1f}{m['aggregate_tps']:>17.1f}"
             )
+    for way in ("mesh", "llama-server"):
+        for c, m in results[way].items():
+            if "cpu_us_per_token" in m:
+                print(f"CPU us per token, {way}, {c} client(s): {m['cpu_us_per_token']}")
     print(f"llama-bench tg, one per round: {results['llama-bench']['tg_tps']} tok/s")
     print(f"start-up to /health 200: {results['startup_s']}; idle CPU ms/s: {results['idle_cpu_ms_per_s']}")
     for c in ("1", "2", "4"):
