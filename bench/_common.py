@@ -111,28 +111,28 @@ def cpu_seconds(pid: int, only: bytes = b"") -> float:
 
 def cpu_ns_by_role(pid: int, roles: dict[str, bytes], default: str = "main") -> dict[str, int]:
     """Nanoseconds of CPU so far of `pid` and its descendants, summed by role: a process is the
-    first role whose marker its command line holds, else `default`. From each thread's schedstat
-    (exact, where /proc/*/stat counts 10 ms ticks); threads that ended are not counted."""
+    first role whose marker its command line holds, else `default`."""
     out: dict[str, int] = {}
     for p in process_tree(pid):
         try:
             cmdline = Path(f"/proc/{p}/cmdline").read_bytes()
-            tasks = list(Path(f"/proc/{p}/task").iterdir())
         except OSError:
             continue
         role = next((name for name, marker in roles.items() if marker in cmdline), default)
-        for task in tasks:
-            try:
-                out[role] = out.get(role, 0) + int((task / "schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
+        out[role] = out.get(role, 0) + threads_cpu_ns(Path(f"/proc/{p}"))
     return out
 
 
-def own_cpu_ns() -> int:
-    """Nanoseconds of CPU so far of this process's threads (not its children's)."""
+def threads_cpu_ns(proc: Path = Path("/proc/self")) -> int:
+    """Nanoseconds of CPU so far of the threads of the process at `proc` (not its children's),
+    from each one's schedstat: exact, where /proc/*/stat counts 10 ms ticks. Threads that ended
+    are not counted."""
     total = 0
-    for task in Path("/proc/self/task").iterdir():
+    try:
+        tasks = list((proc / "task").iterdir())
+    except OSError:
+        return 0
+    for task in tasks:
         try:
             total += int((task / "schedstat").read_text().split()[0])
         except (OSError, ValueError, IndexError):

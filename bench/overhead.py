@@ -48,11 +48,11 @@ from bench._common import (
     cpu_ns_by_role,
     cpu_seconds,
     free_port_pair,
-    own_cpu_ns,
     p50,
     print_targets,
     scratch_dir,
     stop_process,
+    threads_cpu_ns,
     wait_http,
     write_result,
 )
@@ -544,10 +544,13 @@ def bench_model(
         def llama_bench(_round: int) -> None:
             bench_tg.append(llama_bench_tg(tools["llama-bench"], model, args.threads, args.max_tokens))
 
-        mesh_pid, cpp_pid = servers["mesh"].pid, servers["llama-server"].pid
-        cpu = {  # where each server's CPU goes, its clients' (in this process) included
-            "mesh": lambda: cpu_ns_by_role(mesh_pid, MESH_ROLES, "node") | {"client": own_cpu_ns()},
-            "llama-server": lambda: cpu_ns_by_role(cpp_pid, {}, "llama-server") | {"client": own_cpu_ns()},
+        def meter(pid: int, roles: dict[str, bytes], default: str) -> Callable[[], dict[str, int]]:
+            """A server's CPU by process, and its clients' (this process's threads)."""
+            return lambda: cpu_ns_by_role(pid, roles, default) | {"client": threads_cpu_ns()}
+
+        cpu = {
+            "mesh": meter(servers["mesh"].pid, MESH_ROLES, "node"),
+            "llama-server": meter(servers["llama-server"].pid, {}, "llama-server"),
         }
         by_clients = {
             "1": interleaved(ways, 1, args, between={"llama-bench": llama_bench}, cpu=cpu),
