@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: machine facts, result files, free ports, process lifetimes."""
+"""Shared benchmark plumbing: machine facts, result files, free ports, process lifetimes and the
+CPU time of a process tree."""
 
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def process_tree(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int, only: bytes = b"") -> float:
     """CPU time (user + system) so far of `pid` and its descendants (those whose command line
-    holds `only`, if given)."""
+    holds `only`, if given), in 10 ms ticks but with the threads that ended: for totals over a
+    run. `cpu_ns_by_role` is exact, for short spans."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for p in process_tree(pid):
@@ -109,9 +111,9 @@ def cpu_seconds(pid: int, only: bytes = b"") -> float:
     return total
 
 
-def cpu_ns_by_role(pid: int, roles: dict[str, bytes], default: str = "main") -> dict[str, int]:
+def cpu_ns_by_role(pid: int, roles: dict[str, bytes], default: str) -> dict[str, int]:
     """Nanoseconds of CPU so far of `pid` and its descendants, summed by role: a process is the
-    first role whose marker its command line holds, else `default`."""
+    first role whose marker its command line holds, else `default` (see `threads_cpu_ns`)."""
     out: dict[str, int] = {}
     for p in process_tree(pid):
         try:

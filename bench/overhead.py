@@ -307,11 +307,6 @@ def summarize(
     a server, the CPU each of its processes and the benchmark's clients spent per token."""
     samples = [s for got, _ in rounds for s in got]
     tokens = sum(s.tokens for s in samples)
-    cpu = {}
-    if cpu_ns and tokens:
-        cpu = {
-            "cpu_us_per_token": {role: round(ns / 1000 / tokens, 1) for role, ns in sorted(cpu_ns.items())}
-        }
     wall_s = sum(wall for _, wall in rounds)
     own = [s.server_ms_per_token for s in samples if s.server_ms_per_token is not None]
     return {
@@ -325,7 +320,12 @@ def summarize(
         "wall_s": round(wall_s, 2),
         # llama-server's own decode time per token (its `timings`), where it reports one
         **({"server_decode_ms_per_token_p50": round(p50(own), 2)} if own else {}),
-        **cpu,
+        # what each of a server's processes (and its clients) spent per token, where metered
+        **(
+            {"cpu_us_per_token": {role: round(ns / 1000 / tokens, 1) for role, ns in sorted(cpu_ns.items())}}
+            if cpu_ns and tokens
+            else {}
+        ),
         "by_round": {
             "decode_tps_p50": [round(p50([s.decode_tps for s in got]), 1) for got, _ in rounds],
             "aggregate_tps": [round(sum(s.tokens for s in got) / wall, 1) for got, wall in rounds],
@@ -353,10 +353,11 @@ def interleaved(
             if name not in ways:
                 steps[name](r)
                 continue
-            before = meters[name]() if name in meters else {}
+            meter = meters.get(name)
+            before = meter() if meter else {}
             rounds[name].append(measure(ways[name], clients, args.per_client, args.max_tokens, r))
-            if name in meters:
-                for role, ns in meters[name]().items():
+            if meter:
+                for role, ns in meter().items():
                     spent[name][role] = spent[name].get(role, 0) + ns - before.get(role, 0)
     return {n: summarize(rounds[n], clients, spent.get(n)) for n in ways}
 
