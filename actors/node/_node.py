@@ -185,6 +185,9 @@ class Node:
             router_endpoint=self._backend,
             control_endpoint=control,
             config=self.spec.config,
+            # On the router's thread: each chunk it relays then wakes one thread less. A split's
+            # head manages its worker from a thread of its own (it reads the worker's state).
+            host=self.router if control is None else None,
         )
 
     def _make_head(self, model: ModelSpec, index: int, inbox: str | None) -> Actor:

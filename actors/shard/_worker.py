@@ -84,6 +84,11 @@ class ShardWorker(Actor):
 
     def setup(self) -> None:
         self._router = self.socket(zmq.DEALER, identity=self.worker_id.encode())
+        if self._host is not None:
+            # On the router's own thread (its guest) a send that waited for room would wait for
+            # ever: the router reads only when this handler returns. What one handler sends is
+            # bounded (one engine message's events), and the router reads it all next.
+            self._router.setsockopt(zmq.SNDHWM, 0)
         self._router.connect(self.router_endpoint)
         self.on_socket(self._router, self._from_router)
         if self.control_endpoint is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -25,9 +27,42 @@ _RECONNECT_MAX_MS = 1000  # attempts back off to at most this interval
 _CONNECT_TIMEOUT_MS = 1000  # a connect that does not complete in this long is retried
 
 
+_used = threading.local()  # the sockets this thread used since its actor loop last looked
+
+
+def watch_use(used: set[zmq.Socket] | None) -> None:
+    """From now on, note in `used` the sockets this thread sends on or connects (None: stop).
+    An actor's loop asks them whether they are readable before it sleeps: the operation may have
+    processed the command that made one readable, and then its `ZMQ_FD` stays quiet
+    (`actors.runtime._poll`)."""
+    _used.socks = used
+
+
+class Socket(zmq.Socket):
+    """A ZeroMQ socket that notes its sends, connects and binds (see `watch_use`)."""
+
+    def send(self, *args: Any, **kwargs: Any) -> Any:
+        used = getattr(_used, "socks", None)
+        if used is not None:
+            used.add(self)
+        return super().send(*args, **kwargs)
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        used = getattr(_used, "socks", None)
+        if used is not None:
+            used.add(self)
+        return super().connect(*args, **kwargs)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        used = getattr(_used, "socks", None)
+        if used is not None:
+            used.add(self)
+        return super().bind(*args, **kwargs)
+
+
 def make_socket(ctx: zmq.Context, kind: int, *, identity: bytes | None = None) -> zmq.Socket:
     """A new socket of `kind` with the node's standard options; the caller's thread owns it."""
-    sock = ctx.socket(kind)
+    sock = ctx.socket(kind, socket_class=Socket)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, _HWM)
     sock.setsockopt(zmq.RCVHWM, _HWM)

@@ -125,3 +125,105 @@ def test_an_idle_actor_ticks_rarely_and_work_brings_the_fast_ticks_at_once(zmq_c
         # every 0.1 s now, without waiting out the idle second (idle, 0.95 s would hold one tick)
         eventually(lambda: len(actor.ticks) - idle_ticks >= 3, timeout_s=0.95)
         sock.close()
+
+
+# -- guests: actors that run on another actor's thread -----------------------------------------
+
+
+class Guest(Echo):
+    """An echo that runs as a guest of `host`, and counts its ticks."""
+
+    def __init__(self, zmq_ctx: zmq.Context, endpoint: str, host: Actor) -> None:
+        Actor.__init__(self, zmq_ctx, "guest", host=host)
+        self.endpoint = endpoint
+        self.stopped_with: list[str] = []
+        self.ticks = 0
+
+    def on_tick(self, now: float) -> None:
+        self.ticks += 1
+
+
+def ask_echo(sock: zmq.Socket, text: str) -> str | None:
+    sock.send(encode(Chunk(request_id="r", text=text, n_tokens=1)))
+    if not sock.poll(2000):
+        return None
+    return decode(sock.recv()).text  # type: ignore[no-any-return]
+
+
+def test_a_guest_runs_its_handlers_and_ticks_on_its_hosts_thread_and_stops_alone(
+    zmq_ctx: zmq.Context,
+) -> None:
+    with Echo(zmq_ctx, "inproc://host-1") as host:
+        guest = Guest(zmq_ctx, "inproc://guest-1", host).start()
+        assert guest.running
+        to_host, to_guest = client(zmq_ctx, "inproc://host-1"), client(zmq_ctx, "inproc://guest-1")
+        assert ask_echo(to_guest, "to the guest") == "to the guest"
+        assert ask_echo(to_host, "to the host") == "to the host"
+        eventually(lambda: guest.ticks >= 3, timeout_s=2.0)  # its own timers, every 0.1 s
+        to_guest.send(encode(Chunk(request_id="r", text="boom", n_tokens=1)))
+        eventually(lambda: guest.stats["handler_errors"] == 1)
+        assert host.stats["handler_errors"] == 0  # counted where it happened
+        guest.stop()
+        guest.stop()  # idempotent
+        assert not guest.running
+        assert guest.stopped_with == ["actor-echo"]  # torn down on the host's thread
+        assert ask_echo(to_host, "still here") == "still here"  # the host runs on
+        to_host.close()
+        to_guest.close()
+    assert host.stopped_with == ["actor-echo"]
+
+
+def test_a_host_stops_its_guests_and_a_guests_setup_error_reaches_its_starter(zmq_ctx: zmq.Context) -> None:
+    host = Echo(zmq_ctx, "inproc://host-2").start()
+    with pytest.raises(ActorStartError, match="guest"):
+        Guest(zmq_ctx, "inproc://host-2", host).start()  # the address is the host's: bind fails
+    guest = Guest(zmq_ctx, "inproc://guest-2", host).start()
+    to_guest = client(zmq_ctx, "inproc://guest-2")
+    assert ask_echo(to_guest, "hi") == "hi"
+    host.stop()
+    assert not guest.running
+    assert guest.stopped_with == ["actor-echo"]
+    guest.stop()  # after its host: nothing left to do, and no wait
+    to_guest.close()
+    with pytest.raises(ActorStartError, match="not running"):
+        Guest(zmq_ctx, "inproc://guest-3", host).start()
+
+
+def test_a_burst_longer_than_one_drain_is_handled_to_the_last_message(zmq_ctx: zmq.Context) -> None:
+    """A drain takes at most 256 messages from a socket; the rest must not wait for another."""
+    with Echo(zmq_ctx, "inproc://burst") as _actor:
+        sock = client(zmq_ctx, "inproc://burst")
+        for i in range(1000):
+            sock.send(encode(Chunk(request_id="r", text=str(i), n_tokens=1)))
+        got = []
+        while len(got) < 1000 and sock.poll(2000):
+            got.append(decode(sock.recv()).text)
+        assert got == [str(i) for i in range(1000)]
+        sock.close()
+
+
+def test_a_socket_whose_send_took_its_wake_up_is_still_seen_readable(zmq_ctx: zmq.Context) -> None:
+    """A send may process the command that made a socket readable, and its fd then stays quiet:
+    the poller must ask that socket before it sleeps, or the message waits for ever."""
+    import time
+
+    from actors.runtime._poll import Readiness
+
+    mine, peer = make_socket(zmq_ctx, zmq.PAIR), make_socket(zmq_ctx, zmq.PAIR)
+    mine.bind("inproc://readiness")
+    peer.connect("inproc://readiness")
+    readiness = Readiness()
+    try:
+        readiness.register(mine)
+        assert readiness.poll(0) == set()
+        peer.send(b"for mine")
+        time.sleep(0.05)  # past ZeroMQ's 1 ms throttle: the send below processes mine's commands
+        mine.send(b"for peer")
+        started = time.monotonic()
+        assert readiness.poll(2000) == {mine}
+        assert time.monotonic() - started < 1.0
+        assert mine.recv() == b"for mine"
+    finally:
+        readiness.close()
+        mine.close()
+        peer.close()
