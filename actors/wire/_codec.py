@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, Union
 
 import msgpack
@@ -77,11 +78,15 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
     try:
-        return _record(cls, fields, cls.KIND)  # type: ignore[attr-defined]
+        try:
+            return _checker(cls)(fields)
+        except _Bad:  # walk it again, slowly, to say where and why
+            _record(cls, fields, cls.KIND)  # type: ignore[attr-defined]
     except ProtocolError:
         raise
     except Exception as err:  # a validation path we did not foresee: still the peer's fault
         raise ProtocolError(f"{kind}: {type(err).__name__}: {err}") from err
+    raise ProtocolError(f"{kind}: its fields do not fit their types")  # the two walks disagree
 
 
 def peek_version(frame: bytes) -> int | None:
@@ -91,6 +96,121 @@ def peek_version(frame: bytes) -> int | None:
     except Exception:
         return None
     return head[0] if isinstance(head, list) and head and isinstance(head[0], int) else None
+
+
+# -- checking a decoded frame -----------------------------------------------------------------
+#
+# Each annotation is compiled once into a checker: a function that returns the value (nested
+# records built) or raises `_Bad`, and builds no text on the way. Every frame that crosses the
+# node (a chunk, three times) takes that path. Only a frame that fails is walked again by
+# `_record`/`_convert`, which say which field is wrong and why. The two walks check the same rules.
+
+
+class _Bad(Exception):
+    """A value does not fit its annotation (which and why: `_convert`)."""
+
+
+Checker = Callable[[Any], Any]
+_CHECKERS: dict[Any, Checker] = {}
+
+
+def _checker(hint: Any) -> Checker:
+    check = _CHECKERS.get(hint)
+    if check is None:
+        check = _CHECKERS[hint] = _compile(hint)
+    return check
+
+
+def _compile(hint: Any) -> Checker:  # one branch per kind of annotation, as `_convert`
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return _same
+    if origin in (Union, types.UnionType):
+        options = [_checker(arg) for arg in typing.get_args(hint)]
+
+        def union(value: Any) -> Any:
+            for option in options:
+                try:
+                    return option(value)
+                except _Bad:
+                    continue
+            raise _Bad
+
+        return union
+    if origin is Literal:
+        allowed = frozenset(arg for arg in typing.get_args(hint) if isinstance(arg, str))
+        return _when(lambda v: isinstance(v, str) and v in allowed)
+    if hint is type(None):
+        return _when(lambda v: v is None)
+    if hint is bool:
+        return _when(lambda v: isinstance(v, bool))
+    if hint is int:
+        return _when(lambda v: isinstance(v, int) and not isinstance(v, bool) and INT_MIN <= v <= INT_MAX)
+    if hint is float:
+        return _when(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v))
+    if hint is str or hint is bytes:
+        return _when(lambda v: isinstance(v, hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        check = _checker(item)
+        if item in (Any, bool, int, float, str, bytes):  # the items come back as they are
+
+            def plain_list(value: Any) -> Any:
+                if not isinstance(value, list):
+                    raise _Bad
+                for v in value:
+                    check(v)
+                return value
+
+            return plain_list
+
+        def record_list(value: Any) -> Any:
+            if not isinstance(value, list):
+                raise _Bad
+            return [check(v) for v in value]
+
+        return record_list
+    if origin is dict:
+        key, item = (_checker(arg) for arg in typing.get_args(hint))
+
+        def mapping(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Bad
+            return {key(k): item(v) for k, v in value.items()}
+
+        return mapping
+    if dataclasses.is_dataclass(hint):
+        return _record_checker(hint)  # type: ignore[arg-type]
+    return _when(lambda _v: False)
+
+
+def _record_checker(cls: type) -> Checker:
+    fields: dict[str, Checker] = {}  # filled at the first call: a record may contain itself
+
+    def record(value: Any) -> Any:
+        if not fields:
+            fields.update((name, _checker(hint)) for name, hint in _hints(cls).items())
+        if not isinstance(value, dict) or not value.keys() <= fields.keys():
+            raise _Bad
+        try:
+            return cls(**{name: fields[name](v) for name, v in value.items()})
+        except TypeError as err:  # a required field is missing
+            raise _Bad from err
+
+    return record
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _when(fits: Callable[[Any], bool]) -> Checker:
+    def check(value: Any) -> Any:
+        if fits(value):
+            return value
+        raise _Bad
+
+    return check
 
 
 def _record(cls: type, fields: Any, where: str) -> Any:

@@ -126,3 +126,39 @@ def test_random_and_mutated_bytes_never_raise_anything_but_protocol_error() -> N
             decode(frame)
         except ProtocolError:
             pass
+
+
+def test_the_fast_check_and_the_walk_that_names_the_field_agree_on_every_mutated_frame() -> None:
+    """`decode` checks a frame with compiled checkers, and walks a bad one again to say where it
+    is wrong: both must take and refuse the same frames, and build the same message."""
+    from actors.wire._codec import _BY_KIND, _Bad, _checker, _record
+
+    rng = random.Random(99)
+    wrong = [None, True, -1, 2**63, 1.5, float("nan"), "x", b"x", [], [1, "a"], {}, {"k": 1}, {1: 2}]
+    agreed = refused = 0
+    for _ in range(3000):
+        _version, kind, fields = msgpack.unpackb(encode(rng.choice(SAMPLES)), raw=False)
+        for _ in range(rng.randrange(0, 3)):  # some fields get a value of another type
+            fields[rng.choice([*fields, "unknown"])] = rng.choice(wrong)
+        if fields and rng.random() < 0.1:
+            del fields[rng.choice(list(fields))]
+        cls = _BY_KIND[kind]
+        try:
+            fast = _checker(cls)(fields)
+        except _Bad:
+            fast = None
+        try:
+            slow = _record(cls, fields, kind)
+        except ProtocolError:
+            slow = None
+        assert fast == slow, (kind, fields)
+        agreed += 1
+        refused += slow is None
+    assert 0 < refused < agreed  # both outcomes were exercised
+
+
+def test_a_refused_frame_says_which_field_is_wrong() -> None:
+    with pytest.raises(ProtocolError, match=r"chunk\.tokens\[1\]"):
+        decode(_chunk(tokens=[1, "a"]))
+    with pytest.raises(ProtocolError, match=r"heartbeat\.load\.in_flight"):
+        decode(_beat(load={"in_flight": "x", "queued": 0, "slots": 4}))
