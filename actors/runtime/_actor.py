@@ -115,6 +115,10 @@ class Actor:
         host = self._host
         if host is not None and not host.running:
             raise ActorStartError(f"actor {self.name}: its host {host.name} is not running")
+        if host is not None and threading.current_thread() is host._thread:
+            raise ActorStartError(
+                f"actor {self.name}: started on its host's thread, which would wait for itself"
+            )
         pipe = make_socket(self.ctx, zmq.PAIR)
         pipe.bind(self._endpoint)
         self._pipe = pipe
@@ -142,6 +146,10 @@ class Actor:
         pipe, thread = self._pipe, self._thread
         if pipe is None or thread is None:
             return
+        if self._host is not None and threading.current_thread() is thread:
+            raise RuntimeError(
+                f"actor {self.name}: stopped on its host's thread, which would wait for itself"
+            )
         self._pipe = None
         if thread.is_alive():
             try:

@@ -227,3 +227,22 @@ def test_a_socket_whose_send_took_its_wake_up_is_still_seen_readable(zmq_ctx: zm
         readiness.close()
         mine.close()
         peer.close()
+
+
+class Starter(Echo):
+    """Tries to start a guest of its own from its handler (its own thread)."""
+
+    def handle(self, frames: list[bytes]) -> None:
+        try:
+            Guest(self.ctx, "inproc://never", self).start()
+        except ActorStartError as err:
+            self.stopped_with.append(str(err))
+
+
+def test_a_guest_started_from_its_hosts_own_thread_is_refused_at_once(zmq_ctx: zmq.Context) -> None:
+    with Starter(zmq_ctx, "inproc://starter") as host:
+        sock = client(zmq_ctx, "inproc://starter")
+        sock.send(encode(Chunk(request_id="r", text="go", n_tokens=1)))
+        eventually(lambda: len(host.stopped_with) == 1, timeout_s=2.0)  # not after a start timeout
+        assert "would wait for itself" in host.stopped_with[0]
+        sock.close()
