@@ -304,16 +304,9 @@ class Actor:
         pipe.connect(self._endpoint)
         doorbell = self.socket(zmq.PULL)  # rung when a guest arrives (see `_invite`)
         doorbell.bind(self._doorbell)
-        try:
-            self.setup()
-        except BaseException as err:
-            self._start_error = err
-            self._close_all()
+        if not self._set_up(pipe):
             self._poller.close()
-            pipe.send(_FAILED)
-            pipe.close()
             return
-        pipe.send(_READY)
         self._poller.register(pipe)
         self.on_socket(doorbell, lambda _frames: self._welcome_arrivals())
         try:
@@ -324,11 +317,7 @@ class Actor:
             for guest_pipe in reversed(list(self._guests)):
                 self._dismiss(guest_pipe)
             self._say_stopped()
-            try:
-                self.teardown()
-            except Exception:
-                log.exception("actor %s failed in teardown", self.name)
-            self._close_all()
+            self._tear_down()
             self._poller.close()
             pipe.send(_STOPPED)
             pipe.close()
@@ -389,18 +378,12 @@ class Actor:
             guest = self._arrivals.get_nowait()
             pipe = make_socket(self.ctx, zmq.PAIR)
             pipe.connect(guest._endpoint)
-            try:
-                guest.setup()
-            except BaseException as err:
-                guest._start_error = err
-                guest._close_all()
-                pipe.send(_FAILED)
-                pipe.close()
+            guest._hosted = True  # before READY: its starter may ask `running` at once
+            if not guest._set_up(pipe):
+                guest._hosted = False
                 continue
-            guest._hosted = True
             self._guests[pipe] = guest
             self._poller.register(pipe)
-            pipe.send(_READY)
 
     def _dismiss(self, pipe: zmq.Socket) -> None:
         """Stop a guest: its pipe said so, or the host stops. Its starter hears that it stopped
@@ -408,13 +391,31 @@ class Actor:
         retired worker's news reaches the router before `stop()` returns)."""
         guest = self._guests.pop(pipe)
         self._poller.unregister(pipe)
-        try:
-            guest.teardown()
-        except Exception:
-            log.exception("actor %s failed in teardown", guest.name)
-        guest._close_all()
+        guest._tear_down()
         guest._hosted = False
         self._leaving.append(pipe)
+
+    def _set_up(self, pipe: zmq.Socket) -> bool:
+        """Run `setup()` on the loop's thread and answer the starter on `pipe`: READY, or FAILED
+        (the error kept for `start()` to raise, the pipe closed, whatever setup made closed)."""
+        try:
+            self.setup()
+        except BaseException as err:
+            self._start_error = err
+            self._close_all()
+            pipe.send(_FAILED)
+            pipe.close()
+            return False
+        pipe.send(_READY)
+        return True
+
+    def _tear_down(self) -> None:
+        """`teardown()` (an error logged), then close what the actor owns."""
+        try:
+            self.teardown()
+        except Exception:
+            log.exception("actor %s failed in teardown", self.name)
+        self._close_all()
 
     def _say_stopped(self, pipes: list[zmq.Socket] | None = None) -> None:
         """Answer the pipes of guests torn down (all of them: None)."""

@@ -42,22 +42,21 @@ class Socket(zmq.Socket):
     """A ZeroMQ socket that notes its sends, connects and binds (see `watch_use`)."""
 
     def send(self, *args: Any, **kwargs: Any) -> Any:
-        used = getattr(_used, "socks", None)
-        if used is not None:
-            used.add(self)
+        self._note_use()
         return super().send(*args, **kwargs)
 
     def connect(self, *args: Any, **kwargs: Any) -> Any:
-        used = getattr(_used, "socks", None)
-        if used is not None:
-            used.add(self)
+        self._note_use()
         return super().connect(*args, **kwargs)
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
+        self._note_use()
+        return super().bind(*args, **kwargs)
+
+    def _note_use(self) -> None:
         used = getattr(_used, "socks", None)
         if used is not None:
             used.add(self)
-        return super().bind(*args, **kwargs)
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, identity: bytes | None = None) -> zmq.Socket:
